@@ -26,7 +26,8 @@ def _mixture_log_density(log_probs, codebook, x, t):
     Ce = x.shape[-1]
     lp, cb, x, t = log_probs.double(), codebook.double(), x.double(), t.double()
     diff = x[:, :, None, :] - (1 - t)[:, :, None, None] * cb[None, None]  # (B,N,V,Ce): fine at test size
-    log_gauss = -(diff**2).sum(-1) / (2 * t[..., None] ** 2) - Ce * torch.log(t[..., None]) - 0.5 * Ce * math.log(2 * math.pi)
+    log_norm = -Ce * torch.log(t[..., None]) - 0.5 * Ce * math.log(2 * math.pi)
+    log_gauss = -(diff**2).sum(-1) / (2 * t[..., None] ** 2) + log_norm
     return torch.logsumexp(lp + log_gauss, dim=-1)
 
 

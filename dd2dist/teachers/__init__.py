@@ -56,7 +56,8 @@ def build_teacher(cfg) -> ARTeacher:
     if cfg.official:
         if not (cfg.checkpoint and cfg.tokenizer_checkpoint):
             raise ValueError(
-                f"teacher.official={cfg.official!r} needs teacher.checkpoint and teacher.tokenizer_checkpoint (local paths)"
+                f"teacher.official={cfg.official!r} needs teacher.checkpoint and "
+                "teacher.tokenizer_checkpoint (local paths)"
             )
         return load_official(cfg.official, cfg.checkpoint, cfg.tokenizer_checkpoint)
     teacher = build_family(cfg.family, var=cfg.var, llamagen=cfg.llamagen)

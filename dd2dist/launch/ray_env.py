@@ -1,0 +1,41 @@
+"""Starting or joining Ray with the settings measured to work on our machines (environment.md)."""
+
+from __future__ import annotations
+
+import os
+
+RAY_ENV_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind every Ray server to 127.0.0.1 only
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TMPDIR": "/tmp/dd2ray",  # socket paths are capped at 107 bytes: keep this short
+}
+
+
+def apply_ray_env() -> None:
+    """Set the Ray environment defaults (an explicit environment variable always wins)."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
+
+def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 256, address: str | None = None):
+    """Join the cluster named by ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
+
+    Returns True when an embedded Ray was started by this call (the caller then owns its shutdown).
+    """
+    import ray
+
+    apply_ray_env()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        log_to_driver=True,
+    )
+    return True
