@@ -1,0 +1,262 @@
+"""The experiment configuration: one frozen dataclass per section, defaults = the tiny CPU recipe.
+
+``configs/base.yaml`` writes these defaults out (a test keeps the two equal). Ranges and file paths are declared
+in field metadata and enforced by :func:`dd2dist.config.typed.from_dict` when a config is loaded; cross-field
+rules live in each section's ``__post_init__`` and raise :class:`ConfigError` with a key relative to the
+section (the loader prefixes the section's own key). Paper values (method.md §6, Tab.10/11) are quoted in the
+comments where the tiny default differs.
+
+Owners of later subsystems add their fields to their own section class; keep each section one class.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from dd2dist.config.typed import ConfigError
+from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
+from dd2dist.teachers.base import Sampling
+
+Stage = Literal["stage1", "stage2", "alignment"]
+STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "alignment")
+LLAMAGEN_INPUT_ADAPTERS = ("snap", "soft", "mlp")
+
+
+def _f(default: Any, **meta: Any) -> Any:
+    """A field with a default and validation metadata (ge/gt/le/lt/choices/path)."""
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type, **meta: Any) -> Any:
+    return field(default_factory=cls, metadata=meta)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen AR teacher (teachers.md) and the sampling setting that is the distillation target."""
+
+    family: Literal["var", "llamagen"] = "var"
+    official: str | None = _f(None, choices=tuple(OFFICIAL_ARCHS))  # released arch; None = our own var/llamagen
+    checkpoint: str | None = _f(None, path="file")  # official weights, or a dd2dist teacher state dict
+    tokenizer_checkpoint: str | None = _f(None, path="file")  # official VQ weights (needed with `official`)
+    var: VARConfig = _section(VARConfig)  # architecture when family=var and official is None
+    llamagen: LlamaGenConfig = _section(LlamaGenConfig)  # architecture when family=llamagen and official is None
+    # Target distribution of the distillation (method.md §2, §9: CFG 2.0; paper top-k 900 for VAR, 8000 for
+    # LlamaGen; tiny vocabularies keep filtering off). VAR's own rule is "var_linear", LlamaGen's "constant".
+    sampling: Sampling = field(default_factory=lambda: Sampling(cfg=2.0, cfg_schedule="var_linear"))
+    dtype: Literal["float32", "bfloat16"] = "float32"  # teacher forward precision (closed form stays fp32)
+
+    def __post_init__(self) -> None:
+        if self.official is not None:
+            official_family = "var" if self.official.startswith("var_") else "llamagen"
+            if official_family != self.family:
+                raise ConfigError(
+                    "official",
+                    f"{self.official!r} is a {official_family} model but teacher.family is {self.family!r}",
+                )
+            # The family section is ignored when official is set: refuse values that would silently not apply.
+            own, default = getattr(self, self.family), type(getattr(self, self.family))()
+            if own not in (default, OFFICIAL_ARCHS[self.official]):
+                raise ConfigError(
+                    self.family,
+                    f"is ignored when teacher.official={self.official!r} (the released architecture is used); "
+                    "remove it or leave it at its defaults",
+                )
+        s = self.sampling
+        if s.top_k < 0:
+            raise ConfigError("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
+        if not 0.0 < s.top_p <= 1.0:
+            raise ConfigError("sampling.top_p", f"must be in (0, 1] (1 = off), got {s.top_p}")
+        if s.temperature <= 0:
+            raise ConfigError("sampling.temperature", f"must be > 0, got {s.temperature}")
+        if s.cfg < 0:
+            raise ConfigError("sampling.cfg", f"must be >= 0, got {s.cfg}")
+        if self.llamagen.input_adapter not in LLAMAGEN_INPUT_ADAPTERS:
+            raise ConfigError(
+                "llamagen.input_adapter",
+                f"must be one of {', '.join(LLAMAGEN_INPUT_ADAPTERS)}; got {self.llamagen.input_adapter!r}",
+            )
+
+    @property
+    def arch(self) -> VARConfig | LlamaGenConfig:
+        """The architecture in use: the released one when ``official`` is set, else the family's section."""
+        if self.official is not None:
+            return OFFICIAL_ARCHS[self.official]
+        return self.var if self.family == "var" else self.llamagen
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Generator / guidance networks: teacher backbone + MAR-style AdaLN MLP head (method.md §4.3 [PROP])."""
+
+    head_width: int = _f(128, gt=0)  # MLP width w (paper-scale proposal: 1024)
+    head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
+    time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
+    generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where stage 1/2 teacher sequences come from."""
+
+    source: Literal["online", "shards"] = "online"  # sample the teacher on the fly, or read teacher-token shards
+    shards: str | None = None  # brace pattern or glob of WebDataset .tar files (needed with source=shards)
+    batch_size: int = _f(8, gt=0)  # sequences per rank per loader / online-sampling call
+    shuffle_buffer: int = _f(64, ge=0)  # samples in the streaming shuffle buffer; 0 = no shuffling
+    num_loader_workers: int = _f(0, ge=0)  # DataLoader worker processes per rank; 0 = in-process
+    label_mode: Literal["balanced", "random"] = "balanced"  # class labels for online sampling
+
+    def __post_init__(self) -> None:
+        if self.source == "shards" and not self.shards:
+            raise ConfigError("shards", "must be set when data.source is 'shards'")
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """AR-diffusion tuning with the GTS loss (method.md §5.1; paper values Tab.10)."""
+
+    steps: int = _f(40, ge=0)  # full-model steps, after the head-only ones (paper: 30k VAR, 100k LlamaGen)
+    head_only_steps: int = _f(10, ge=0)  # head trained with the backbone frozen first (paper VAR: 300k; LlamaGen 0)
+    lr: float = _f(2e-4, gt=0.0)  # peak learning rate (paper: 2e-4 VAR, 1e-4 LlamaGen)
+    betas: tuple[float, float] = _f((0.9, 0.95), ge=0.0, lt=1.0)  # Adam betas
+    weight_decay: float = _f(0.0, ge=0.0)
+    warmup_steps: int = _f(0, ge=0)  # linear LR warm-up from 0
+    grad_clip: float = _f(1.0, ge=0.0)  # max global grad norm; 0 = off
+    t_min: float = _f(0.02, gt=0.0, lt=1.0)  # t ~ U(t_min, 1): keeps the closed-form score finite
+    batch_size: int = _f(8, gt=0)  # sequences per rank per micro-step (global = x workers x grad_accum)
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Main distillation: generator CSD steps and guidance FCS steps (method.md §5.2-5.3, §6; Tab.11)."""
+
+    generator_steps: int = _f(20, ge=0)  # generator (CSD) updates (paper d16: 8k before alignment)
+    guidance_per_generator: int = _f(2, ge=1)  # K guidance updates per generator update (paper: 5; toy best: 2)
+    generator_lr: float = _f(2e-4, gt=0.0)  # end LR of the generator warm-up (paper: 2e-4 d16/d20, 1e-4 LG-L)
+    guidance_lr: float = _f(2e-4, gt=0.0)  # end LR of the guidance net (paper: 2e-4)
+    lr_start: float = _f(1e-6, ge=0.0)  # start LR of the linear warm-up (paper: 1e-6)
+    warmup_guidance_steps: int = _f(10, ge=0)  # generator LR warm-up length in *guidance* iterations (paper 40k)
+    betas: tuple[float, float] = _f((0.9, 0.95), ge=0.0, lt=1.0)  # Adam betas, both networks
+    weight_decay: float = _f(0.0, ge=0.0)
+    grad_clip: float = _f(1.0, ge=0.0)  # max global grad norm per network; 0 = off
+    fcs_samples: int = _f(4, ge=1)  # m (t, eps) draws per position per guidance backbone pass (method.md §4.2)
+    csd_loss: Literal["sid", "dmd"] = "sid"  # SiD divergence, or the DMD/KL-gradient fallback
+    csd_alpha: float = _f(1.0, ge=0.0)  # SiD alpha
+    csd_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # CSD t ~ U(csd_t_min, csd_t_max)
+    csd_t_max: float = _f(0.96, gt=0.0, lt=1.0)
+    fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
+    ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
+    ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+10))
+    batch_size: int = _f(8, gt=0)  # sequences per rank per micro-step (global = x workers x grad_accum)
+
+    def __post_init__(self) -> None:
+        if self.csd_t_min >= self.csd_t_max:
+            raise ConfigError("csd_t_min", f"must be < csd_t_max ({self.csd_t_max}), got {self.csd_t_min}")
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Optional performance alignment inside stage 2 (method.md §6.3; paper: VAR-d16/d20 only)."""
+
+    enabled: bool = False
+    after_generator_steps: int = _f(10, ge=0)  # generator steps before the alignment starts (paper d16: 8k)
+    guidance_only_steps: int = _f(10, ge=0)  # guidance-only steps on the EMA-overwritten generator (paper: 8k)
+    guidance_per_generator_after: int = _f(2, ge=1)  # K after the alignment (paper: 2)
+    generator_steps_after: int = _f(10, ge=0)  # generator steps after the alignment (paper d16: 7.5k)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How each network is executed (architecture.md §3 Engines)."""
+
+    kind: Literal["torch", "deepspeed"] = "torch"  # plain torch (single process / DDP-free) or DeepSpeed engines
+    precision: Literal["fp32", "bf16"] = "fp32"  # training precision (fp16 is refused by DeepSpeed on CPU)
+    zero_stage_teacher: int = _f(3, ge=0, le=3)  # frozen teacher, forward only
+    zero_stage_generator: int = _f(0, ge=0, le=3)
+    zero_stage_guidance: int = _f(0, ge=0, le=3)
+    grad_accum: int = _f(1, ge=1)  # micro-steps per optimizer step
+    activation_checkpointing: bool = False  # recompute backbone activations in backward
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Ray Train placement, fault tolerance and checkpoint retention."""
+
+    num_workers: int = _f(1, ge=1)  # training processes (ranks)
+    cpus_per_worker: float = _f(1.0, gt=0.0)
+    use_gpu: bool = False  # one GPU per worker
+    max_failures: int = _f(0, ge=0)  # Ray FailureConfig: restarts from the last checkpoint before giving up
+    checkpoint_every: int = _f(50, ge=1)  # optimizer steps between checkpoints
+    num_to_keep: int = _f(2, ge=1)  # checkpoints kept by Ray
+    storage_path: str | None = None  # Ray run storage; None = <output_dir>/ray (URIs such as s3:// kept as is)
+    ray_address: str | None = None  # existing cluster; the RAY_ADDRESS env var wins; None = start a local Ray
+    object_store_mb: int = _f(256, ge=75)  # object store of a locally started Ray (Ray's minimum is 75 MB)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking from rank 0."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a SQLite store under the run directory
+    experiment: str = "dd2"  # MLflow experiment name
+    log_every: int = _f(10, ge=1)  # optimizer steps between metric logs
+    sample_grid_every: int = _f(0, ge=0)  # steps between logged sample grids; 0 = only at the end
+    progress_bar: bool = True  # tqdm bar on rank 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """FID / IS / precision-recall and sampling settings of an evaluation."""
+
+    num_samples: int = _f(64, ge=1)  # images generated for the metrics (paper: 50k)
+    batch_size: int = _f(16, ge=1)
+    inception_weights: str | None = _f(None, path="file")  # local InceptionV3 weights (not downloadable here)
+    reference_npz: str | None = _f(None, path="file")  # reference statistics / activations of the real data
+    refine_steps: tuple[int, ...] = _f((), ge=2)  # extra teacher-refined k-step evaluations (1-step always runs)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Root of a run's configuration: what to run, on which teacher, with which hyper-parameters, where."""
+
+    name: str = "dd2"  # run name: MLflow run name and default output directory runs/<name>
+    seed: int = _f(0, ge=0)  # base seed; per-rank / per-step streams derive from it
+    output_dir: str | None = None  # run directory; None = runs/<name>; stored absolute (relative = to the CWD)
+    stages: tuple[Stage, ...] = ("stage1", "stage2")  # stages this run executes, in order
+    teacher: TeacherConfig = _section(TeacherConfig)
+    student: StudentConfig = _section(StudentConfig)
+    data: DataConfig = _section(DataConfig)
+    stage1: Stage1Config = _section(Stage1Config)
+    stage2: Stage2Config = _section(Stage2Config)
+    alignment: AlignmentConfig = _section(AlignmentConfig)
+    engine: EngineConfig = _section(EngineConfig)
+    launch: LaunchConfig = _section(LaunchConfig)
+    tracking: TrackingConfig = _section(TrackingConfig)
+    eval: EvalConfig = _section(EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):
+            raise ConfigError("name", f"must be letters, digits, '_', '.', '-' (used in paths), got {self.name!r}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ConfigError("stages", f"lists a stage twice: {list(self.stages)}")
+        order = [STAGE_ORDER.index(s) for s in self.stages]
+        if order != sorted(order):
+            raise ConfigError("stages", f"must be in the order {', '.join(STAGE_ORDER)}; got {list(self.stages)}")
+        if "alignment" in self.stages and not self.alignment.enabled:
+            raise ConfigError("alignment.enabled", "must be true when stages include 'alignment'")
+        # Derived defaults are resolved here, once, so that every worker and the dumped config agree on them.
+        output_dir = os.path.abspath(os.path.expanduser(self.output_dir or os.path.join("runs", self.name)))
+        object.__setattr__(self, "output_dir", output_dir)
+        storage = self.launch.storage_path or os.path.join(output_dir, "ray")
+        if not _is_uri(storage):
+            storage = os.path.abspath(os.path.expanduser(storage))
+        if storage != self.launch.storage_path:
+            object.__setattr__(self, "launch", replace(self.launch, storage_path=storage))

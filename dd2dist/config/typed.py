@@ -1,0 +1,341 @@
+"""Strict conversion between plain data (YAML dicts) and trees of frozen dataclasses.
+
+Works for any dataclass tree: the type hints drive the conversion, and field metadata declares ranges and
+file paths::
+
+    lr: float = field(default=2e-4, metadata={"gt": 0})          # also "ge", "le", "lt"
+    csd_loss: str = field(default="sid", metadata={"choices": ("sid", "dmd")})
+    checkpoint: str | None = field(default=None, metadata={"path": "file"})   # or "dir"
+
+Range and choice constraints on a tuple field apply to each element. Supported types: bool, int, float
+(an int is accepted and converted), str, ``Literal[...]``, ``X | None`` / ``Union``, ``tuple[X, ...]`` and
+fixed ``tuple[X, Y]`` (a YAML list becomes a tuple), ``list[X]``, ``dict[str, X]``, nested dataclasses and
+``Any``. Every problem raises :class:`ConfigError` with the full dotted key.
+
+Path fields: when not null, ``~`` and ``$VARS`` are expanded, a relative path is resolved against the current
+working directory (run jobs from the repository root), the result is stored absolute, and the file or
+directory must exist. Pass ``check_paths=False`` to skip existence checks (paths are still made absolute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+_RANGE_CHECKS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``key`` is the full dotted key ("" for file-level problems)."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.message = message
+        self.source = source
+        super().__init__(key, message, source)
+
+    def __str__(self) -> str:
+        where = f"{self.key}: " if self.key else ""
+        origin = f" [config: {self.source}]" if self.source else ""
+        return f"{where}{self.message}{origin}"
+
+    def __reduce__(self):
+        # Ray ships exceptions between processes; keep all three fields through pickling.
+        return (ConfigError, (self.key, self.message, self.source))
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key nested under ``prefix`` (used for errors raised in __post_init__)."""
+        return ConfigError(join_key(prefix, self.key), self.message, self.source)
+
+    def with_source(self, source: str) -> ConfigError:
+        return ConfigError(self.key, self.message, source)
+
+
+def join_key(prefix: str, name: str) -> str:
+    """Dotted key ``prefix.name`` (list indices are written ``prefix[i]``)."""
+    if not prefix:
+        return name
+    if not name:
+        return prefix
+    return f"{prefix}{name}" if name.startswith("[") else f"{prefix}.{name}"
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (string annotations from ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
+def type_name(tp: Any) -> str:
+    """Readable name of a type hint for error messages."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = typing.get_args(tp)
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _convert(tp: Any, value: Any, key: str, check_paths: bool) -> Any:
+    """Convert ``value`` to type hint ``tp`` or raise ConfigError naming ``key``."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key, check_paths=check_paths)
+
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        errors = []
+        for member in members:
+            try:
+                return _convert(member, value, key, check_paths)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            # One non-null member (the common `X | None`): its own message is the most precise, but it
+            # must still say that null is allowed.
+            err = errors[0]
+            if err.key == key and value is not None and _is_optional(tp):
+                raise ConfigError(key, f"expected {type_name(tp)}, got {_describe(value)}")
+            raise err
+        raise ConfigError(key, f"expected {type_name(tp)}, got {_describe(value)}")
+
+    if origin is Literal:
+        # `True == 1` in Python; compare types too so that a bool never passes for an int choice.
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(key, f"must be {type_name(tp)}; got {value!r}")
+
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list ({type_name(tp)}), got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]", check_paths) for i, v in enumerate(value))
+        if args == ((),) or not args:
+            if value:
+                raise ConfigError(key, f"expected an empty list, got {_describe(value)}")
+            return ()
+        if len(value) != len(args):
+            raise ConfigError(key, f"expected a list of {len(args)} items ({type_name(tp)}), got {len(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]", check_paths) for i, (a, v) in enumerate(zip(args, value)))
+
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list ({type_name(tp)}), got {_describe(value)}")
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{key}[{i}]", check_paths) for i, v in enumerate(value)]
+
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping ({type_name(tp)}), got {_describe(value)}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return {
+            _convert(key_tp, k, join_key(key, str(k)), check_paths): _convert(
+                val_tp, v, join_key(key, str(k)), check_paths
+            )
+            for k, v in value.items()
+        }
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected bool, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected int, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected float, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected str, got {_describe(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, f"expected null, got {_describe(value)}")
+    raise TypeError(f"config field {key!r} has unsupported type {type_name(tp)}")
+
+
+def _check_metadata(meta: Mapping[str, Any], value: Any, key: str) -> None:
+    """Apply range / choice constraints from field metadata (element-wise on tuples and lists)."""
+    if value is None:
+        return
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _check_metadata(meta, item, f"{key}[{i}]")
+        return
+    for name, (ok, symbol) in _RANGE_CHECKS.items():
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(key, f"must be {symbol} {meta[name]}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        choices = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(key, f"must be one of {choices}; got {value!r}")
+
+
+def resolve_path(path: str) -> str:
+    """Expand ``~`` and ``$VARS`` and make ``path`` absolute against the current working directory."""
+    return os.path.abspath(os.path.expandvars(os.path.expanduser(path)))
+
+
+def _check_path(kind: str, value: str, key: str, check_paths: bool) -> str:
+    resolved = resolve_path(value)
+    if not check_paths:
+        return resolved
+    exists = os.path.isfile(resolved) if kind == "file" else os.path.isdir(resolved)
+    if not exists:
+        what = "file" if kind == "file" else "directory"
+        shown = value if value == resolved else f"{value} (resolved to {resolved})"
+        raise ConfigError(key, f"{what} not found: {shown}")
+    return resolved
+
+
+def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True) -> Any:
+    """Build dataclass ``cls`` from a (nested) mapping, strictly.
+
+    Unknown keys, wrong types, out-of-range values, missing required keys and missing files raise
+    :class:`ConfigError` whose ``key`` is the dotted path below ``where``. Errors raised by a class's own
+    ``__post_init__`` (cross-field checks) are re-keyed under ``where`` as well.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"expected a mapping (section {cls.__name__}), got {_describe(data)}")
+
+    init_fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in init_fields]
+    if unknown:
+        bad = unknown[0]
+        hint = difflib.get_close_matches(str(bad), list(init_fields), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        section = f"'{where}'" if where else "the top level"
+        raise ConfigError(
+            join_key(where, str(bad)),
+            f"unknown key{suggestion}; allowed keys under {section}: {', '.join(sorted(init_fields))}",
+        )
+
+    hints = type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, fld in init_fields.items():
+        key = join_key(where, name)
+        if name not in data:
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, f"missing required key (expected {type_name(hints[name])})")
+            continue
+        meta = fld.metadata
+        value = _convert(hints[name], data[name], key, check_paths)
+        _check_metadata(meta, value, key)
+        if "path" in meta and value is not None:
+            if meta["path"] not in ("file", "dir"):
+                raise TypeError(f"field {key!r}: metadata 'path' must be 'file' or 'dir', got {meta['path']!r}")
+            value = _check_path(meta["path"], value, key, check_paths)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(where) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for a dataclass tree; tuples become lists. Inverse of from_dict."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted_key: leaf_value}`` for a dataclass tree (e.g. MLflow params); tuples stay leaf values."""
+    out: dict[str, Any] = {}
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        items = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init]
+    elif isinstance(cfg, Mapping) and prefix:
+        items = list(cfg.items())
+    else:
+        return {prefix: cfg}
+    for name, value in items:
+        key = join_key(prefix, str(name))
+        if (dataclasses.is_dataclass(value) and not isinstance(value, type)) or (
+            isinstance(value, Mapping) and value
+        ):
+            out.update(flatten(value, key))
+        else:
+            out[key] = value
+    return out
+
+
+def field_type(cls: type, dotted_key: str) -> Any:
+    """The type hint of ``dotted_key`` inside dataclass ``cls``; ConfigError naming the key when it has none.
+
+    Optional sections (``X | None``) are looked through; below a ``dict[str, V]`` field any key is allowed.
+    """
+    tp: Any = cls
+    walked = ""
+    for part in dotted_key.split("."):
+        if not part:
+            raise ConfigError(dotted_key, "empty component in dotted key")
+        if _is_optional(tp):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            names = {f.name for f in dataclasses.fields(tp) if f.init}
+            if part not in names:
+                hint = difflib.get_close_matches(part, list(names), n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                section = f"'{walked}'" if walked else "the top level"
+                raise ConfigError(
+                    join_key(walked, part),
+                    f"unknown key{suggestion}; allowed keys under {section}: {', '.join(sorted(names))}",
+                )
+            tp = type_hints(tp)[part]
+        elif origin in (dict, Mapping) or tp is dict:
+            args = typing.get_args(tp)
+            tp = args[1] if args else Any
+        elif tp is Any:
+            pass
+        else:
+            raise ConfigError(join_key(walked, part), f"'{walked}' is a {type_name(tp)}, it has no sub-keys")
+        walked = join_key(walked, part)
+    return tp
