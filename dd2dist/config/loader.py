@@ -20,7 +20,6 @@ Scalars such as ``1e-4`` are read as floats (YAML 1.2), not as strings as PyYAML
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import typing
@@ -30,7 +29,7 @@ from typing import Any
 import yaml
 
 from dd2dist.config.schema import ExperimentConfig
-from dd2dist.config.typed import ConfigError, field_type, from_dict, to_dict
+from dd2dist.config.typed import ConfigError, deep_merge, field_type, from_dict, to_dict
 
 INCLUDE_KEYS = ("defaults", "include")
 
@@ -94,17 +93,6 @@ def dump_yaml(cfg: Any, path: str | os.PathLike) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(to_yaml(cfg))
     return path
-
-
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """A new dict: ``update`` over ``base``, merging nested mappings key by key (lists are replaced)."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

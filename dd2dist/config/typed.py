@@ -19,6 +19,7 @@ directory must exist. Pass ``check_paths=False`` to skip existence checks (paths
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -225,8 +226,30 @@ def _check_path(kind: str, value: str, key: str, check_paths: bool) -> str:
     return resolved
 
 
+def _field_default(fld: dataclasses.Field) -> Any:
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    return None
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict: ``update`` over ``base``, merging nested mappings key by key (lists are replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True) -> Any:
     """Build dataclass ``cls`` from a (nested) mapping, strictly.
+
+    A mapping given for a dataclass-valued field updates that field's default value key by key, so a
+    partial section keeps the schema's defaults for the keys it does not mention.
 
     Unknown keys, wrong types, out-of-range values, missing required keys and missing files raise
     :class:`ConfigError` whose ``key`` is the dotted path below ``where``. Errors raised by a class's own
@@ -260,7 +283,12 @@ def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True
                 raise ConfigError(key, f"missing required key (expected {type_name(hints[name])})")
             continue
         meta = fld.metadata
-        value = _convert(hints[name], data[name], key, check_paths)
+        raw = data[name]
+        default = _field_default(fld)
+        if isinstance(raw, Mapping) and dataclasses.is_dataclass(default):
+            # A partial section changes the field's own default (e.g. Sampling(cfg=2.0)), not the class's.
+            raw = deep_merge(to_dict(default), raw)
+        value = _convert(hints[name], raw, key, check_paths)
         _check_metadata(meta, value, key)
         if "path" in meta and value is not None:
             if meta["path"] not in ("file", "dir"):
