@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from dd2dist.config.typed import ConfigError, field_type, flatten, from_dict, to_dict
+from dd2dist.config.typed import ConfigError, field_type, flatten, from_dict, to_dict, validate
 
 
 @dataclass(frozen=True)
@@ -209,3 +210,40 @@ def test_config_error_is_value_error_and_pickles():
     back = pickle.loads(pickle.dumps(err))
     assert (back.key, back.message, back.source) == ("a.b", "bad", "file.yaml")
     assert str(back) == "a.b: bad [config: file.yaml]"
+
+
+@dataclass(frozen=True)
+class Shards:
+    source: str | None = field(default=None, metadata={"path": "pattern"})
+
+
+def test_pattern_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(3):
+        (tmp_path / "d" / f"s-{i:06d}.tar").parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / f"s-{i:06d}.tar").write_bytes(b"")
+    ok = {
+        "d/s-{000000..000002}.tar": str(tmp_path / "d" / "s-{000000..000002}.tar"),
+        "d/*.tar": str(tmp_path / "d" / "*.tar"),
+        "d": str(tmp_path / "d"),
+        "s3://bucket/s-{0..9}.tar": "s3://bucket/s-{0..9}.tar",  # remote: kept, not checked
+    }
+    for given, stored in ok.items():
+        assert from_dict(Shards, {"source": given}).source == stored
+    with pytest.raises(ConfigError) as info:
+        from_dict(Shards, {"source": "d/s-{000000..000003}.tar"}, "data")
+    assert info.value.key == "data.source" and "s-000003.tar" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        from_dict(Shards, {"source": "d/*.tgz"})
+    assert "no files match" in info.value.message
+    with pytest.raises(ConfigError):
+        from_dict(Shards, {"source": "empty_dir_absent"})
+
+
+def test_validate_rechecks_trees_built_in_code():
+    good = Root(required_name="r")
+    assert validate(good) == good
+    bad = dataclasses.replace(good, leaf=Leaf(size=0))  # direct construction skips metadata checks
+    with pytest.raises(ConfigError) as info:
+        validate(bad)
+    assert info.value.key == "leaf.size"

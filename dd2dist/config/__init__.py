@@ -13,7 +13,6 @@ from dd2dist.config.loader import (
     add_config_args,
     apply_overrides,
     config_from_args,
-    deep_merge,
     dump_yaml,
     load_config,
     parse_override,
@@ -34,11 +33,11 @@ from dd2dist.config.schema import (
     TeacherConfig,
     TrackingConfig,
 )
-from dd2dist.config.typed import ConfigError, field_type, flatten, from_dict, to_dict
+from dd2dist.config.typed import ConfigError, deep_merge, field_type, flatten, from_dict, to_dict, validate
 
 __all__ = [
     "AlignmentConfig", "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ExperimentConfig",
     "LaunchConfig", "Stage1Config", "Stage2Config", "StudentConfig", "TeacherConfig", "TrackingConfig",
     "add_config_args", "apply_overrides", "config_from_args", "deep_merge", "dump_yaml", "field_type", "flatten",
-    "from_dict", "load_config", "parse_override", "parse_yaml", "read_yaml_tree", "to_dict", "to_yaml",
+    "from_dict", "load_config", "parse_override", "parse_yaml", "read_yaml_tree", "to_dict", "to_yaml", "validate",
 ]

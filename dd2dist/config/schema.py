@@ -107,7 +107,7 @@ class DataConfig:
     """Where stage 1/2 teacher sequences come from."""
 
     source: Literal["online", "shards"] = "online"  # sample the teacher on the fly, or read teacher-token shards
-    shards: str | None = None  # brace pattern or glob of WebDataset .tar files (needed with source=shards)
+    shards: str | None = _f(None, path="pattern")  # .tar directory, brace pattern or glob (source=shards)
     batch_size: int = _f(8, gt=0)  # sequences per rank per loader / online-sampling call
     shuffle_buffer: int = _f(64, ge=0)  # samples in the streaming shuffle buffer; 0 = no shuffling
     num_loader_workers: int = _f(0, ge=0)  # DataLoader worker processes per rank; 0 = in-process

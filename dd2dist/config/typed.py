@@ -12,9 +12,12 @@ Range and choice constraints on a tuple field apply to each element. Supported t
 fixed ``tuple[X, Y]`` (a YAML list becomes a tuple), ``list[X]``, ``dict[str, X]``, nested dataclasses and
 ``Any``. Every problem raises :class:`ConfigError` with the full dotted key.
 
-Path fields: when not null, ``~`` and ``$VARS`` are expanded, a relative path is resolved against the current
-working directory (run jobs from the repository root), the result is stored absolute, and the file or
-directory must exist. Pass ``check_paths=False`` to skip existence checks (paths are still made absolute).
+Path fields (``metadata={"path": "file" | "dir" | "pattern"}``): when not null, ``~`` and ``$VARS`` are
+expanded, a relative path is resolved against the current working directory (run jobs from the repository
+root; Ray workers then get absolute paths), the result is stored absolute, and the file or directory must
+exist. A ``pattern`` is a directory (its ``*.tar``), a brace pattern and/or glob: at least one file must match
+and every brace-expanded name without wildcards must exist; remote patterns (``s3://``, ``pipe:``) are kept as
+they are. Pass ``check_paths=False`` to skip existence checks (local paths are still made absolute).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import glob
 import os
 import types
 import typing
@@ -145,10 +149,6 @@ def _convert(tp: Any, value: Any, key: str, check_paths: bool) -> Any:
             raise ConfigError(key, f"expected a list ({type_name(tp)}), got {_describe(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{key}[{i}]", check_paths) for i, v in enumerate(value))
-        if args == ((),) or not args:
-            if value:
-                raise ConfigError(key, f"expected an empty list, got {_describe(value)}")
-            return ()
         if len(value) != len(args):
             raise ConfigError(key, f"expected a list of {len(args)} items ({type_name(tp)}), got {len(value)}")
         return tuple(_convert(a, v, f"{key}[{i}]", check_paths) for i, (a, v) in enumerate(zip(args, value)))
@@ -214,15 +214,44 @@ def resolve_path(path: str) -> str:
     return os.path.abspath(os.path.expandvars(os.path.expanduser(path)))
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _pattern_files(pattern: str) -> tuple[list[str], list[str]]:
+    """(existing, missing) files of a directory (its ``*.tar``), brace pattern and/or glob."""
+    import braceexpand  # a webdataset dependency; only needed for pattern fields
+
+    if os.path.isdir(pattern):
+        return sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar"))), []
+    found, missing = [], []
+    for part in braceexpand.braceexpand(pattern):
+        if any(c in part for c in "*?["):
+            found += sorted(glob.glob(part))
+        elif os.path.isfile(part):
+            found.append(part)
+        else:
+            missing.append(part)
+    return found, missing
+
+
 def _check_path(kind: str, value: str, key: str, check_paths: bool) -> str:
+    if kind == "pattern" and _is_remote(value):
+        return value  # streamed by the reader (s3://, http://, pipe:): nothing to check locally
     resolved = resolve_path(value)
     if not check_paths:
         return resolved
+    shown = value if value == resolved else f"{value} (resolved to {resolved})"
+    if kind == "pattern":
+        found, missing = _pattern_files(resolved)
+        if missing:
+            raise ConfigError(key, f"{len(missing)} file(s) of {shown} do not exist, e.g. {missing[0]}")
+        if not found:
+            raise ConfigError(key, f"no files match {shown}")
+        return resolved
     exists = os.path.isfile(resolved) if kind == "file" else os.path.isdir(resolved)
     if not exists:
-        what = "file" if kind == "file" else "directory"
-        shown = value if value == resolved else f"{value} (resolved to {resolved})"
-        raise ConfigError(key, f"{what} not found: {shown}")
+        raise ConfigError(key, f"{'file' if kind == 'file' else 'directory'} not found: {shown}")
     return resolved
 
 
@@ -291,14 +320,22 @@ def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True
         value = _convert(hints[name], raw, key, check_paths)
         _check_metadata(meta, value, key)
         if "path" in meta and value is not None:
-            if meta["path"] not in ("file", "dir"):
-                raise TypeError(f"field {key!r}: metadata 'path' must be 'file' or 'dir', got {meta['path']!r}")
+            if meta["path"] not in ("file", "dir", "pattern"):
+                raise TypeError(f"field {key!r}: metadata 'path' must be file, dir or pattern, got {meta['path']!r}")
             value = _check_path(meta["path"], value, key, check_paths)
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except ConfigError as err:
         raise err.under(where) from None
+
+
+def validate(cfg: Any, *, check_paths: bool = True) -> Any:
+    """Re-check a dataclass tree built in code (e.g. with ``dataclasses.replace``); returns the checked copy.
+
+    Construction in code skips the metadata checks that :func:`from_dict` applies; this runs them all.
+    """
+    return from_dict(type(cfg), to_dict(cfg), check_paths=check_paths)
 
 
 def to_dict(cfg: Any) -> Any:
