@@ -247,3 +247,23 @@ def test_validate_rechecks_trees_built_in_code():
     with pytest.raises(ConfigError) as info:
         validate(bad)
     assert info.value.key == "leaf.size"
+
+
+@dataclass(frozen=True)
+class PlainCheck:
+    n: int = 1
+
+    def __post_init__(self):
+        if self.n == 3:
+            raise ValueError("three is not allowed")
+
+
+@dataclass(frozen=True)
+class HoldsPlain:
+    inner: PlainCheck = field(default_factory=PlainCheck)
+
+
+def test_plain_value_error_in_post_init_names_the_section():
+    with pytest.raises(ConfigError) as info:
+        from_dict(HoldsPlain, {"inner": {"n": 3}})
+    assert info.value.key == "inner" and "three is not allowed" in info.value.message

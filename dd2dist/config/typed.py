@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import os
 import types
@@ -75,6 +76,7 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}{name}" if name.startswith("[") else f"{prefix}.{name}"
 
 
+@functools.cache
 def type_hints(cls: type) -> dict[str, Any]:
     """Resolved annotations of a dataclass (string annotations from ``from __future__ import annotations``)."""
     return typing.get_type_hints(cls)
@@ -328,6 +330,9 @@ def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True
         return cls(**kwargs)
     except ConfigError as err:
         raise err.under(where) from None
+    except (ValueError, TypeError) as err:
+        # A section's own __post_init__ check that does not know its key: name the section at least.
+        raise ConfigError(where, f"invalid {cls.__name__}: {err}") from err
 
 
 def validate(cfg: Any, *, check_paths: bool = True) -> Any:
