@@ -163,6 +163,12 @@ class ShardSetWriter:
         """Drop the shard in progress (its samples are lost, completed shards stay)."""
         if not self._closed:
             self._closed = True
+            tar, self._sw.tarstream = self._sw.tarstream, None
+            if tar is not None:
+                try:  # close the tar stream first, else it flushes into a closed file when collected
+                    tar.close()
+                except (OSError, ValueError, tarfile.TarError):
+                    pass
             if self._file is not None and not self._file.closed:
                 self._file.close()
                 Path(self._file.name).unlink(missing_ok=True)
