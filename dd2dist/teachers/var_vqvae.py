@@ -333,7 +333,7 @@ class VARVQVAE(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] -> per-scale id maps [(B, pn, pn)]."""
         if img.shape[-1] != self.image_size or img.shape[-2] != self.image_size:
             raise ValueError(f"image must be {self.image_size}x{self.image_size}, got {tuple(img.shape[-2:])}")
-        f = self.quant_conv(self.encoder(img))
+        f = self.quant_conv(self.encoder(img.to(self.quant_conv.weight.dtype)))
         ids, _ = self.quantize.f_to_ids(f)
         return ids
 
@@ -342,8 +342,9 @@ class VARVQVAE(nn.Module):
         return torch.cat([m.flatten(1) for m in self.img_to_ids(img)], dim=1)
 
     def fhat_to_img(self, f_hat: Tensor) -> Tensor:
+        """f_hat (B, Cvae, side, side) -> fp32 images in [-1, 1] (the decoder runs in the module's dtype)."""
         w = self.post_quant_conv.weight
-        return self.decoder(self.post_quant_conv(f_hat.to(w.dtype))).clamp(-1, 1)
+        return self.decoder(self.post_quant_conv(f_hat.to(w.dtype))).float().clamp(-1, 1)
 
     def decode_vectors(self, x: Tensor) -> Tensor:
         """Flat vectors (B, N, Cvae) -> images (B, 3, H, W) in [-1, 1]."""
