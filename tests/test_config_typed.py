@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from dd2dist.config.typed import ConfigError, field_type, flatten, from_dict, to_dict, validate
+from dd2dist.config.typed import ConfigError, field_type, fingerprint, flatten, from_dict, to_dict, validate
 
 
 @dataclass(frozen=True)
@@ -267,3 +267,16 @@ def test_plain_value_error_in_post_init_names_the_section():
     with pytest.raises(ConfigError) as info:
         from_dict(HoldsPlain, {"inner": {"n": 3}})
     assert info.value.key == "inner" and "three is not allowed" in info.value.message
+
+
+def test_fingerprint_is_stable_and_value_sensitive():
+    a, b = Root(required_name="r"), Root(required_name="r")
+    assert fingerprint(a) == fingerprint(b) and len(fingerprint(a)) == 16
+    assert fingerprint(a) != fingerprint(Root(required_name="r", steps=(2, 4)))
+    assert fingerprint(a.leaf) != fingerprint(Leaf(rate=0.25))
+    # independent computation: digest of the canonical JSON of the plain data
+    import hashlib
+    import json
+
+    canon = json.dumps(to_dict(a), sort_keys=True, separators=(",", ":"))
+    assert fingerprint(a, length=64) == hashlib.sha256(canon.encode()).hexdigest()

@@ -33,11 +33,21 @@ from dd2dist.config.schema import (
     TeacherConfig,
     TrackingConfig,
 )
-from dd2dist.config.typed import ConfigError, deep_merge, field_type, flatten, from_dict, to_dict, validate
+from dd2dist.config.typed import (
+    ConfigError,
+    deep_merge,
+    field_type,
+    fingerprint,
+    flatten,
+    from_dict,
+    to_dict,
+    validate,
+)
 
 __all__ = [
     "AlignmentConfig", "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ExperimentConfig",
     "LaunchConfig", "Stage1Config", "Stage2Config", "StudentConfig", "TeacherConfig", "TrackingConfig",
-    "add_config_args", "apply_overrides", "config_from_args", "deep_merge", "dump_yaml", "field_type", "flatten",
-    "from_dict", "load_config", "parse_override", "parse_yaml", "read_yaml_tree", "to_dict", "to_yaml", "validate",
+    "add_config_args", "apply_overrides", "config_from_args", "deep_merge", "dump_yaml", "field_type",
+    "fingerprint", "flatten", "from_dict", "load_config", "parse_override", "parse_yaml", "read_yaml_tree",
+    "to_dict", "to_yaml", "validate",
 ]

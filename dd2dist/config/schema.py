@@ -205,7 +205,7 @@ class TrackingConfig:
     """MLflow tracking from rank 0."""
 
     enabled: bool = True
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a SQLite store under the run directory
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the local SQLite store (dd2dist.tracking)
     experiment: str = "dd2"  # MLflow experiment name
     log_every: int = _f(10, ge=1)  # optimizer steps between metric logs
     sample_grid_every: int = _f(0, ge=0)  # steps between logged sample grids; 0 = only at the end

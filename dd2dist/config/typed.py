@@ -27,6 +27,8 @@ import dataclasses
 import difflib
 import functools
 import glob
+import hashlib
+import json
 import os
 import types
 import typing
@@ -352,6 +354,15 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def fingerprint(cfg: Any, length: int = 16) -> str:
+    """A stable hex digest of a config (or section) value, e.g. to cache an artefact built from it.
+
+    Equal configs give equal digests across processes and runs; absolute paths are part of the value.
+    """
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
