@@ -127,7 +127,7 @@ class ShardSetWriter:
         pattern = str(self.out_dir / f"{prefix}-%06d.tar")
         self._sw = wds.ShardWriter(
             pattern, maxcount=maxcount, maxsize=maxsize, post=self._finish_shard, start_shard=start_shard,
-            verbose=0, opener=self._open, encoder=False, mtime=0.0,
+            verbose=0, opener=self._open, encoder=False, mtime=0,
         )
 
     def _open(self, fname: str):
