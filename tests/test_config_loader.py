@@ -325,3 +325,24 @@ def test_every_repo_config_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(path, check_paths=False)
     assert isinstance(cfg, ExperimentConfig)
+
+
+def test_config_pickles_equal_for_ray_workers():
+    import pickle
+
+    cfg = load_config(BASE, ["name=pk", "eval.refine_steps=[2]"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_dump_replaces_file_atomically(tmp_path):
+    target = _write(tmp_path / "c.yaml", "old: true\n")
+    dump_yaml(ExperimentConfig(), target)
+    assert load_config(target) == ExperimentConfig()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # no temporary file left behind
+
+
+def test_config_from_args_can_skip_path_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = add_config_args(argparse.ArgumentParser()).parse_args(["--set", "data.shards=out/s-{0..1}.tar"])
+    assert _raises(config_from_args, ns).key == "data.shards"
+    assert config_from_args(ns, check_paths=False).data.shards == str(tmp_path / "out" / "s-{0..1}.tar")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -85,13 +86,22 @@ def to_yaml(cfg: Any) -> str:
 
 
 def dump_yaml(cfg: Any, path: str | os.PathLike) -> str:
-    """Write the resolved config to ``path`` (parent directories created); returns the path written."""
+    """Write the resolved config to ``path`` (parent directories created); returns the path written.
+
+    The file is replaced atomically, so a run killed mid-write never leaves a truncated config to resume from.
+    """
     path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(to_yaml(cfg))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(to_yaml(cfg))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -236,6 +246,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(ns: argparse.Namespace, schema: type = ExperimentConfig) -> Any:
-    """The validated config named by the ``--config`` / ``--set`` arguments of :func:`add_config_args`."""
-    return load_config(ns.config, list(ns.overrides or []), schema)
+def config_from_args(ns: argparse.Namespace, schema: type = ExperimentConfig, *, check_paths: bool = True) -> Any:
+    """The validated config named by the ``--config`` / ``--set`` arguments of :func:`add_config_args`.
+
+    ``check_paths=False`` is for jobs that create the files a config names (e.g. shard writers).
+    """
+    return load_config(ns.config, list(ns.overrides or []), schema, check_paths=check_paths)
