@@ -19,6 +19,7 @@ from dd2dist.config import (
     dump_yaml,
     flatten,
     load_config,
+    parse_config_args,
     parse_override,
     to_yaml,
 )
@@ -346,3 +347,13 @@ def test_config_from_args_can_skip_path_checks(tmp_path, monkeypatch):
     ns = add_config_args(argparse.ArgumentParser()).parse_args(["--set", "data.shards=out/s-{0..1}.tar"])
     assert _raises(config_from_args, ns).key == "data.shards"
     assert config_from_args(ns, check_paths=False).data.shards == str(tmp_path / "out" / "s-{0..1}.tar")
+
+
+def test_parse_config_args_exits_with_the_key(capsys):
+    parser = add_config_args(argparse.ArgumentParser(prog="job"))
+    ns, cfg = parse_config_args(parser, ["--set", "seed=5"])
+    assert cfg.seed == 5 and ns.overrides == ["seed=5"]
+    with pytest.raises(SystemExit) as info:
+        parse_config_args(parser, ["--set", "stage2.ema_maxx=0.9"])
+    assert info.value.code == 2
+    assert "job: error: stage2.ema_maxx: unknown key" in capsys.readouterr().err

@@ -2,8 +2,8 @@
 
 Every job does::
 
-    parser = argparse.ArgumentParser(); add_config_args(parser)
-    cfg = config_from_args(parser.parse_args())          # all validation happens here
+    parser = add_config_args(argparse.ArgumentParser())
+    args, cfg = parse_config_args(parser)               # all validation happens here; bad config -> exit 2
     dump_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
 See :mod:`dd2dist.config.loader` for the merge rules and :mod:`dd2dist.config.typed` for the checks.
@@ -15,6 +15,7 @@ from dd2dist.config.loader import (
     config_from_args,
     dump_yaml,
     load_config,
+    parse_config_args,
     parse_override,
     parse_yaml,
     read_yaml_tree,
@@ -48,6 +49,6 @@ __all__ = [
     "AlignmentConfig", "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ExperimentConfig",
     "LaunchConfig", "Stage1Config", "Stage2Config", "StudentConfig", "TeacherConfig", "TrackingConfig",
     "add_config_args", "apply_overrides", "config_from_args", "deep_merge", "dump_yaml", "field_type",
-    "fingerprint", "flatten", "from_dict", "load_config", "parse_override", "parse_yaml", "read_yaml_tree",
-    "to_dict", "to_yaml", "validate",
+    "fingerprint", "flatten", "from_dict", "load_config", "parse_config_args", "parse_override", "parse_yaml",
+    "read_yaml_tree", "to_dict", "to_yaml", "validate",
 ]

@@ -252,3 +252,18 @@ def config_from_args(ns: argparse.Namespace, schema: type = ExperimentConfig, *,
     ``check_paths=False`` is for jobs that create the files a config names (e.g. shard writers).
     """
     return load_config(ns.config, list(ns.overrides or []), schema, check_paths=check_paths)
+
+
+def parse_config_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, schema: type = ExperimentConfig
+) -> tuple[argparse.Namespace, Any]:
+    """Parse a job's command line (``parser`` already has :func:`add_config_args`) and load its config.
+
+    A bad config ends the job the argparse way (usage line, ``error: <dotted key>: <problem>``, exit status 2)
+    instead of a traceback.
+    """
+    ns = parser.parse_args(argv)
+    try:
+        return ns, config_from_args(ns, schema)
+    except ConfigError as err:
+        parser.error(str(err))
