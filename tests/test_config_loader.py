@@ -357,3 +357,10 @@ def test_parse_config_args_exits_with_the_key(capsys):
         parse_config_args(parser, ["--set", "stage2.ema_maxx=0.9"])
     assert info.value.code == 2
     assert "job: error: stage2.ema_maxx: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs" / "teachers").glob("*.yaml")))
+def test_repo_teacher_files_include_as_plain_paths(path, tmp_path):
+    exp = _write(tmp_path / "exp.yaml", f"defaults: [{REPO / 'configs' / 'teachers' / path}]\nseed: 4\n")
+    cfg = load_config(exp, check_paths=False)
+    assert cfg == load_config(REPO / "configs" / "teachers" / path, ["seed=4"], check_paths=False)

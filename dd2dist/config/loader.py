@@ -3,10 +3,10 @@
 Loading order (later wins, nested mappings are merged key by key, lists and scalars are replaced):
 
 1. the files listed under ``defaults:`` (or ``include:``) of the YAML file, in order, each loaded the same
-   way (they may include further files). An entry is either a path, merged at the top level, or a one-key
-   mapping ``{dotted.section: path}``, merged under that section, e.g.
-   ``defaults: [{teacher: ../teachers/var_tiny.yaml}]``. A relative include path is looked up next to the
-   including file first, then in the current working directory;
+   way (they may include further files). An entry is either a path, merged at the top level (e.g.
+   ``defaults: [../teachers/var_tiny.yaml]``, whose file holds a whole ``teacher:`` section), or a one-key
+   mapping ``{dotted.section: path}`` whose file holds that section's keys and is merged under it. A relative
+   include path is looked up next to the including file first, then in the current working directory;
 2. the file's own keys;
 3. the ``--set a.b=c`` overrides, in order. Values are parsed as YAML (``3``, ``1e-4``, ``true``, ``null``,
    ``[1, 2]``, ``{cfg: 1.5}``); for a string field a bare number keeps its text (``--set name=007``).
