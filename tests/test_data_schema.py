@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dd2dist.data.schema import (
-    ShardSpec,
     SampleError,
+    ShardSpec,
     TeacherMismatch,
     TokenSample,
     decode_sample,

@@ -166,3 +166,21 @@ def test_bad_arguments(tmp_path, shards):
         TokenStream(shards, 4, rank=2, world_size=2)
     brace = str(shards) + "/tokens-{000000..000002}.tar"
     assert len(list_shards(brace)) == 3
+
+
+@pytest.mark.parametrize("where", ["header_start", "mid_header", "mid_data", "before_end_marker"])
+def test_truncated_shard_is_corrupt_wherever_cut(tmp_path, where):
+    (path,) = write_random_shards(tmp_path / "src", SPEC, num_samples=8, per_shard=8)
+    data = Path(path).read_bytes()
+    line = Path(path).with_suffix(".idx").read_text().splitlines()[1 + 5].split()  # sample 5
+    header = int(line[1]) - 512
+    last = Path(path).with_suffix(".idx").read_text().splitlines()[-1].split()
+    cut = {
+        "header_start": header, "mid_header": header + 200, "mid_data": int(line[13]) + 10,
+        "before_end_marker": int(last[-3]) + 512,  # every member kept, the end-of-archive blocks lost
+    }[where]
+    (tmp_path / "cut-000000.tar").write_bytes(data[:cut])
+    s = TokenStream(tmp_path / "cut-000000.tar", 3, resampled=False, shuffle_buffer=0, expect=EXPECT)
+    keys = _keys(s)
+    assert keys == [f"s{i:09d}" for i in range(len(keys))] and len(keys) <= 7
+    assert s.metrics()["data/shards_corrupt"] == 1 and s.metrics()["data/samples_skipped"] == 0

@@ -51,6 +51,13 @@ def iter_raw_samples(
                     if current is None:
                         current = {"__key__": key, "__shard__": path}
                     current[ext] = tf.extractfile(member).read()
+                end = start_offset + tf.offset
+            # tarfile silently treats a cut inside a header as the end of the archive, so check that the
+            # end-of-archive marker (two zero blocks) really follows the last member.
+            with open(path, "rb") as f:
+                f.seek(end)
+                if f.read(1024) != bytes(1024):
+                    raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {end}")
     except TAR_ERRORS as e:
         stats.corrupt_shard(path, n, e)
         return
