@@ -108,9 +108,16 @@ class AdaLNSelfAttnBlock(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(
-        self, x: Tensor, cond_BD: Tensor, attn_mask: Tensor | None = None, cache: LayerKVCache | None = None
+        self,
+        x: Tensor,
+        cond_BD: Tensor | None,
+        attn_mask: Tensor | None = None,
+        cache: LayerKVCache | None = None,
+        ada: Tensor | None = None,
     ) -> Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.width).unbind(2)
+        """``ada`` = a precomputed ``ada_lin(cond_BD)`` (the sampler computes it once for all scales)."""
+        ada = self.ada_lin(cond_BD) if ada is None else ada
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.view(-1, 1, 6, self.width).unbind(2)
         h = F.layer_norm(x, (self.width,), eps=LN_EPS)
         x = x + self.attn(h * (1 + scale1) + shift1, attn_mask, cache) * gamma1
         h = F.layer_norm(x, (self.width,), eps=LN_EPS)
@@ -125,8 +132,9 @@ class AdaLNBeforeHead(nn.Module):
         self.width = width
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: Tensor, cond_BD: Tensor) -> Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
+    def forward(self, x: Tensor, cond_BD: Tensor | None, ada: Tensor | None = None) -> Tensor:
+        ada = self.ada_lin(cond_BD) if ada is None else ada
+        scale, shift = ada.view(-1, 1, 2, self.width).unbind(2)
         return F.layer_norm(x, (self.width,), eps=LN_EPS) * (1 + scale) + shift
 
 
@@ -198,9 +206,9 @@ class VARTransformer(nn.Module):
             h = blk(h, cond_BD, self.attn_mask)
         return h
 
-    def logits(self, feats: Tensor, cond_BD: Tensor) -> Tensor:
-        """head(head_nm(feats)) as fp32 (B, l, V)."""
-        return self.head(self.head_nm(feats, cond_BD)).float()
+    def logits(self, feats: Tensor, cond_BD: Tensor | None, ada: Tensor | None = None) -> Tensor:
+        """head(head_nm(feats)) as fp32 (B, l, V); ``ada`` = a precomputed ``head_nm.ada_lin(cond_BD)``."""
+        return self.head(self.head_nm(feats, cond_BD, ada)).float()
 
 
 class VARTeacher(ARTeacher):
@@ -296,13 +304,16 @@ class VARTeacher(ARTeacher):
         cond_BD = tr.class_vector(all_labels)
         lvl_pos = tr.lvl_embed(tr.lvl_1L) + tr.pos_1LC[0]  # (L, C)
         x = cond_BD[:, None, :].expand(rows, tr.first_l, tr.width) + tr.pos_start + lvl_pos[: tr.first_l]
+        # the AdaLN modulations depend on the class only: computed once, not once per scale
+        block_ada = [blk.ada_lin(cond_BD) for blk in tr.blocks]
+        head_ada = tr.head_nm.ada_lin(cond_BD)
         codebook = self.codebook()
         f_hat = None
         ids_out, lp_out = [], []
         for k, sl in enumerate(self.steps):
-            for blk, cache in zip(tr.blocks, caches):
-                x = blk(x, cond_BD, None, cache)
-            logits = tr.logits(x, cond_BD)
+            for blk, cache, ada in zip(tr.blocks, caches, block_ada):
+                x = blk(x, None, None, cache, ada)
+            logits = tr.logits(x, None, head_ada)
             if use_cfg:
                 lp = process_logits(logits[:B], logits[B:], weights[sl], sampling)
             else:
