@@ -274,7 +274,9 @@ class VARTeacher(ARTeacher):
         return self.transformer.logits(feats, self.transformer.class_vector(self._labels(cond)))
 
     # ---- sampling -------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: ZeRO-3 re-gathers parameter data inside the call, and tensors made
+    # in inference mode cannot be used by autograd afterwards (deepspeedai/DeepSpeed users hit exactly that).
+    @torch.no_grad()
     def sample(
         self,
         cond: Cond,
