@@ -196,3 +196,41 @@ def test_adaln_block_and_head_follow_the_released_split_order(teacher):
         scale, shift = (F.silu(cond) @ head_ada.weight.T + head_ada.bias)[:, None].split(64, -1)
         want_logits = (ln(x) * (1 + scale) + shift) @ tr.head.weight.T + tr.head.bias
         torch.testing.assert_close(tr.logits(x, cond), want_logits, rtol=1e-4, atol=1e-4)
+
+
+def _partition_like_zero3(model: torch.nn.Module) -> None:
+    """Hold every parameter's data only during the forward of the module that owns it (DeepSpeed ZeRO-3's rule:
+    a module's own parameters are gathered in its forward hooks and released after)."""
+    stash = {}
+
+    def release(mod, *_):
+        for name, p in mod.named_parameters(recurse=False):
+            stash[(id(mod), name)] = p.data
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def gather(mod, *_):
+        for name, p in mod.named_parameters(recurse=False):
+            p.data = stash[(id(mod), name)]
+
+    for mod in model.modules():
+        if next(mod.parameters(recurse=False), None) is not None:
+            mod.register_forward_pre_hook(gather)
+            mod.register_forward_hook(release)
+            release(mod)
+
+
+def test_parameters_are_read_only_inside_their_own_modules_forward(cond):
+    """So a ZeRO-3-partitioned teacher computes the same log-probs, samples, codebook and images."""
+    torch.manual_seed(3)
+    t = VARTeacher(VARConfig()).freeze()
+    ids = torch.randint(0, 64, (3, 21))
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = (t.log_probs(ids, cond, CFG_ON), t.sample(cond, CFG_ON, torch.Generator().manual_seed(1)),
+                t.codebook(), t.decode(ids), t.encode(img))
+        _partition_like_zero3(t)
+        assert t.transformer.pos_1LC.numel() == 0 and t.tokenizer.quantize.embedding.weight.numel() == 0
+        got = (t.log_probs(ids, cond, CFG_ON), t.sample(cond, CFG_ON, torch.Generator().manual_seed(1)),
+               t.codebook(), t.decode(ids), t.encode(img))
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)

@@ -6,6 +6,11 @@ Parameter names follow the released ``var_d*.pth`` so :mod:`dd2dist.teachers.var
 
 Deliberate departures from the released code: labels are never dropped (the released forward drops them even in
 eval mode) and there is no drop-path or dropout anywhere (the teacher is frozen).
+
+ZeRO-3 rule: every parameter is read only inside the ``forward`` of the module that owns it (DeepSpeed gathers a
+module's own parameters in its forward hooks, nowhere else). So attention calls ``mat_qkv`` as a module, the
+transformer's own ``pos_start`` / ``pos_1LC`` are read in ``VARTransformer.forward``, and the codebook is read
+through the tokenizer's ``embedding`` module.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, cache: LayerKVCache | None = None) -> Tensor:
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = (self.mat_qkv(x) + bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd)
         if self.l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
@@ -139,7 +144,7 @@ class AdaLNBeforeHead(nn.Module):
 
 
 class VARTransformer(nn.Module):
-    """The VAR backbone + head. Inputs are the word-embedding inputs of scales 1..S-1 (see ``forward_features``)."""
+    """The VAR backbone + head. Inputs are the word-embedding inputs of scales 1..S-1 (see ``forward``)."""
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -195,13 +200,20 @@ class VARTransformer(nn.Module):
         """(B,) labels (num_classes = null) -> (B, C): the SOS token and the AdaLN condition."""
         return self.class_emb(labels)
 
-    def forward_features(self, x_in: Tensor, labels: Tensor) -> Tensor:
-        """Teacher-forced block outputs (B, L, C) from the next-scale inputs x_in (B, L - first_l, Cvae)."""
+    def forward(self, x_in: Tensor | None, labels: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced block outputs (B, L, C) from the next-scale inputs x_in (B, L - first_l, Cvae).
+
+        With ``x_in=None``, the sampler's start instead: (class vectors (B, C), first-scale input (B, first_l, C),
+        per-token lvl+pos embeddings (L, C)). Both live here because they read this module's own parameters.
+        """
         B = labels.shape[0]
         cond_BD = self.class_vector(labels)
         sos = cond_BD[:, None, :].expand(B, self.first_l, self.width) + self.pos_start
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC[0]
+        if x_in is None:
+            return cond_BD, sos + lvl_pos[: self.first_l], lvl_pos
         h = torch.cat([sos, self.word_embed(x_in.to(self.word_embed.weight.dtype))], dim=1)
-        h = h + self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        h = h + lvl_pos
         for blk in self.blocks:
             h = blk(h, cond_BD, self.attn_mask)
         return h
@@ -243,7 +255,7 @@ class VARTeacher(ARTeacher):
 
     # ---- codebook space -------------------------------------------------------------------------------
     def codebook(self) -> Tensor:
-        return self.tokenizer.quantize.embedding.weight.float()
+        return self.tokenizer.quantize.codebook()
 
     # ---- conditioning ---------------------------------------------------------------------------------
     def null_cond(self, batch_size: int, like: Cond | None = None) -> Cond:
@@ -268,7 +280,7 @@ class VARTeacher(ARTeacher):
     # ---- teacher-forced passes ------------------------------------------------------------------------
     def features(self, x: Tensor, cond: Cond) -> Tensor:
         x_in = self.tokenizer.teacher_forced_inputs(self._vectors(x))
-        return self.transformer.forward_features(x_in, self._labels(cond))
+        return self.transformer(x_in, self._labels(cond))
 
     def head_logits(self, feats: Tensor, cond: Cond) -> Tensor:
         return self.transformer.logits(feats, self.transformer.class_vector(self._labels(cond)))
@@ -303,9 +315,7 @@ class VARTeacher(ARTeacher):
             LayerKVCache(rows, tr.num_heads, self.num_tokens, tr.width // tr.num_heads, dtype, device)
             for _ in tr.blocks
         ]
-        cond_BD = tr.class_vector(all_labels)
-        lvl_pos = tr.lvl_embed(tr.lvl_1L) + tr.pos_1LC[0]  # (L, C)
-        x = cond_BD[:, None, :].expand(rows, tr.first_l, tr.width) + tr.pos_start + lvl_pos[: tr.first_l]
+        cond_BD, x, lvl_pos = tr(None, all_labels)
         # the AdaLN modulations depend on the class only: computed once, not once per scale
         block_ada = [blk.ada_lin(cond_BD) for blk in tr.blocks]
         head_ada = tr.head_nm.ada_lin(cond_BD)

@@ -224,6 +224,11 @@ class MultiScaleQuantizer(nn.Module):
         """Side of the full-resolution latent map (the last scale)."""
         return self.patch_nums[-1]
 
+    def codebook(self) -> Tensor:
+        """(V, Cvae) fp32 raw code vectors, read through the ``embedding`` module (ZeRO-3 gathers it there)."""
+        ids = torch.arange(self.vocab_size, device=self.ema_vocab_hit_SV.device)
+        return self.embedding(ids).float()
+
     def phi(self, scale: int, h: Tensor) -> Tensor:
         return self.quant_resi.qresi_ls[self.phi_index[scale]](h)
 
@@ -238,7 +243,7 @@ class MultiScaleQuantizer(nn.Module):
         """Plain-L2 nearest raw code per cell: (B, Cvae, h, w) -> ids (B, h, w)."""
         B, C, h, w = f_BChw.shape
         flat = f_BChw.permute(0, 2, 3, 1).reshape(-1, C).float()
-        code = self.embedding.weight.float()
+        code = self.codebook()
         dist = flat.square().sum(1, keepdim=True) + code.square().sum(1) - 2 * flat @ code.T
         return dist.argmin(1).view(B, h, w)
 
