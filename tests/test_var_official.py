@@ -127,6 +127,12 @@ def test_exported_random_model_round_trips_through_files(official_pair, tmp_path
     original.load_state_dict(teacher.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(teacher.log_probs(x, cond), original.log_probs(x, cond))
+    # the package entry point goes through the same loader and hands back a frozen teacher
+    from dd2dist.teachers import load_official
+
+    frozen = load_official("var_tiny_test", str(tmp_path / "var_tiny.pth"), str(tmp_path / "vae_tiny.pth"))
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert torch.equal(frozen.codebook(), vae_sd["quantize.embedding.weight"])
 
 
 def test_renamed_key_is_named(official_pair):
