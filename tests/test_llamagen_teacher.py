@@ -8,7 +8,7 @@ import torch
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig
 from dd2dist.teachers.base import Cond, Sampling
-from dd2dist.teachers.llamagen import LlamaGenTeacher, rope_2d_cache, text_attention_mask
+from dd2dist.teachers.llamagen import LlamaGenTeacher, RMSNorm, apply_rope, rope_2d_cache, text_attention_mask
 
 C2I = LlamaGenConfig()  # 2 layers, D 64, 4 heads, grid 4, V 64, Ce 8, 10 classes
 T2I = LlamaGenConfig(num_classes=0, cls_token_num=5, caption_dim=16)
@@ -122,6 +122,24 @@ def test_rope_condition_rows_are_zero_and_image_rows_follow_the_2d_rule():
         t = make(cfg)
         assert torch.count_nonzero(t.gpt.rope[: cfg.cls_token_num]) == 0
         assert t.gpt.rope.shape[0] == cfg.cls_token_num + cfg.grid**2
+
+
+def test_apply_rope_and_rmsnorm_match_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=g)
+    rope = torch.randn(5, 4, 2, generator=g)
+    out = apply_rope(x, rope)
+    for j in range(4):
+        x0, x1 = x[..., 2 * j], x[..., 2 * j + 1]
+        c, s = rope[None, :, None, j, 0], rope[None, :, None, j, 1]
+        torch.testing.assert_close(out[..., 2 * j], x0 * c - x1 * s)
+        torch.testing.assert_close(out[..., 2 * j + 1], x1 * c + x0 * s)
+    assert apply_rope(x.bfloat16(), rope).dtype == torch.bfloat16
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    expect = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expect)
 
 
 def test_labels_never_dropped_and_passes_deterministic_in_train_mode():

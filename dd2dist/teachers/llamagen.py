@@ -56,13 +56,15 @@ def rope_2d_cache(grid: int, head_dim: int, base: float, num_cond: int) -> Tenso
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs (2j, 2j+1) of x (B, L, H, hd) by rope (L, hd/2, 2), in fp32."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    r = rope.view(1, xs.shape[1], 1, xs.shape[3], 2)
-    x0, x1 = xs[..., 0], xs[..., 1]
-    cos, sin = r[..., 0], r[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(3).type_as(x)
+    """Rotate interleaved channel pairs (2j, 2j+1) of x (B, L, ..., hd) by rope (L, hd/2, 2), in fp32.
+
+    Pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), done as one complex product (few kernels per call: the
+    sampler's decode step is launch-bound).
+    """
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rc = torch.view_as_complex(rope.float().contiguous())
+    rc = rc.view(1, xc.shape[1], *([1] * (xc.dim() - 3)), xc.shape[-1])
+    return torch.view_as_real(xc * rc).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -74,8 +76,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
@@ -101,9 +102,9 @@ class Attention(nn.Module):
         cache_pos: Tensor | None = None,
     ) -> Tensor:
         B, L, D = x.shape
-        q, k, v = self.wqkv(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
+        qkv = self.wqkv(x).view(B, L, 3, self.n_head, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :2], rope).unbind(2)  # q and k rotated in one go
+        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))  # (B, H, L, hd)
         if cache is not None:
             k_cache, v_cache = cache
             if cache_pos is None:
@@ -415,6 +416,7 @@ class LlamaGenTeacher(ARTeacher):
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         weights = guidance_weights(sampling, self.step_of_token, len(self.steps))
         use_cfg = bool((weights != 1).any())
+        step_weights = weights.tolist()  # host floats: no device sync per step
         all_cond = Cond.cat([cond, self.null_cond(B, like=cond)]) if use_cfg else cond
         rows, T, N, V = (2 * B if use_cfg else B), self.num_cond, self.num_tokens, self.vocab_size
         cfg = self.cfg
@@ -437,7 +439,10 @@ class LlamaGenTeacher(ARTeacher):
         step_pos = torch.full((1,), T, dtype=torch.long, device=device)
 
         def decode() -> Tensor:
-            mask = key_valid & (slots <= step_pos)
+            # additive mask in the activation dtype, built once per step (a bool mask is converted in every layer)
+            mask = torch.zeros((), dtype=act_dtype, device=device).masked_fill(
+                ~(key_valid & (slots <= step_pos)), float("-inf")
+            )
             return gpt.decode_step(step_in, step_pos, mask, caches)
 
         run_decode = _capture(decode) if (cuda_graph and N > 1) else decode
@@ -451,9 +456,9 @@ class LlamaGenTeacher(ARTeacher):
         lps = torch.empty(B, N, V, dtype=torch.float32, device=device) if return_log_probs else None
         for i in range(N):
             if use_cfg:
-                lp = process_logits(logits[:B], logits[B:], weights[i], sampling)
+                lp = process_logits(logits[:B], logits[B:], step_weights[i], sampling)
             else:
-                lp = process_logits(logits, None, weights[i], sampling)
+                lp = process_logits(logits, None, step_weights[i], sampling)
             tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]
             ids[:, i] = tok
             if lps is not None:
