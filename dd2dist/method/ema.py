@@ -1,0 +1,70 @@
+"""Exponential moving average of the generator with SiD/DD2's progressive decay (method.md §6.4).
+
+The EMA averages ``engine.local_param_tensors()``: full tensors for a plain-torch engine, this rank's partitions
+under ZeRO-3, so it shards exactly like the engine and each rank saves its own share.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+def ema_decay(updates: int, ema_max: float, warmup: Literal["progressive", "none"] = "progressive") -> float:
+    """Decay used for the EMA update number ``updates`` (0-based).
+
+    ``progressive``: min(ema_max, (n + 1) / (n + 10)) — 0.1 at the first update, reaching 0.9999 after ~90k
+    (method.md §6.4, "very important for stability"). ``none``: ema_max from the start.
+    """
+    if warmup == "progressive":
+        return min(ema_max, (updates + 1) / (updates + 10))
+    if warmup == "none":
+        return ema_max
+    raise ValueError(f"stage2.ema_warmup must be 'progressive' or 'none', got {warmup!r}")
+
+
+class EMA:
+    """EMA copies of a fixed, ordered list of tensors; ``updates`` counts the updates applied."""
+
+    def __init__(self, tensors: list[Tensor], ema_max: float, warmup: Literal["progressive", "none"] = "progressive"):
+        if not 0.0 <= ema_max <= 1.0:
+            raise ValueError(f"stage2.ema_max must be in [0, 1], got {ema_max}")
+        ema_decay(0, ema_max, warmup)  # validates ``warmup``
+        self.ema_max, self.warmup = float(ema_max), warmup
+        self.shadow = [t.detach().clone() for t in tensors]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, tensors: list[Tensor]) -> float:
+        """shadow = d * shadow + (1 - d) * current; returns the decay d used."""
+        self._check(tensors)
+        d = ema_decay(self.updates, self.ema_max, self.warmup)
+        for s, t in zip(self.shadow, tensors):
+            s.lerp_(t.detach().to(s.dtype), 1.0 - d)
+        self.updates += 1
+        return d
+
+    @torch.no_grad()
+    def copy_to(self, tensors: list[Tensor]) -> None:
+        """Overwrite ``tensors`` in place with the EMA values (performance alignment step (i))."""
+        self._check(tensors)
+        for s, t in zip(self.shadow, tensors):
+            t.copy_(s.to(t.dtype))
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates,
+                "ema_max": self.ema_max, "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
+            raise ValueError("EMA checkpoint does not match the generator's parameter tensors (count or shapes)")
+        for s, v in zip(self.shadow, shadow):
+            s.copy_(v)
+        self.updates = int(state["updates"])
+
+    def _check(self, tensors: list[Tensor]) -> None:
+        if len(tensors) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(tensors, self.shadow)):
+            raise ValueError("EMA: the tensors differ in count or shape from the ones it was built on")

@@ -1,0 +1,151 @@
+"""The three DD2 losses as pure functions (method.md §5): GTS (stage 1), FCS (guidance), CSD (generator).
+
+Conventions: tokens are codebook vectors (B, N, Ce); rectified flow ``x_t = (1 - t) x0 + t eps`` with one time per
+position (B, N); every net predicts velocity ``v = dx/dt`` and ``x0 = x_t - t v``. Random draws come from the
+``torch.Generator`` passed in (see :mod:`dd2dist.method.seeding`). Reductions run in fp32. Each function returns
+``(loss, metrics)`` with ``metrics`` a dict of detached scalar tensors (no host sync here).
+
+Nets are passed as modules (``engine.module``): the caller sets train/eval and requires_grad per phase; these
+functions only decide where ``no_grad`` and ``detach`` go.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from dd2dist.latent import add_noise, posterior, velocity_to_x0
+from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+
+
+def uniform_times(shape: tuple[int, ...], low: float, high: float, gen: torch.Generator, device) -> Tensor:
+    """t ~ U(low, high) of ``shape``, fp32, drawn from ``gen``."""
+    return low + (high - low) * torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+def gaussian(like: Tensor, gen: torch.Generator) -> Tensor:
+    """N(0, I) noise shaped like ``like`` (fp32), drawn from ``gen``."""
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
+
+
+def gts_loss(
+    student,
+    teacher: ARTeacher,
+    codebook: Tensor,
+    x0: Tensor,
+    cond: Cond,
+    sampling: Sampling,
+    gen: torch.Generator,
+    t_min: float = 0.02,
+    teacher_log_probs: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage-1 Ground-Truth-Score loss in velocity space (method.md §5.1, [PROP] velocity form).
+
+    ``x0`` is a clean teacher-sampled sequence (B, N, Ce). The student is teacher-forced on it; per position
+    t ~ U(t_min, 1) and eps ~ N(0, I) give x_t, and the head regresses the teacher's closed-form velocity at x_t
+    (no gradient), computed from the teacher's log-probs under the distillation-target ``sampling``
+    (``teacher_log_probs`` may pass them in when the sampler already returned them).
+
+    Velocity-space MSE is the score-space MSE of Eq.6 reweighted by (t / (1 - t))^2, i.e. the parameterisation
+    the paper trains; it also stays bounded as t -> 0 where the score blows up.
+    """
+    x0 = x0.float()
+    B, N, _ = x0.shape
+    t = uniform_times((B, N), t_min, 1.0, gen, x0.device)
+    eps = gaussian(x0, gen)
+    x_t = add_noise(x0, eps, t)
+    with torch.no_grad():
+        lp = teacher_log_probs if teacher_log_probs is not None else teacher.log_probs(x0, cond, sampling)
+        target = posterior(lp, codebook, x_t, t).velocity
+    feats = student.features(x0, cond)
+    v = student.velocity(x_t, t, feats).float()
+    loss = (v - target).pow(2).mean()
+    return loss, {"loss": loss.detach(), "target_v_rms": target.pow(2).mean().sqrt()}
+
+
+def fcs_loss(
+    guidance,
+    q: Tensor,
+    cond: Cond,
+    gen: torch.Generator,
+    num_samples: int = 4,
+    t_min: float = 0.02,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Guidance (fake-score) loss on detached generator samples (method.md §5.2, velocity form [PROP]).
+
+    One teacher-forced backbone pass on sg(q), then ``num_samples`` independent (t, eps) draws per position
+    through the head (MAR's multi-sample trick, m=4 [PROP]); target velocity ``eps - q``; t ~ U(t_min, 1).
+    """
+    q = q.detach().float()
+    B, N, Ce = q.shape
+    m = int(num_samples)
+    if m < 1:
+        raise ValueError(f"stage2.fcs_samples must be >= 1, got {m}")
+    feats = guidance.features(q, cond)
+    t = uniform_times((m, B, N), t_min, 1.0, gen, q.device)
+    eps = torch.randn((m, B, N, Ce), generator=gen, device=q.device, dtype=torch.float32)
+    qm = q.unsqueeze(0).expand(m, B, N, Ce)
+    x_t = add_noise(qm, eps, t)
+    fm = feats.unsqueeze(0).expand(m, *feats.shape)
+    v = guidance.velocity(x_t.reshape(m * B, N, Ce), t.reshape(m * B, N), fm.reshape(m * B, N, -1)).float()
+    loss = (v.reshape(m, B, N, Ce) - (eps - qm)).pow(2).mean()
+    return loss, {"loss": loss.detach()}
+
+
+def csd_loss(
+    q: Tensor,
+    teacher: ARTeacher,
+    guidance,
+    codebook: Tensor,
+    cond: Cond,
+    sampling: Sampling,
+    gen: torch.Generator,
+    kind: Literal["sid", "dmd"] = "sid",
+    alpha: float = 1.0,
+    t_min: float = 0.02,
+    t_max: float = 0.96,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Conditional Score Distillation loss of the generator (method.md §5.3, §12).
+
+    ``q`` (B, N, Ce) is the generator output *with* its graph. The prefix is stop-gradient: the teacher's
+    log-probs and the guidance backbone features are computed under ``no_grad`` on sg(q). Per position,
+    t ~ U(t_min, t_max) ([PROP]: SiD's t_max ≈ 0.96) and x_t = (1 - t) q + t eps keep the graph to q_i, which
+    reaches (a) the explicit q_i in the loss and (b) the closed-form teacher x̂0 (autograd through the softmax
+    mixture) and ψ's head (ψ's parameters must be frozen by the caller). ``w = sg(mean |q - x̂0_Φ|)`` per
+    sample over all tokens and channels ([PROP]).
+
+    ``kind="sid"``: per token ``(x̂0_Φ - x̂0_ψ)ᵀ[(x̂0_Φ - q) - α (x̂0_Φ - x̂0_ψ)] / w``, summed over channels and
+    averaged over tokens (α=1 gives ``(x̂0_Φ - x̂0_ψ)ᵀ(x̂0_ψ - q) / w``).
+    ``kind="dmd"`` [PROP fallback]: ``0.5 ||q - sg(q - (x̂0_ψ - x̂0_Φ) / w)||²``, the DMD/KL gradient without
+    backpropagating through either score model.
+    """
+    if kind not in ("sid", "dmd"):
+        raise ValueError(f"stage2.csd_loss must be 'sid' or 'dmd', got {kind!r}")
+    B, N, _ = q.shape
+    qf = q.float()
+    q_sg = qf.detach()
+    with torch.no_grad():
+        lp = teacher.log_probs(q_sg, cond, sampling)
+        feats = guidance.features(q_sg, cond)
+    t = uniform_times((B, N), t_min, t_max, gen, q.device)
+    eps = gaussian(qf, gen)
+    with torch.set_grad_enabled(kind == "sid" and torch.is_grad_enabled()):
+        x_t = add_noise(qf if kind == "sid" else q_sg, eps, t)
+        x0_real = posterior(lp, codebook, x_t, t).x0
+        x0_fake = velocity_to_x0(x_t, guidance.velocity(x_t, t, feats).float(), t)
+    w = (q_sg - x0_real.detach()).abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+    diff = x0_real - x0_fake
+    if kind == "sid":
+        per_token = (diff * ((x0_real - qf) - alpha * diff)).sum(-1) / w[..., 0]
+        loss = per_token.mean()
+    else:
+        grad = (-diff / w).detach()
+        loss = 0.5 * (qf - (q_sg - grad)).pow(2).sum(-1).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "score_gap": diff.detach().pow(2).sum(-1).mean(),
+        "w": w.detach().mean(),
+    }
+    return loss, metrics

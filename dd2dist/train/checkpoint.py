@@ -1,0 +1,78 @@
+"""Checkpoint directory layout shared by training, resume and export.
+
+    <root>/step_00000120/
+        state.json                 trainer counters, phase, schedule fingerprint (rank 0 writes it)
+        engines/<name>/...         each engine's own save() (its shard on every rank)
+        ema/rank<r>.pt             this rank's EMA tensors and update count
+        rng/rank<r>.pt             torch / numpy / python RNG states of this rank
+        data/rank<r>.json          the stage-1 data stream position of this rank (when the stream has one)
+
+A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed when every rank is done, so a directory without
+the ``.tmp`` suffix that holds ``state.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"step_{iteration:08d}"
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (None when there is none)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {path}")
+    return json.loads(path.read_text())
+
+
+def rng_state() -> dict:
+    """Global RNG states (the trainer draws from its own generators; these cover anything else)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def finalize(tmp: Path, final: Path) -> None:
+    """Move a finished ``.tmp`` checkpoint into place (rank 0, after the barrier)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

@@ -1,0 +1,479 @@
+"""The stateful DD2 trainer: stage 1 (GTS), stage 2 (FCS/CSD alternation), performance alignment.
+
+One ``Trainer`` per process (rank). It owns no parallelism: engines come from an ``EngineFactory`` (plain torch or
+DeepSpeed), metrics go to a ``MetricsLogger``, and the Ray layer hears about checkpoints through
+``checkpoint_hook(dir, step, metrics)``. Everything it needs to continue exactly is in its checkpoint (see
+:mod:`dd2dist.train.checkpoint`): every engine, the EMA, counters and phase, RNG and data-stream state.
+
+Iteration = one optimizer step of one engine, as the :class:`~dd2dist.method.schedule.Schedule` says. At every
+role switch the trainer sets each engine trainable or frozen and asserts it (``Engine.assert_mode``). Random draws
+come from generators seeded by (seed, rank, iteration, purpose). A non-finite loss on any rank makes every rank
+skip that step (``all_finite`` is collective); skips are counted and logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dd2dist.engine.base import Engine, all_finite
+from dd2dist.engine.factory import EngineFactory, OptimSpec
+from dd2dist.method.ema import EMA
+from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss
+from dd2dist.method.schedule import Phase, Role, Schedule, build_schedule, generator_warmup_steps
+from dd2dist.method.seeding import make_generator
+from dd2dist.nets.student import StudentNet
+from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.train import checkpoint as ckpt
+from dd2dist.train.metrics import MetricsLogger, NullLogger
+
+log = logging.getLogger("dd2dist.train")
+
+CHECKPOINT_VERSION = 1
+CheckpointHook = Callable[[Path, int, dict], None]
+
+
+@dataclass
+class TrainState:
+    """The trainer's counters (all of them go to ``state.json``)."""
+
+    iteration: int = 0  # iterations done over the whole run (skipped ones included)
+    phase_index: int = 0
+    phase_iter: int = 0  # iterations done in the current phase
+    phase_entered: bool = False  # the current phase's entry actions ran
+    skipped: dict[str, int] = field(default_factory=dict)  # non-finite steps skipped, per role
+    samples: int = 0  # sequences consumed over all ranks and roles
+
+
+def _group_of(phase: Phase) -> str:
+    """Phases sharing engines: stage 2, alignment and after-alignment use one generator/guidance pair."""
+    return {"gts_head": "stage1_head", "gts": "stage1"}.get(phase.kind, "stage2")
+
+
+class Trainer:
+    """Runs ``cfg.stages`` for one rank.
+
+    Args:
+        cfg: an :class:`dd2dist.config.ExperimentConfig`.
+        teacher: the frozen teacher, *not yet partitioned*: student nets are copied from it here, before it is
+            handed to ``engine_factory.teacher``; its codebook is copied once (the closed form needs it whole).
+        engine_factory: builds the engines (``TorchEngineFactory`` in one process).
+        logger: metrics sink (rank 0 gets a real one; pass ``NullLogger`` elsewhere). Default: NullLogger.
+        rank, world_size: this process's place in the process group (the factory owns the group).
+        data: stage-1 source when ``cfg.data.source == "shards"``: any iterable of batches, each a
+            ``dd2dist.data.TokenBatch`` (``.tokens`` ids (B, N), ``.cond()``) or a ``(tokens, labels)`` pair.
+            If it has ``state_dict()`` / ``load_state_dict()`` its position is checkpointed. ``None``: the teacher
+            is sampled online (seeded per step) with the distillation-target sampling.
+        checkpoint_hook: called on every rank after each checkpoint is complete.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        teacher: ARTeacher,
+        engine_factory: EngineFactory,
+        logger: MetricsLogger | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        data: Iterable | None = None,
+        checkpoint_hook: CheckpointHook | None = None,
+    ):
+        self.cfg = cfg
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.factory = engine_factory
+        self.device = torch.device(getattr(engine_factory, "device", "cpu"))
+        self.logger = logger or NullLogger()
+        self.checkpoint_hook = checkpoint_hook
+        self.schedule: Schedule = build_schedule(cfg)
+        self.sampling = cfg.teacher.sampling
+        if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
+            raise ValueError("data.source is 'shards' but no data iterable was given to the Trainer")
+        self.data = data if cfg.data.source == "shards" else None
+        self._data_iter = None
+        teacher.freeze()
+        self.num_classes = int(teacher.num_classes)
+        self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
+        self.codebook = teacher.codebook().detach().float().clone().to(self.device)
+        self._template = StudentNet(teacher, cfg.student).cpu()
+        self.teacher_engine = engine_factory.teacher(teacher)
+        self.teacher_engine.set_trainable(False)
+        self.state = TrainState()
+        self.engines: dict[str, Engine] = {}
+        self.engine_group: str | None = None
+        self.student_backbone = None  # the frozen backbone of the head-only phase
+        self.ema: EMA | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+    # engines per phase group
+    # ------------------------------------------------------------------------------------------------------
+    def _new_student(self, state: dict[str, Tensor] | None = None) -> StudentNet:
+        net = copy.deepcopy(self._template)
+        if state is not None:
+            net.load_state_dict(state)
+        return net
+
+    def _stage1_spec(self) -> OptimSpec:
+        s1 = self.cfg.stage1
+        return OptimSpec(lr=s1.lr, betas=tuple(s1.betas), weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
+                         lr_start=0.0, warmup_steps=s1.warmup_steps, grad_accum=self.cfg.engine.grad_accum)
+
+    def _stage2_specs(self) -> tuple[OptimSpec, OptimSpec]:
+        s2 = self.cfg.stage2
+        common = dict(betas=tuple(s2.betas), weight_decay=s2.weight_decay, grad_clip=s2.grad_clip,
+                      lr_start=s2.lr_start, grad_accum=self.cfg.engine.grad_accum)
+        gen = OptimSpec(lr=s2.generator_lr, warmup_steps=generator_warmup_steps(
+            s2.warmup_guidance_steps, s2.guidance_per_generator), **common)
+        # The paper gives the guidance net the same 1e-6 -> lr ramp; its length is not stated: we use the
+        # generator's length measured in guidance steps (warmup_guidance_steps).
+        gui = OptimSpec(lr=s2.guidance_lr, warmup_steps=s2.warmup_guidance_steps, **common)
+        return gen, gui
+
+    def _current_student_state(self) -> dict[str, Tensor] | None:
+        """Consolidated weights of the stage-1 student as it stands (None when no stage-1 engine exists)."""
+        if "student" in self.engines:
+            return self.engines["student"].full_state_dict()
+        if "student_head" in self.engines:
+            state = {k: v.clone() for k, v in self._template.state_dict().items()}
+            for k, v in self.engines["student_head"].full_state_dict().items():
+                state[f"head.{k}"] = v
+            return state
+        return None
+
+    def _build_engines(self, group: str, from_previous: bool) -> None:
+        """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced."""
+        init = self._current_student_state() if from_previous else None
+        if group == "stage2" and init is None:
+            log.warning("stage 2 starts without a stage-1 model in this run: generator and guidance are the "
+                        "teacher backbone + a zero head (method.md Tab.4: expect a much worse start)")
+        self.engines = {}
+        self.ema = None
+        self.student_backbone = None
+        if group == "stage1_head":
+            net = self._new_student(init).to(self.device)
+            self.student_backbone = net.backbone
+            self.student_backbone.eval().requires_grad_(False)
+            self.engines["student_head"] = self.factory.trainable("student_head", net.head, self._stage1_spec())
+            self._head_net = net
+        elif group == "stage1":
+            self.engines["student"] = self.factory.trainable("student", self._new_student(init), self._stage1_spec())
+        else:
+            gen_spec, gui_spec = self._stage2_specs()
+            self.engines["generator"] = self.factory.trainable("generator", self._new_student(init), gen_spec)
+            self.engines["guidance"] = self.factory.trainable("guidance", self._new_student(init), gui_spec)
+            s2 = self.cfg.stage2
+            self.ema = EMA(self.engines["generator"].local_param_tensors(), s2.ema_max, s2.ema_warmup)
+        for engine in self.engines.values():
+            engine.set_trainable(False)
+        self.engine_group = group
+
+    def _ensure_engines(self, phase: Phase) -> None:
+        group = _group_of(phase)
+        if group != self.engine_group:
+            self._build_engines(group, from_previous=self.engine_group is not None)
+
+    # ------------------------------------------------------------------------------------------------------
+    # modes
+    # ------------------------------------------------------------------------------------------------------
+    def _set_role(self, role: Role) -> None:
+        """Make exactly ``role``'s engine trainable, freeze the rest, and assert every net's mode."""
+        for name, engine in self.engines.items():
+            engine.set_trainable(name == role)
+        self.assert_modes(role)
+
+    def assert_modes(self, role: Role) -> None:
+        """Phase-switch check: ``role`` trains, every other net (teacher included) is eval + frozen."""
+        self.teacher_engine.assert_mode(False)
+        for name, engine in self.engines.items():
+            engine.assert_mode(name == role)
+        if self.student_backbone is not None:
+            flags = {p.requires_grad for p in self.student_backbone.parameters()}
+            if self.student_backbone.training or flags - {False}:
+                raise AssertionError("student backbone must be frozen (eval, no grad) during the head-only phase")
+
+    # ------------------------------------------------------------------------------------------------------
+    # batches
+    # ------------------------------------------------------------------------------------------------------
+    def _gen(self, purpose: str) -> torch.Generator:
+        return make_generator(self.cfg.seed, self.rank, self.state.iteration, purpose, self.device)
+
+    def _labels(self, batch: int, purpose: str) -> Tensor:
+        """Class labels of a stage-2 (or online stage-1) batch: balanced cycles or uniform draws."""
+        if self.num_classes <= 0:
+            raise ValueError("stage 2 / online sampling needs a class-conditional teacher (num_classes > 0); "
+                             "text-conditional distillation needs conditions from data (not supported yet)")
+        if self.cfg.data.label_mode == "balanced":
+            start = (self.state.iteration * self.world_size + self.rank) * batch
+            return (torch.arange(batch, device=self.device) + start) % self.num_classes
+        return torch.randint(self.num_classes, (batch,), generator=self._gen(purpose), device=self.device)
+
+    def _stage1_batch(self, micro: int) -> tuple[Tensor, Cond]:
+        """Clean teacher sequences (B, N, Ce) and their condition."""
+        if self.data is None:
+            B = self.cfg.stage1.batch_size
+            cond = Cond(labels=self._labels(B, f"s1/{micro}/labels"))
+            ids = self.teacher_engine.module.sample(cond, self.sampling, generator=self._gen(f"s1/{micro}/sample"))
+            ids = ids.clone()  # leave inference mode's tensor type behind
+        else:
+            if self._data_iter is None:
+                self._data_iter = iter(self.data)
+            try:
+                batch = next(self._data_iter)
+            except StopIteration as exc:
+                raise RuntimeError("the stage-1 data iterable ran out; pass an endless (resampled) stream") from exc
+            if hasattr(batch, "tokens"):
+                ids, cond = batch.tokens, batch.cond()
+            else:
+                ids, labels = batch
+                cond = Cond(labels=torch.as_tensor(labels))
+            ids, cond = ids.to(self.device).long(), cond.to(self.device)
+        if ids.shape[1:] != (self.num_tokens,):
+            raise ValueError(f"stage-1 batch tokens have shape {tuple(ids.shape)}, expected (B, {self.num_tokens})")
+        return self.codebook[ids], cond
+
+    def _stage2_noise_and_cond(self, micro: int, purpose: str) -> tuple[Tensor, Cond]:
+        B = self.cfg.stage2.batch_size
+        cond = Cond(labels=self._labels(B, f"{purpose}/{micro}/labels"))
+        eps = torch.randn((B, self.num_tokens, self.embed_dim), generator=self._gen(f"{purpose}/{micro}/eps"),
+                          device=self.device)
+        return eps, cond
+
+    # ------------------------------------------------------------------------------------------------------
+    # one iteration
+    # ------------------------------------------------------------------------------------------------------
+    def _loss(self, role: Role, micro: int) -> tuple[Tensor, dict[str, Tensor], int]:
+        cfg, s2 = self.cfg, self.cfg.stage2
+        teacher = self.teacher_engine.module
+        if role in ("student_head", "student"):
+            x0, cond = self._stage1_batch(micro)
+            net = self._head_net if role == "student_head" else self.engines["student"].module
+            loss, m = gts_loss(net, teacher, self.codebook, x0, cond, self.sampling, self._gen(f"gts/{micro}"),
+                               t_min=cfg.stage1.t_min)
+            return loss, m, x0.shape[0]
+        generator = self.engines["generator"].module
+        guidance = self.engines["guidance"].module
+        eps, cond = self._stage2_noise_and_cond(micro, role)
+        if role == "guidance":
+            with torch.no_grad():
+                q = generator.generate(eps, cond)
+            loss, m = fcs_loss(guidance, q, cond, self._gen(f"fcs/{micro}"), num_samples=s2.fcs_samples,
+                               t_min=s2.fcs_t_min)
+            return loss, m, eps.shape[0]
+        q = generator.generate(eps, cond)
+        loss, m = csd_loss(q, teacher, guidance, self.codebook, cond, self.sampling, self._gen(f"csd/{micro}"),
+                           kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max)
+        return loss, m, eps.shape[0]
+
+    def _iteration(self, phase: Phase) -> dict[str, float]:
+        role = phase.role_at(self.state.phase_iter)
+        self._set_role(role)
+        engine = self.engines[role]
+        t0 = time.perf_counter()
+        finite, batch, extras = True, 0, {}
+        for micro in range(self.cfg.engine.grad_accum):
+            loss, m, b = self._loss(role, micro)
+            batch += b
+            if not all_finite(loss):
+                finite = False
+                break
+            engine.backward(loss)
+            extras = m
+        stats = engine.step() if finite else engine.skip_step()
+        if stats.skipped:
+            self.state.skipped[role] = self.state.skipped.get(role, 0) + 1
+        elif role == "generator":
+            self.ema.update(self.engines["generator"].local_param_tensors())
+        engine.set_trainable(False)
+        dt = time.perf_counter() - t0
+        self.state.samples += batch * self.world_size
+        metrics = {f"{role}/{k}": float(v) for k, v in extras.items()}
+        metrics.update({
+            f"{role}/grad_norm": stats.grad_norm, f"{role}/lr": stats.lr, f"{role}/skipped": float(stats.skipped),
+            f"{role}/optimizer_steps": float(engine.optimizer_steps), "step_time_s": dt,
+            "samples_per_s": batch * self.world_size / max(dt, 1e-9), "phase_index": float(self.state.phase_index),
+            "skipped_total": float(sum(self.state.skipped.values())),
+        })
+        if phase.kind == "alternate":
+            metrics["K"] = float(phase.guidance_per_generator)
+        if self.ema is not None:
+            metrics["ema/updates"] = float(self.ema.updates)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def phase(self) -> Phase | None:
+        i = self.state.phase_index
+        return self.schedule.phases[i] if i < len(self.schedule.phases) else None
+
+    @property
+    def done(self) -> bool:
+        return self.phase is None
+
+    def _enter_phase(self, phase: Phase) -> None:
+        self._ensure_engines(phase)
+        if not self.state.phase_entered:
+            if phase.ema_to_generator_on_entry:
+                # performance alignment (i): the generator continues from its EMA weights
+                self.ema.copy_to(self.engines["generator"].local_param_tensors())
+            self.state.phase_entered = True
+            self.logger.set_tags({"phase": phase.name, "stage": phase.stage})
+        for role in phase.roles:
+            self._set_role(role)
+        for engine in self.engines.values():
+            engine.set_trainable(False)
+
+    def fit(
+        self,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        max_iterations: int | None = None,
+    ) -> dict[str, float]:
+        """Run (or continue) the schedule. Checkpoints every ``checkpoint_every`` iterations and at the end when
+        ``checkpoint_dir`` is set. ``max_iterations`` stops early at that global iteration (for tests / budgets).
+        Returns the last logged metrics."""
+        every = checkpoint_every or self.cfg.launch.checkpoint_every
+        log_every = self.cfg.tracking.log_every
+        while not self.done:
+            phase = self.phase
+            if max_iterations is not None and self.state.iteration >= max_iterations:
+                break
+            self._enter_phase(phase)
+            if self.state.phase_iter >= phase.iterations:
+                self.state.phase_index += 1
+                self.state.phase_iter = 0
+                self.state.phase_entered = False
+                continue
+            metrics = self._iteration(phase)
+            self.state.iteration += 1
+            self.state.phase_iter += 1
+            self.last_metrics = metrics
+            if self.state.iteration % log_every == 0:
+                self.logger.log_metrics(metrics, self.state.iteration)
+            if checkpoint_dir is not None and self.state.iteration % every == 0:
+                self.save(checkpoint_dir)
+        if checkpoint_dir is not None:
+            latest = ckpt.latest_checkpoint(checkpoint_dir)
+            if latest is None or latest != ckpt.step_dir(checkpoint_dir, self.state.iteration):
+                self.save(checkpoint_dir)
+        if self.last_metrics:
+            self.logger.log_metrics(self.last_metrics, self.state.iteration)
+        return self.last_metrics
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------
+    def save(self, root: str | Path) -> Path:
+        """Write a complete checkpoint of this run under ``root/step_XXXXXXXX`` (every rank calls this)."""
+        final = ckpt.step_dir(root, self.state.iteration)
+        tmp = final.with_name(final.name + ".tmp")
+        for name, engine in self.engines.items():
+            engine.save(tmp / "engines" / name)
+        if self.ema is not None:
+            (tmp / "ema").mkdir(parents=True, exist_ok=True)
+            torch.save(self.ema.state_dict(), tmp / "ema" / f"rank{self.rank}.pt")
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt.rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
+        if self.data is not None and hasattr(self.data, "state_dict"):
+            ckpt.write_json(tmp / "data" / f"rank{self.rank}.json", self.data.state_dict())
+        if self.rank == 0:
+            ckpt.write_json(tmp / ckpt.STATE_FILE, {
+                "version": CHECKPOINT_VERSION, **asdict(self.state), "engine_group": self.engine_group,
+                "engines": sorted(self.engines), "phase": self.phase.name if self.phase else None,
+                "phases": [p.name for p in self.schedule.phases], "world_size": self.world_size,
+                "seed": self.cfg.seed,
+            })
+        self.factory.barrier()
+        if self.rank == 0:
+            ckpt.finalize(tmp, final)
+        self.factory.barrier()
+        if self.checkpoint_hook is not None:
+            self.checkpoint_hook(final, self.state.iteration, dict(self.last_metrics))
+        return final
+
+    def load(self, directory: str | Path) -> None:
+        """Restore everything :meth:`save` wrote (same world size, same schedule)."""
+        directory = Path(directory)
+        meta = ckpt.read_json(directory / ckpt.STATE_FILE)
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{directory}: checkpoint version {meta.get('version')} != {CHECKPOINT_VERSION}")
+        if meta["world_size"] != self.world_size:
+            raise ValueError(f"{directory}: saved with world_size {meta['world_size']}, running {self.world_size}")
+        phases = [p.name for p in self.schedule.phases]
+        if meta["phases"] != phases:
+            raise ValueError(f"{directory}: saved for phases {meta['phases']}, this config has {phases}")
+        self.state = TrainState(**{k: meta[k] for k in asdict(TrainState()).keys()})
+        self.engine_group = None
+        self.engines = {}
+        if meta["engine_group"] is not None:
+            self._build_engines(meta["engine_group"], from_previous=False)
+            for name, engine in self.engines.items():
+                engine.load(directory / "engines" / name)
+            if self.ema is not None:
+                self.ema.load_state_dict(torch.load(directory / "ema" / f"rank{self.rank}.pt",
+                                                    map_location="cpu", weights_only=False))
+        ckpt.set_rng_state(torch.load(directory / "rng" / f"rank{self.rank}.pt", weights_only=False))
+        data_state = directory / "data" / f"rank{self.rank}.json"
+        if self.data is not None and hasattr(self.data, "load_state_dict") and data_state.is_file():
+            self.data.load_state_dict(ckpt.read_json(data_state))
+        self._data_iter = None
+
+    def resume_latest(self, root: str | Path) -> Path | None:
+        """Load the newest complete checkpoint under ``root``; returns it (None when there is none)."""
+        latest = ckpt.latest_checkpoint(root)
+        if latest is not None:
+            self.load(latest)
+        return latest
+
+    # ------------------------------------------------------------------------------------------------------
+    # export
+    # ------------------------------------------------------------------------------------------------------
+    def generator_state_dict(self, use_ema: bool = True) -> dict[str, Tensor]:
+        """Consolidated generator weights, by default the EMA ones (collective under ZeRO-3: every rank calls)."""
+        engine = self.engines.get("generator")
+        if engine is None:
+            raise RuntimeError("no generator yet: stage 2 has not started")
+        if not use_ema:
+            return engine.full_state_dict()
+        local = engine.local_param_tensors()
+        raw = [t.detach().clone() for t in local]
+        self.ema.copy_to(local)
+        try:
+            return engine.full_state_dict()
+        finally:
+            with torch.no_grad():
+                for t, r in zip(local, raw):
+                    t.copy_(r)
+
+    def export_generator(self, directory: str | Path, use_ema: bool = True) -> Path:
+        """Write ``generator.safetensors`` (EMA weights) + ``config.yaml`` for :func:`dd2dist.eval.load_generator`.
+
+        Collective (every rank calls); rank 0 writes. Returns the safetensors path.
+        """
+        from safetensors.torch import save_file
+
+        from dd2dist.config import dump_yaml
+
+        state = self.generator_state_dict(use_ema)
+        directory = Path(directory)
+        path = directory / "generator.safetensors"
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            dump_yaml(self.cfg, directory / "config.yaml")
+        self.factory.barrier()
+        return path
+
+    def progress(self) -> dict[str, float]:
+        """Counters for progress bars: iteration, total iterations, phase."""
+        return {"iteration": self.state.iteration, "total": self.schedule.total_iterations,
+                "phase_index": self.state.phase_index,
+                "fraction": self.state.iteration / max(1, self.schedule.total_iterations)}
