@@ -74,7 +74,9 @@ def load_reference_npz(path: str) -> dict[str, np.ndarray]:
         if img_key is not None:
             imgs = npz[img_key]
             if imgs.dtype != np.uint8 or imgs.ndim != 4:
-                raise ValueError(f"{path}: {img_key!r} must be uint8 (N, H, W, 3) images, got {imgs.dtype} {imgs.shape}")
+                raise ValueError(
+                    f"{path}: {img_key!r} must be uint8 (N, H, W, 3) images, got {imgs.dtype} {imgs.shape}"
+                )
             if imgs.shape[-1] == 3 and imgs.shape[1] != 3:
                 imgs = imgs.transpose(0, 3, 1, 2)
             out["images"] = np.ascontiguousarray(imgs)
@@ -86,7 +88,9 @@ def load_reference_npz(path: str) -> dict[str, np.ndarray]:
                 raise ValueError(f"{path}: 'mu' must be (D,) and 'sigma' (D, D), got {mu.shape} and {sigma.shape}")
             out["mu"], out["sigma"] = mu, sigma
     if not out:
-        raise ValueError(f"{path}: no reference data: expected 'arr_0' (images) and/or 'mu' + 'sigma'; has {sorted(keys)}")
+        raise ValueError(
+            f"{path}: no reference data: expected 'arr_0' (images) and/or 'mu' + 'sigma'; has {sorted(keys)}"
+        )
     return out
 
 
