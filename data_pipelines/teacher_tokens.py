@@ -127,7 +127,7 @@ class TokenSampler:
             for b in blocks:
                 y = labels[b]
                 gen = torch.Generator(self.device).manual_seed(block_seed(seed, b))
-                cond = Cond(labels=torch.as_tensor(y, dtype=torch.long, device=self.device))
+                cond = Cond(labels=torch.tensor(y, dtype=torch.long, device=self.device))
                 ids = self.teacher.sample(cond, self.sampling, gen).cpu().numpy()
                 for j in range(len(y)):
                     i = b * batch_size + j
