@@ -28,7 +28,6 @@ code vectors.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 
 from torch import Tensor, nn
@@ -59,18 +58,13 @@ def _llamagen_mlp_backbone(teacher: ARTeacher, regress_steps: int, regress_lr: f
     """A LlamaGen copy with the ``mlp`` input adapter (see the module docstring)."""
     if teacher.cfg.input_adapter == "mlp":
         return copy.deepcopy(teacher)
-    from dd2dist.teachers.adapt import regress_input_mlp
-    from dd2dist.teachers.llamagen import LlamaGenTeacher
+    from dd2dist.teachers.adapt import regress_input_mlp, with_mlp_adapter
 
-    backbone = LlamaGenTeacher(dataclasses.replace(teacher.cfg, input_adapter="mlp"))
-    backbone = backbone.to(device=next(teacher.parameters()).device)
-    missing, unexpected = backbone.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("gpt.input_mlp.") for k in missing):
-        raise ValueError(f"cannot copy the LlamaGen teacher into an mlp-adapter student: missing {missing}, "
-                         f"unexpected {unexpected}")
+    backbone = with_mlp_adapter(teacher)
     backbone.requires_grad_(True)
-    rel_err = regress_input_mlp(backbone, steps=regress_steps, lr=regress_lr)
-    log.info("student: LlamaGen input_mlp regressed onto tok_embeddings, relative error %.3g", rel_err)
+    if regress_steps > 0:  # 0: weights are about to be loaded from a checkpoint anyway
+        rel_err = regress_input_mlp(backbone, steps=regress_steps, lr=regress_lr)
+        log.info("student: LlamaGen input_mlp regressed onto tok_embeddings, relative error %.3g", rel_err)
     return backbone
 
 
@@ -98,13 +92,14 @@ class StudentNet(nn.Module):
         teacher: the (unpartitioned) teacher to copy; it is not modified.
         student_cfg: a :class:`dd2dist.config.schema.StudentConfig` (head_width, head_depth, time_embed_dim,
             generator_time, and the LlamaGen adapter-regression settings when present).
+        init_adapter: False skips the LlamaGen input-MLP regression (when weights are loaded right after).
     """
 
-    def __init__(self, teacher: ARTeacher, student_cfg):
+    def __init__(self, teacher: ARTeacher, student_cfg, init_adapter: bool = True):
         super().__init__()
         self.backbone = student_backbone(
             teacher,
-            regress_steps=getattr(student_cfg, "adapter_regress_steps", 500),
+            regress_steps=getattr(student_cfg, "adapter_regress_steps", 200) if init_adapter else 0,
             regress_lr=getattr(student_cfg, "adapter_regress_lr", 1e-3),
         )
         self.head = MLPHead(
