@@ -57,6 +57,7 @@ def host_header_status(url: str, host: str) -> int:
         return err.code
 
 
+@pytest.mark.slow  # 10 s alone, 25 s when the 2 cores are shared (the server's cold start)
 @pytest.mark.integration
 def test_log_and_read_back_over_http(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
