@@ -176,3 +176,11 @@ def test_schema_catches(rendered: dict, description: str, mutate, expected: str)
 def test_schema_checks_the_ray_version(rendered: dict) -> None:
     problems = validate(rendered["cpu-smoke"], ray_version="0.0.1")
     assert any("differs from the installed ray 0.0.1" in p for p in problems)
+
+
+def test_render_errors_name_the_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no kustomization.yaml"):
+        render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("resources:\n  - missing.yaml\n")
+    with pytest.raises(RuntimeError, match=f"kustomize failed on {tmp_path}"):
+        render(tmp_path)
