@@ -46,6 +46,7 @@ def one_worker(ray_session, tmp_path_factory, label_file):
     return out, manifest
 
 
+@pytest.mark.slow  # ~10-25 s with the Ray actors
 def test_two_workers_give_the_same_samples(one_worker, tmp_path, label_file):
     out1, manifest1 = one_worker
     out2 = tmp_path / "pc2"
@@ -76,6 +77,7 @@ def test_two_workers_give_the_same_samples(one_worker, tmp_path, label_file):
     assert report["ok"] and report["samples"] == N and report["label_histogram"] == manifest2["label_histogram"]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(one_worker, tmp_path, label_file):
     out1, _ = one_worker
     out = tmp_path / "resumed"
@@ -112,3 +114,38 @@ def test_balanced_labels_and_label_file_errors(tmp_path):
         load_label_file(str(bad), 2, 10)
     with pytest.raises(ValueError, match="fewer"):
         load_label_file(str(bad), 3, 100)
+
+
+def test_training_stream_reads_precomputed_shards(one_worker):
+    import dataclasses
+
+    from dd2dist.data.stream import stream_from_config
+
+    out, _ = one_worker
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="shards", shards=str(out), batch_size=5))
+    stream = stream_from_config(cfg, rank=0, world_size=1, num_tokens=21)
+    it = iter(stream)
+    batch = next(it)
+    assert batch.tokens.shape == (5, 21) and stream.metrics()["data/shards_refused"] == 0
+    # A config whose teacher differs (here: another init seed for the random tiny teacher) refuses every shard.
+    other = stream_from_config(dataclasses.replace(cfg, seed=1))
+    with pytest.raises(RuntimeError, match="no usable sample") as e:
+        next(iter(other))
+    assert "'data/shards_refused': 16" in str(e.value)  # the counters of the failing chunk are in the message
+
+
+def test_precompute_job_command_line(ray_session, tmp_path, capsys):
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("precompute_job", repo / "jobs/precompute_teacher_tokens.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--num-samples", "12", "--output", str(tmp_path), "--workers", "2", "--batch-size", "4",
+                     "--set", "teacher.family=llamagen", "--set", "teacher.sampling.top_k=8"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_samples"] == 12 and summary["settings"]["sampling"]["top_k"] == 8
+    assert summary["teacher_id"].startswith("llamagen-own-")
+    report = validate_dir(tmp_path)
+    assert report["ok"] and report["samples"] == 12

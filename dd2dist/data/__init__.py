@@ -5,6 +5,7 @@ One sample of a token shard (``architecture.md`` §3) is a group of tar members 
 ``text.f16`` + ``text_mask.u8``) and ``meta.json``. See :mod:`dd2dist.data.schema`.
 """
 
+from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
 from dd2dist.data.schema import (
     SCHEMA_VERSION,
     SampleError,
@@ -15,11 +16,11 @@ from dd2dist.data.schema import (
     encode_sample,
 )
 from dd2dist.data.stats import DataStats
-from dd2dist.data.stream import StreamState, TokenBatch, TokenStream, list_shards
+from dd2dist.data.stream import StreamState, TokenBatch, TokenStream, list_shards, stream_from_config
 from dd2dist.data.writer import TokenShardWriter, write_index
 
 __all__ = [
     "SCHEMA_VERSION", "SampleError", "ShardSpec", "TeacherMismatch", "TokenSample", "decode_sample",
     "encode_sample", "DataStats", "StreamState", "TokenBatch", "TokenStream", "list_shards", "TokenShardWriter",
-    "write_index",
+    "write_index", "stream_from_config", "teacher_id", "teacher_spec", "build_seeded_teacher",
 ]

@@ -359,3 +359,21 @@ class TokenStream:
     def metrics(self) -> dict[str, int]:
         """Counters for the metrics logger (``data/samples``, ``data/samples_skipped``, ``data/shards_corrupt``...)."""
         return self.stats.as_dict()
+
+
+def stream_from_config(cfg, rank: int = 0, world_size: int = 1, num_tokens: int | None = None) -> TokenStream:
+    """The training stream of an :class:`~dd2dist.config.ExperimentConfig` (``data.source == "shards"``).
+
+    Shards of any other teacher than ``cfg.teacher`` are refused (:func:`dd2dist.data.identity.teacher_id`);
+    pass the teacher's ``num_tokens`` to refuse shards of another token layout too.
+    """
+    from dd2dist.data.identity import teacher_id
+
+    data = cfg.data
+    if not data.shards:
+        raise ValueError("data.shards must name the teacher-token shards when data.source is 'shards'")
+    expect = {"teacher_id": teacher_id(cfg.teacher, cfg.seed), "num_tokens": num_tokens}
+    return TokenStream(
+        data.shards, data.batch_size, seed=cfg.seed, rank=rank, world_size=world_size, expect=expect,
+        shuffle_buffer=data.shuffle_buffer, num_workers=data.num_loader_workers,
+    )
