@@ -6,12 +6,17 @@ runs a block does not matter, so the output is the same for any number of worker
 would need batch-1 sampling, far too slow for the real teachers). Sample ``i`` has key ``s<i:09d>``; its label
 is ``labels[i]`` from a label-list file, or class-balanced: indices are taken in groups of ``num_classes``,
 each group a seeded permutation of all classes (balanced to within one for any count, and independent of it).
+Bit-identical output additionally needs the same device type and torch build (CPU and CUDA kernels differ).
+The teacher runs in fp32 (``teacher.dtype`` is not applied here).
 
 Resume: workers write complete shards only (``.tar.tmp`` renamed when done, then its ``.idx``); a rerun with
 the same settings lists the keys already present from the ``.idx`` files, deletes stale ``.tmp`` files,
 regenerates only the blocks with missing keys and writes only the missing samples. ``manifest.json`` is written
 first (``complete: false``, with the settings a resume must match) and rewritten at the end with the counts,
 the label histogram and a check that every key ``0..N-1`` is present exactly once.
+
+Ray: with ``RAY_ADDRESS`` set the actors run on that cluster, and ``output`` must then be storage that every
+node sees at the same path (the workers write their shards directly).
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """DALI image pipeline vs the PIL reference, image shards, and real-image tokenisation into token shards."""
 
+import importlib.util
+import io
+import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +65,7 @@ def test_image_shards_layout(image_shards):
         assert names == ["img000000002.cond.cls", "img000000002.label.i64", "img000000002.png",
                          "img000000003.cond.cls", "img000000003.label.i64", "img000000003.png"]
         png = tf.extractfile("img000000002.png").read()
-    np.testing.assert_array_equal(np.asarray(Image.open(__import__("io").BytesIO(png))), photos[2])  # lossless
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), photos[2])  # lossless
     with pytest.raises(ValueError, match="labels"):
         write_image_shards(d / "x", photos, labels[:2])
 
@@ -106,3 +110,18 @@ def test_tokenize_images_writes_real_token_shards(image_shards, tmp_path):
         assert torch.equal(teacher.encode(dali_in), batch.tokens)
     with pytest.raises(FileExistsError):
         tokenize_images(cfg, str(d / "png-*.tar"), out, device="cpu")
+
+
+def test_tokenize_job_command_line(image_shards, tmp_path, capsys):
+    d, _, _, _ = image_shards
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tokenize_job", repo / "jobs/tokenize_images.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "llamagen_tokens"
+    assert job.main(["--images", str(d / "jpg-*.tar"), "--output", str(out), "--device", "cpu", "--threads", "1",
+                     "--image-size", "16", "--set", "teacher.family=llamagen"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_samples"] == 5 and summary["teacher_id"].startswith("llamagen-own-")
+    report = validate_dir(out)
+    assert report["ok"] and report["label_histogram"] == {"1": 2, "3": 1, "4": 1, "5": 1}

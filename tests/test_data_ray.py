@@ -1,5 +1,6 @@
 """Teacher-token precompute on Ray: same output for 1 and 2 workers, resume after an interruption, manifest."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -136,8 +137,6 @@ def test_training_stream_reads_precomputed_shards(one_worker):
 
 
 def test_precompute_job_command_line(ray_session, tmp_path, capsys):
-    import importlib.util
-
     repo = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("precompute_job", repo / "jobs/precompute_teacher_tokens.py")
     job = importlib.util.module_from_spec(spec)
