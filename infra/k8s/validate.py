@@ -339,11 +339,9 @@ class Checker:
         names = [g.get("groupName") for g in groups]
         if len(set(names)) != len(names) or not all(isinstance(n, str) and DNS_LABEL.fullmatch(n) for n in names):
             self.fail(where, f"{path}.workerGroupSpecs group names must be unique DNS labels, got {names}")
-        storage_claims = {v["persistentVolumeClaim"]["claimName"]: None for v in head["volumes"].values()
-                          if "persistentVolumeClaim" in v}
-        head_storage = {p: head["volumes"].get(n, {}).get("persistentVolumeClaim", {}).get("claimName")
-                        for p, n in head["mounts"].items()}
-        if not storage_claims:
+        # mountPath -> PVC claim, for the Ray container's mounts that come from a PVC (the shared storage).
+        head_storage = self.pvc_mounts(head)
+        if not head_storage:
             self.fail(where, f"{path}.headGroupSpec mounts no PersistentVolumeClaim (shared run storage)")
         for i, group in enumerate(groups):
             gpath = f"{path}.workerGroupSpecs[{i}]"
@@ -351,11 +349,17 @@ class Checker:
             counts = [group.get(k) for k in ("minReplicas", "replicas", "maxReplicas")]
             if not all(isinstance(c, int) and c >= 0 for c in counts) or not counts[0] <= counts[1] <= counts[2]:
                 self.fail(where, f"{gpath}: need ints minReplicas <= replicas <= maxReplicas, got {counts}")
-            worker_storage = {p: worker["volumes"].get(n, {}).get("persistentVolumeClaim", {}).get("claimName")
-                              for p, n in worker["mounts"].items()}
-            shared = {p: c for p, c in head_storage.items() if c}
-            if {p: c for p, c in worker_storage.items() if c} != shared:
-                self.fail(where, f"{gpath}: shared storage mounts {worker_storage} differ from the head's {shared}")
+            worker_storage = self.pvc_mounts(worker)
+            if worker_storage != head_storage:
+                self.fail(where, f"{gpath}: shared storage mounts {worker_storage} differ from the head's "
+                                 f"{head_storage}")
+
+    @staticmethod
+    def pvc_mounts(pod: dict[str, Any]) -> dict[str, str]:
+        """mountPath -> claimName of the Ray container's PVC-backed mounts (from :meth:`ray_pod`'s result)."""
+        claims = {name: (vol.get("persistentVolumeClaim") or {}).get("claimName")
+                  for name, vol in pod["volumes"].items()}
+        return {path: claims[name] for path, name in pod["mounts"].items() if claims.get(name)}
 
     def check_RayCluster(self, where: str, doc: dict[str, Any]) -> None:
         self.cluster_spec(where, "spec", doc.get("spec"))
@@ -386,14 +390,15 @@ class Checker:
             self.fail(where, f"spec.entrypoint needs --config configs/<...>.yaml, got {entrypoint!r}")
         output = words[words.index("--output") + 1] if "--output" in words[:-1] else None
         if cluster is not None:
-            head = (cluster.get("spec") or {}).get("headGroupSpec", {}).get("template", {}).get("spec", {})
-            mounts = [m.get("mountPath") for c in head.get("containers", [])[:1] for m in c.get("volumeMounts", [])]
-            claims = {v.get("name") for v in head.get("volumes", []) if "persistentVolumeClaim" in v}
-            shared = [m.get("mountPath") for c in head.get("containers", [])[:1]
-                      for m in c.get("volumeMounts", []) if m.get("name") in claims]
+            head_group = (cluster.get("spec") or {}).get("headGroupSpec") or {}
+            head_spec = (head_group.get("template") or {}).get("spec") or {}
+            ray = (head_spec.get("containers") or [{}])[0]
+            shared = self.pvc_mounts({
+                "volumes": {v.get("name"): v for v in head_spec.get("volumes") or []},
+                "mounts": {m.get("mountPath"): m.get("name") for m in ray.get("volumeMounts") or []},
+            })
             if not output or not any(output.startswith(p.rstrip("/") + "/") for p in shared):
-                self.fail(where, f"spec.entrypoint --output {output!r} is not on the shared storage {shared} "
-                                 f"(mounts: {mounts})")
+                self.fail(where, f"spec.entrypoint --output {output!r} is not on the shared storage {sorted(shared)}")
         if spec.get("shutdownAfterJobFinishes") and selector:
             self.fail(where, "shutdownAfterJobFinishes cannot be used with clusterSelector")
 
