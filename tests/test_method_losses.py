@@ -1,0 +1,187 @@
+"""GTS / FCS / CSD: values against independent computations, and where gradients flow."""
+
+import pytest
+import torch
+
+from dd2dist.config.schema import StudentConfig
+from dd2dist.latent import posterior
+from dd2dist.method import csd_loss, fcs_loss, gts_loss
+from dd2dist.nets import StudentNet
+from dd2dist.teachers import VARConfig, build_family
+from dd2dist.teachers.base import Cond, Sampling
+
+CFG = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4)
+SAMPLING = Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=20)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    teacher = build_family("var", var=CFG).freeze()
+    student_cfg = StudentConfig(head_width=16, head_depth=1, time_embed_dim=8)
+    gen = StudentNet(teacher, student_cfg)
+    gui = StudentNet(teacher, student_cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial heads so every path carries signal
+        for net in (gen, gui):
+            for p in net.head.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    return teacher, gen, gui
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_gts_zero_head_loss_is_teacher_velocity_power(setup):
+    teacher, _, _ = setup
+    fresh = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    cond = Cond(labels=torch.tensor([0, 1, 2]))
+    ids = teacher.sample(cond, SAMPLING, generator=_g(5)).clone()
+    x0 = teacher.embed(ids)
+    loss, _ = gts_loss(fresh, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(7), t_min=0.1)
+    # independent: redraw t then eps from the same seed, closed-form velocity, zero prediction
+    g = _g(7)
+    t = 0.1 + 0.9 * torch.rand(3, teacher.num_tokens, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    xt = (1 - t[..., None]) * x0 + t[..., None] * eps
+    lp = teacher.log_probs(x0, cond, SAMPLING)
+    v = posterior(lp, teacher.codebook(), xt, t).velocity
+    assert torch.allclose(loss, v.pow(2).mean(), rtol=1e-5)
+
+
+def test_gts_gradient_reaches_student_not_teacher(setup):
+    teacher, gen, _ = setup
+    cond = Cond(labels=torch.tensor([0, 3]))
+    x0 = teacher.embed(teacher.sample(cond, SAMPLING, generator=_g(1)).clone())
+    gen.zero_grad(set_to_none=True)
+    loss, _ = gts_loss(gen, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(2))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert gen.head.final.linear.weight.grad.abs().sum() > 0
+    assert gen.backbone.transformer.blocks[0].attn.mat_qkv.weight.grad.abs().sum() > 0
+
+
+def test_fcs_target_is_eps_minus_q(setup):
+    teacher, _, _ = setup
+    fresh = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    cond = Cond(labels=torch.tensor([1, 2]))
+    loss, _ = fcs_loss(fresh, q, cond, _g(3), num_samples=3, t_min=0.05)
+    g = _g(3)
+    torch.rand(3, 2, teacher.num_tokens, generator=g)  # the times come first
+    eps = torch.randn(3, *q.shape, generator=g)
+    assert torch.allclose(loss, (eps - q).pow(2).mean(), rtol=1e-6)
+
+
+def test_fcs_gradient_only_to_guidance(setup):
+    teacher, gen, gui = setup
+    cond = Cond(labels=torch.tensor([1, 2]))
+    q = gen.generate(torch.randn(2, teacher.num_tokens, teacher.embed_dim), cond)
+    gen.zero_grad(set_to_none=True)
+    gui.zero_grad(set_to_none=True)
+    loss, _ = fcs_loss(gui, q, cond, _g(4))
+    loss.backward()
+    assert all(p.grad is None for p in gen.parameters()), "FCS must not reach the generator (q is detached)"
+    assert gui.head.final.linear.weight.grad.abs().sum() > 0
+    assert gui.backbone.transformer.word_embed.weight.grad.abs().sum() > 0
+
+
+def _frozen(net):
+    net.eval().requires_grad_(False)
+    net.zero_grad(set_to_none=True)
+    return net
+
+
+@pytest.mark.parametrize("kind", ["sid", "dmd"])
+def test_csd_gradient_flow(setup, kind):
+    """No gradient reaches the teacher or ψ's parameters; the prefix passes run without grad on sg(q); every
+    position of the generator output receives gradient."""
+    teacher, gen, gui = setup
+    _frozen(gui)
+    seen = []
+    orig_lp, orig_feat = teacher.log_probs, gui.features
+
+    def spy_lp(x, cond, sampling=None):
+        seen.append(("teacher", torch.is_grad_enabled(), x.requires_grad))
+        return orig_lp(x, cond, sampling)
+
+    def spy_feat(x, cond):
+        seen.append(("psi", torch.is_grad_enabled(), x.requires_grad))
+        return orig_feat(x, cond)
+
+    teacher.log_probs, gui.features = spy_lp, spy_feat
+    try:
+        cond = Cond(labels=torch.tensor([0, 1, 2, 3]))
+        q = torch.randn(4, teacher.num_tokens, teacher.embed_dim, requires_grad=True)
+        loss, m = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(9), kind=kind)
+        loss.backward()
+    finally:
+        del teacher.log_probs, gui.features
+    assert seen == [("teacher", False, False), ("psi", False, False)]
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in gui.parameters())
+    per_pos = q.grad.abs().sum(-1)
+    assert (per_pos > 0).all(), f"{kind}: some positions get no generator gradient"
+    assert torch.isfinite(loss) and m["w"] > 0
+
+
+def test_csd_reaches_generator_parameters_at_every_position(setup):
+    teacher, gen, gui = setup
+    _frozen(gui)
+    gen.train().requires_grad_(True)
+    cond = Cond(labels=torch.tensor([0, 3]))
+    eps = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    q = gen.generate(eps, cond)
+    q.retain_grad()
+    gen.zero_grad(set_to_none=True)
+    loss, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(11))
+    loss.backward()
+    assert (q.grad.abs().sum(-1) > 0).all()
+    assert gen.head.final.linear.weight.grad.abs().sum() > 0
+    assert gen.backbone.transformer.blocks[0].ffn.fc1.weight.grad.abs().sum() > 0
+
+
+def _reference_x0s(q, teacher, gui, cond, seed, t_min=0.02, t_max=0.96):
+    g = _g(seed)
+    t = t_min + (t_max - t_min) * torch.rand(q.shape[:2], generator=g)
+    eps = torch.randn(q.shape, generator=g)
+    xt = (1 - t[..., None]) * q + t[..., None] * eps
+    lp = teacher.log_probs(q.detach(), cond, SAMPLING)
+    x0_real = posterior(lp, teacher.codebook(), xt, t).x0
+    x0_fake = xt - t[..., None] * gui.velocity(xt, t, gui.features(q.detach(), cond))
+    return x0_real, x0_fake
+
+
+def test_csd_sid_value_matches_formula(setup):
+    teacher, _, gui = setup
+    _frozen(gui)
+    cond = Cond(labels=torch.tensor([1, 3]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    for alpha in (1.0, 0.5):
+        loss, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), alpha=alpha)
+        xr, xf = _reference_x0s(q, teacher, gui, cond, 13)
+        w = (q - xr).abs().mean(dim=(1, 2))
+        ref = (((xr - xf) * ((xr - q) - alpha * (xr - xf))).sum(-1) / w[:, None]).mean()
+        assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_csd_dmd_gradient_is_score_difference(setup):
+    teacher, _, gui = setup
+    _frozen(gui)
+    cond = Cond(labels=torch.tensor([2, 0]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim, requires_grad=True)
+    loss, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(17), kind="dmd")
+    loss.backward()
+    with torch.no_grad():
+        xr, xf = _reference_x0s(q.detach(), teacher, gui, cond, 17)
+        w = (q - xr).abs().mean(dim=(1, 2), keepdim=True)
+        expected = (xf - xr) / w / (q.shape[0] * q.shape[1])
+    assert torch.allclose(q.grad, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_csd_rejects_unknown_kind(setup):
+    teacher, _, gui = setup
+    q = torch.randn(1, teacher.num_tokens, teacher.embed_dim)
+    with pytest.raises(ValueError, match="csd_loss"):
+        csd_loss(q, teacher, gui, teacher.codebook(), Cond(labels=torch.tensor([0])), SAMPLING, _g(), kind="kl")

@@ -1,0 +1,111 @@
+"""Student nets: zero-init head, what is copied/dropped/frozen, generator causality, the LlamaGen mlp adapter."""
+
+import pytest
+import torch
+
+from dd2dist.config.schema import StudentConfig
+from dd2dist.nets import MLPHead, StudentNet
+from dd2dist.teachers import LlamaGenConfig, VARConfig, build_family
+from dd2dist.teachers.base import Cond
+
+SMALL_VAR = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4)
+SMALL_LG = LlamaGenConfig(n_layer=1, n_head=4, dim=64, grid=3, num_classes=4)  # dim >= V: exact adapter fit
+
+
+def _teacher(family: str):
+    torch.manual_seed(0)
+    if family == "var":
+        return build_family("var", var=SMALL_VAR).freeze()
+    return build_family("llamagen", llamagen=SMALL_LG).freeze()
+
+
+def _randomize_head(net: StudentNet) -> None:
+    """Give the zero-initialised parts random values so every input dependency shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.head.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+
+
+def test_head_zero_init_outputs_zero_velocity():
+    head = MLPHead(token_dim=5, cond_dim=7, width=16, depth=2, time_embed_dim=8)
+    x, f, t = torch.randn(3, 4, 5), torch.randn(3, 4, 7), torch.rand(3, 4)
+    assert torch.equal(head(x, t, f), torch.zeros(3, 4, 5))
+    # and it is a real function of its inputs once trained away from zero
+    with torch.no_grad():
+        head.final.linear.weight.normal_()
+    assert head(x, t, f).abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_fresh_student_generates_its_noise_and_predicts_zero_velocity(family):
+    teacher = _teacher(family)
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    eps = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    cond = Cond(labels=torch.tensor([0, 3]))
+    assert torch.equal(net.generate(eps, cond), eps)  # q = eps - 0
+    feats = net.features(eps, cond)
+    assert feats.shape == (2, teacher.num_tokens, teacher.hidden_dim)
+    assert torch.equal(net.velocity(eps, torch.rand(2, teacher.num_tokens), feats), torch.zeros_like(eps))
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_student_drops_head_and_tokenizer_and_freezes_codebook(family):
+    teacher = _teacher(family)
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    names = {n for n, _ in net.named_parameters()}
+    assert not any(".tokenizer." in n for n in names), "tokenizer weights must not be trainable parameters"
+    assert not any(n.startswith(("backbone.transformer.head.", "backbone.gpt.output.", "backbone.gpt.tok_emb"))
+                   for n in names)
+    buffers = dict(net.named_buffers())
+    assert not any(k.startswith(("backbone.tokenizer.encoder", "backbone.tokenizer.decoder")) for k in buffers)
+    # the latent space (codebook) is the teacher's, kept as a frozen buffer
+    assert torch.equal(net.backbone.codebook(), teacher.codebook())
+    # the teacher is untouched: still frozen and complete
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert teacher.codebook().shape[0] == teacher.vocab_size
+
+
+def test_var_student_backbone_equals_teacher_features():
+    teacher = _teacher("var")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    x = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    cond = Cond(labels=torch.tensor([1, 2]))
+    assert torch.allclose(net.features(x, cond), teacher.features(x, cond), atol=1e-6)
+
+
+def test_llamagen_student_mlp_adapter_regressed_onto_teacher_embeddings():
+    teacher = _teacher("llamagen")
+    assert teacher.cfg.input_adapter == "snap"
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    assert net.backbone.cfg.input_adapter == "mlp"
+    ids = torch.randint(teacher.vocab_size, (2, teacher.num_tokens))
+    cond = Cond(labels=torch.tensor([0, 1]))
+    # on code vectors the student's features reproduce the teacher's (snap reads ids exactly)
+    ref = teacher.features(ids, cond)
+    got = net.features(teacher.embed(ids), cond)
+    assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_generator_is_causal_in_ar_steps(family):
+    """q_i depends on eps of earlier AR steps and on its own eps_i only (never on later steps or same-step peers)."""
+    teacher = _teacher(family)
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    _randomize_head(net)
+    step = teacher.step_of_token
+    cond = Cond(labels=torch.tensor([2]))
+    eps = torch.randn(1, teacher.num_tokens, teacher.embed_dim, requires_grad=True)
+    q = net.generate(eps, cond)
+    N = teacher.num_tokens
+    for i in range(N):
+        (g,) = torch.autograd.grad(q[0, i].sum(), eps, retain_graph=True)
+        depends = g[0].abs().sum(-1) > 0  # (N,)
+        for j in range(N):
+            allowed = bool(step[j] < step[i]) or j == i
+            if not allowed:
+                assert not depends[j], f"q_{i} (step {int(step[i])}) depends on eps_{j} (step {int(step[j])})"
+        assert depends[i], f"q_{i} must depend on its own noise"
+        if step[i] > 0:
+            assert depends[step < step[i]].any(), f"q_{i} must see the noise of earlier steps"

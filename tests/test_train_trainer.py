@@ -1,0 +1,232 @@
+"""The stateful trainer: exact resume, bit-identical checkpoints, NaN guard, phase assertions, metrics, data."""
+
+import math
+
+import pytest
+import torch
+
+from dd2dist.config.schema import (
+    AlignmentConfig,
+    DataConfig,
+    ExperimentConfig,
+    Stage1Config,
+    Stage2Config,
+    StudentConfig,
+    TeacherConfig,
+    TrackingConfig,
+)
+from dd2dist.engine.factory import TorchEngineFactory
+from dd2dist.teachers import VARConfig, VARVQConfig, build_family
+from dd2dist.teachers.base import Sampling
+from dd2dist.train import JsonlLogger, Trainer
+from dd2dist.train.checkpoint import latest_checkpoint
+
+ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
+                 tokenizer=VARVQConfig(vocab_size=16, embed_dim=4))
+
+
+def _cfg(**kw) -> ExperimentConfig:
+    base = dict(
+        stages=("stage1", "stage2", "alignment"),
+        teacher=TeacherConfig(family="var", var=ARCH, sampling=Sampling(cfg=1.5, cfg_schedule="var_linear")),
+        student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
+        stage1=Stage1Config(head_only_steps=3, steps=3, lr=1e-3, warmup_steps=2, batch_size=4),
+        stage2=Stage2Config(generator_steps=3, guidance_per_generator=2, generator_lr=5e-4, guidance_lr=1e-3,
+                            warmup_guidance_steps=4, fcs_samples=2, batch_size=4),
+        alignment=AlignmentConfig(enabled=True, after_generator_steps=3, guidance_only_steps=2,
+                                  guidance_per_generator_after=1, generator_steps_after=2),
+        tracking=TrackingConfig(log_every=1),
+    )
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+TOTAL = 3 + 3 + 9 + 2 + 4
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return build_family("var", var=ARCH)
+
+
+def _trainer(cfg=None, **kw) -> Trainer:
+    return Trainer(cfg or _cfg(), _teacher(), TorchEngineFactory(), **kw)
+
+
+def _snapshot(tr: Trainer) -> dict:
+    """Everything that must match between two runs (weights, optimizer moments, EMA, counters, LR)."""
+    out = {"state": tr.state, "group": tr.engine_group}
+    for name, eng in tr.engines.items():
+        out[f"{name}/weights"] = eng.full_state_dict()
+        out[f"{name}/optim"] = eng.optimizer.state_dict()
+        out[f"{name}/steps"] = eng.optimizer_steps
+        out[f"{name}/lr"] = eng.lr
+    if tr.ema is not None:
+        out["ema"] = [t.clone() for t in tr.ema.shadow]
+        out["ema_updates"] = tr.ema.updates
+    return out
+
+
+def _assert_same(a, b, where="root"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    tr = _trainer()
+    tr.fit()
+    assert tr.done and tr.state.iteration == TOTAL
+    return _snapshot(tr)
+
+
+@pytest.mark.parametrize("stop_at", [2, 8, 16, 18])  # in: head-only, stage 2 mid-block, alignment, after it
+def test_resume_equals_uninterrupted(tmp_path, uninterrupted, stop_at):
+    first = _trainer()
+    first.fit(checkpoint_dir=tmp_path, checkpoint_every=1000, max_iterations=stop_at)
+    assert first.state.iteration == stop_at
+    del first
+    second = _trainer()
+    loaded = second.resume_latest(tmp_path)
+    assert loaded is not None and loaded.name == f"step_{stop_at:08d}"
+    second.fit()
+    _assert_same(_snapshot(second), uninterrupted)
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path):
+    hooked = []
+    tr = _trainer(checkpoint_hook=lambda d, step, metrics: hooked.append((d, step, dict(metrics))))
+    tr.fit(checkpoint_dir=tmp_path, checkpoint_every=5, max_iterations=11)
+    assert [s for _, s, _ in hooked] == [5, 10, 11]
+    assert all(d.is_dir() and (d / "state.json").is_file() for d, _, _ in hooked)
+    assert "guidance/loss" in hooked[-1][2] or "generator/loss" in hooked[-1][2]
+    before = _snapshot(tr)
+    rng_before = torch.get_rng_state()
+    torch.manual_seed(1234)  # disturb the global RNG: load must restore it
+    other = _trainer()
+    other.load(latest_checkpoint(tmp_path))
+    _assert_same(_snapshot(other), before)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert other.phase.name == tr.phase.name == "stage2"
+
+
+def test_checkpoint_refuses_other_schedule(tmp_path):
+    tr = _trainer()
+    tr.fit(checkpoint_dir=tmp_path, max_iterations=2)
+    other = _trainer(_cfg(stages=("stage1", "stage2"), alignment=AlignmentConfig()))
+    with pytest.raises(ValueError, match="phases"):
+        other.resume_latest(tmp_path)
+
+
+def test_nan_guard_skips_the_step(uninterrupted):
+    tr = _trainer()
+    tr.fit(max_iterations=7)  # next: iteration 7 = stage-2 guidance step
+    assert tr.phase.role_at(tr.state.phase_iter) == "guidance"
+    guidance = tr.engines["guidance"]
+    weights, steps = guidance.full_state_dict(), guidance.optimizer_steps
+    real_loss = tr._loss
+
+    def poisoned(role, micro):
+        loss, m, b = real_loss(role, micro)
+        return loss * math.nan, m, b
+
+    tr._loss = poisoned
+    tr.fit(max_iterations=8)
+    assert tr.state.skipped == {"guidance": 1}
+    assert tr.last_metrics["guidance/skipped"] == 1.0 and tr.last_metrics["skipped_total"] == 1.0
+    _assert_same(guidance.full_state_dict(), weights)
+    assert guidance.optimizer_steps == steps
+    assert all(p.grad is None for p in guidance.module.parameters())
+    tr._loss = real_loss
+    tr.fit()  # and training goes on
+    assert tr.done and tr.engines["guidance"].optimizer_steps == uninterrupted["guidance/steps"] - 1
+
+
+def test_phase_switch_assertions_fire():
+    tr = _trainer()
+    tr.fit(max_iterations=7)
+    tr._set_role("generator")
+    tr.assert_modes("generator")
+    tr.engines["guidance"].module.requires_grad_(True)  # left trainable by mistake
+    with pytest.raises(AssertionError, match="guidance"):
+        tr.assert_modes("generator")
+    tr._set_role("guidance")
+    tr.teacher_engine.module.train()  # teacher must never be in train mode
+    with pytest.raises(AssertionError, match="teacher"):
+        tr.assert_modes("guidance")
+
+
+def test_head_only_phase_freezes_backbone():
+    tr = _trainer()
+    tr.fit(max_iterations=1)
+    assert tr.engine_group == "stage1_head"
+    tr._set_role("student_head")
+    tr.student_backbone.requires_grad_(True)
+    with pytest.raises(AssertionError, match="backbone"):
+        tr.assert_modes("student_head")
+
+
+def test_metrics_logged_per_step(tmp_path):
+    logger = JsonlLogger(tmp_path / "m.jsonl")
+    tr = _trainer(logger=logger)
+    tr.fit(max_iterations=TOTAL)
+    records = logger.read()
+    steps = [r["step"] for r in records if "step" in r]
+    assert steps[:TOTAL] == list(range(1, TOTAL + 1))
+    gen = [r for r in records if "generator/loss" in r]
+    assert gen and all(k in gen[0] for k in ("generator/grad_norm", "generator/lr", "K", "samples_per_s",
+                                                "step_time_s", "ema/updates"))
+    tags = [r["tags"]["phase"] for r in records if "tags" in r]
+    assert tags == ["stage1_head", "stage1", "stage2", "align", "stage2_after"]
+    # generator LR warm-up: 4 guidance iterations / K=2 -> 2 generator steps, from lr_start to lr
+    lrs = [r["generator/lr"] for r in gen]
+    assert lrs[0] == pytest.approx(1e-6 + (5e-4 - 1e-6) / 2) and lrs[1] == pytest.approx(5e-4)
+
+
+class ListStream:
+    """A resumable token stream: batch i is a pure function of i (like dd2dist.data.TokenStream)."""
+
+    def __init__(self, num_tokens, vocab, batch=4):
+        self.step, self.num_tokens, self.vocab, self.batch = 0, num_tokens, vocab, batch
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(1000 + self.step)
+            ids = torch.randint(self.vocab, (self.batch, self.num_tokens), generator=g)
+            labels = torch.randint(4, (self.batch,), generator=g)
+            self.step += 1
+            yield ids, labels
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+def test_stage1_from_data_stream_resumes_exactly(tmp_path):
+    cfg = _cfg(stages=("stage1",), data=DataConfig(source="shards", shards="unused"), alignment=AlignmentConfig())
+
+    def make():
+        return Trainer(cfg, _teacher(), TorchEngineFactory(), data=ListStream(14, 16))
+
+    ref = make()
+    ref.fit()
+    assert ref.data.step == 6
+    a = make()
+    a.fit(checkpoint_dir=tmp_path, max_iterations=4)
+    b = make()
+    b.resume_latest(tmp_path)
+    assert b.data.step == 4
+    b.fit()
+    _assert_same(_snapshot(b), _snapshot(ref))
