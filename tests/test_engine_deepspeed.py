@@ -1,0 +1,186 @@
+"""DeepSpeed engines on 2 gloo ranks (spawned processes, no Ray): trainable ZeRO 0/1/2 against a plain-torch
+reference of data-parallel AdamW, save/load, and the ZeRO-3 frozen teacher (memory share, equal outputs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dd2dist.launch.local_ranks import run_ranks
+
+pytestmark = pytest.mark.integration
+
+STEPS = 3
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def _spec():
+    from dd2dist.engine.factory import OptimSpec
+
+    return OptimSpec(lr=1e-2, lr_start=1e-3, warmup_steps=3, grad_clip=0.05, weight_decay=0.01, betas=(0.9, 0.95))
+
+
+def _reference(world: int, steps: int):
+    """Data-parallel AdamW by hand: gradient = mean over ranks, clipped by the global norm, LR warm-up."""
+    spec = _spec()
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr_at(0), betas=spec.betas, weight_decay=spec.weight_decay,
+                            foreach=False)
+    norms = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = sum(_loss(model, *_batch(r, step)) for r in range(world)) / world
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)))
+        for group in opt.param_groups:
+            group["lr"] = spec.lr_at(step)
+        opt.step()
+    return model, norms
+
+
+def _trainable_worker(rank: int, world: int, stage: int, tmp: str):
+    from dd2dist.engine.deepspeed_engine import DeepSpeedEngine
+
+    engine = DeepSpeedEngine("generator", _mlp(), _spec(), zero_stage=stage)
+    assert not engine.trainable  # starts frozen, like TorchEngine
+    engine.set_trainable(True)
+    engine.assert_mode(True)
+    out = {"norms": [], "lrs": []}
+    for step in range(STEPS):
+        engine.backward(_loss(engine.module, *_batch(rank, step)))
+        stats = engine.step()
+        out["norms"].append(stats.grad_norm)
+        out["lrs"].append(stats.lr)
+    skipped = engine.skip_step()
+    out["skipped"] = (skipped.skipped, engine.optimizer_steps)
+    out["weights"] = engine.full_state_dict()
+    engine.save(f"{tmp}/stage{stage}")
+    engine.backward(_loss(engine.module, *_batch(rank, 7)))
+    engine.step()
+    after = engine.full_state_dict()
+    engine.load(f"{tmp}/stage{stage}")
+    out["restored_steps"] = engine.optimizer_steps
+    out["restored_equal"] = all(torch.equal(v, out["weights"][k]) for k, v in engine.full_state_dict().items())
+    engine.backward(_loss(engine.module, *_batch(rank, 7)))
+    engine.step()
+    out["replay_equal"] = all(torch.allclose(v, after[k], rtol=1e-6, atol=1e-7)
+                              for k, v in engine.full_state_dict().items())
+    engine.set_trainable(False)
+    engine.assert_mode(False)
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_trainable_engine_matches_data_parallel_adamw(stage, tmp_path):
+    results = run_ranks(_trainable_worker, 2, stage, str(tmp_path))
+    ref, ref_norms = _reference(2, STEPS)
+    spec = _spec()
+    for out in results:
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(out["weights"][key], value, rtol=1e-5, atol=1e-6)
+        assert out["norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert out["lrs"] == pytest.approx([spec.lr_at(s) for s in range(STEPS)])
+        assert out["skipped"] == (True, STEPS)  # a skipped step does not tick the LR clock
+        assert out["restored_steps"] == STEPS and out["restored_equal"] and out["replay_equal"]
+    # both ranks hold the same weights
+    for key in results[0]["weights"]:
+        assert torch.equal(results[0]["weights"][key], results[1]["weights"][key])
+
+
+def _teacher_worker(rank: int, world: int, path: str, via_factory: bool):
+    from dd2dist.config import load_config
+    from dd2dist.engine.deepspeed_engine import (
+        DeepSpeedEngineFactory,
+        DeepSpeedFrozenEngine,
+        build_partitioned_teacher,
+        param_bytes_ratio,
+    )
+    from dd2dist.teachers import Cond, build_teacher
+
+    cfg = load_config(None)
+    reference = build_teacher(cfg.teacher)
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    reference.freeze()
+    if via_factory:  # the trainer's path: a plain module partitioned in place
+        plain = build_teacher(cfg.teacher)
+        plain.load_state_dict(torch.load(path, weights_only=True))
+        engine = DeepSpeedEngineFactory(cfg.engine).teacher(plain)
+    else:  # partitioned at construction, loaded module by module
+        engine = DeepSpeedFrozenEngine("teacher", build_partitioned_teacher(cfg.teacher, path))
+    out = {"ratio": param_bytes_ratio(engine)}
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, reference.vocab_size, (3, reference.num_tokens), generator=g)
+    cond = Cond(labels=torch.tensor([1, 2, reference.num_classes]))
+    sampling = cfg.teacher.sampling
+    with torch.no_grad():
+        out["log_probs"] = (engine.module.log_probs(ids, cond, sampling), reference.log_probs(ids, cond, sampling))
+        out["features"] = (engine.module.features(ids, cond), reference.features(ids, cond))
+    out["codebook"] = (engine.module.codebook(), reference.codebook())
+    out["sample"] = (engine.module.sample(cond, sampling, torch.Generator().manual_seed(5)),
+                     reference.sample(cond, sampling, torch.Generator().manual_seed(5)))
+    full = engine.full_state_dict()
+    out["state_equal"] = set(full) == set(reference.state_dict()) and all(
+        torch.equal(full[k], v) for k, v in reference.state_dict().items())
+    out["ratio_after_calls"] = param_bytes_ratio(engine)
+    try:
+        engine.set_trainable(True)
+        out["refused_trainable"] = False
+    except AssertionError:
+        out["refused_trainable"] = True
+    engine.assert_mode(False)
+    return out
+
+
+@pytest.mark.parametrize("via_factory", [False, True], ids=["zero_init", "factory"])
+def test_zero3_teacher_is_sharded_and_equals_the_unsharded_teacher(via_factory, tmp_path):
+    from dd2dist.config import load_config
+    from dd2dist.teachers import build_teacher
+
+    torch.manual_seed(3)
+    path = tmp_path / "teacher.pt"
+    torch.save(build_teacher(load_config(None).teacher).state_dict(), path)
+    for out in run_ranks(_teacher_worker, 2, str(path), via_factory):
+        # each rank holds half of every tensor (plus <= world-1 padding elements per tensor)
+        assert out["ratio"] <= 0.55 and out["ratio_after_calls"] <= 0.55
+        assert math.isclose(out["ratio"], 0.5, abs_tol=0.01)
+        for key in ("log_probs", "features", "codebook"):
+            torch.testing.assert_close(*out[key], rtol=0, atol=0, msg=key)
+        assert torch.equal(*out["sample"])
+        assert out["state_equal"] and out["refused_trainable"]
+
+
+def _mismatch_worker(rank: int, world: int, path: str):
+    from dd2dist.config import load_config
+    from dd2dist.engine.deepspeed_engine import build_partitioned_teacher
+
+    cfg = load_config(None, ["teacher.var.width=32", "teacher.var.num_heads=2"])
+    try:
+        build_partitioned_teacher(cfg.teacher, path)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def test_partitioned_teacher_names_the_mismatching_key(tmp_path):
+    from dd2dist.config import load_config
+    from dd2dist.teachers import build_teacher
+
+    path = tmp_path / "teacher.pt"
+    torch.save({"teacher": build_teacher(load_config(None).teacher).state_dict()}, path)
+    (message,) = run_ranks(_mismatch_worker, 1, str(path))
+    assert str(path) in message and "transformer." in message and "shape" in message
