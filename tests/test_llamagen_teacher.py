@@ -175,6 +175,22 @@ def test_bf16_sampler_runs_and_draws_from_a_distribution_close_to_fp32():
     assert (lp.exp() - ref.exp()).abs().max() < 0.05
 
 
+def test_cast_copy_is_cached_and_rebuilt_when_weights_change():
+    t = make(C2I)
+    cond = Cond(labels=torch.tensor([1]))
+    t.sample(cond, dtype=torch.bfloat16)
+    first = t._inference_gpt(torch.bfloat16, False)[0]
+    assert first is not t.gpt and first.output.weight.dtype == torch.bfloat16
+    assert t._inference_gpt(torch.bfloat16, False)[0] is first
+    assert not any(k.startswith("_sampler") for k in t.state_dict())
+    with torch.no_grad():
+        t.gpt.output.weight.mul_(2.0)
+    rebuilt = t._inference_gpt(torch.bfloat16, False)[0]
+    assert rebuilt is not first
+    torch.testing.assert_close(rebuilt.output.weight, t.gpt.output.weight.bfloat16())
+    assert t._inference_gpt(None, False)[0] is t.gpt
+
+
 def test_bad_inputs_raise_clear_errors():
     t = make(C2I)
     with pytest.raises(ValueError, match="cond.labels"):

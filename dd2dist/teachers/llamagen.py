@@ -320,6 +320,9 @@ class LlamaGenTeacher(ARTeacher):
         self.steps = [slice(i, i + 1) for i in range(self.num_tokens)]
         self.register_buffer("step_of_token", torch.arange(self.num_tokens), persistent=False)
         self.default_sampling = Sampling(cfg=2.0, cfg_schedule="constant", top_k=min(900, self.vocab_size), top_p=1.0)
+        # sampler-only state kept out of the module tree (plain dict: never in state_dict / parameters()):
+        # dtype -> (weights key, cast GPT copy, compiled decode step or None)
+        self._sampler_cache: dict = {}
 
     @property
     def is_text(self) -> bool:
@@ -397,21 +400,21 @@ class LlamaGenTeacher(ARTeacher):
         return_log_probs: bool = False,
         dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
+        compile_step: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Static-KV-cache AR sampler -> ids (B, N); with ``return_log_probs`` also the (B, N, V) log-probs each
         token was drawn from (the same CFG / temperature / top-k / top-p rule as :meth:`log_probs`).
 
         Caches (rows, H, round_up(T+N, 8), hd) are preallocated (rows = 2B with CFG: [cond; null]); one prefill of
         the T condition tokens, then N-1 one-token decode steps of identical shapes. ``dtype`` (e.g. bf16) runs a
-        cast copy of the GPT in that precision (logits stay fp32). ``cuda_graph`` (default: on for CUDA) captures
-        the decode step once and replays it.
+        cast copy of the GPT in that precision (logits stay fp32); the copy is cached until a weight changes.
+        ``cuda_graph`` (default: on for CUDA) captures the decode step once per call and replays it.
+        ``compile_step`` additionally fuses the decode step with ``torch.compile`` (compiled once per batch size).
         """
         sampling = sampling or self.default_sampling
         B = cond.batch_size
         self._check_cond(cond, B)
-        gpt = self.gpt
-        if dtype is not None and dtype != gpt.output.weight.dtype:
-            gpt = copy.deepcopy(gpt).to(dtype)
+        gpt, step_fn = self._inference_gpt(dtype, compile_step)
         device = gpt.output.weight.device
         cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         weights = guidance_weights(sampling, self.step_of_token, len(self.steps))
@@ -443,7 +446,7 @@ class LlamaGenTeacher(ARTeacher):
             mask = torch.zeros((), dtype=act_dtype, device=device).masked_fill(
                 ~(key_valid & (slots <= step_pos)), float("-inf")
             )
-            return gpt.decode_step(step_in, step_pos, mask, caches)
+            return step_fn(step_in, step_pos, mask, caches)
 
         run_decode = _capture(decode) if (cuda_graph and N > 1) else decode
 
@@ -470,6 +473,26 @@ class LlamaGenTeacher(ARTeacher):
             step_pos.fill_(T + i)
             logits = run_decode()
         return (ids, lps) if return_log_probs else ids
+
+    def _inference_gpt(self, dtype: torch.dtype | None, compile_step: bool):
+        """(GPT to sample with, its decode-step function): ``self.gpt`` itself, or a cached copy cast to ``dtype``.
+
+        The cache key holds every parameter's storage and in-place version counter, so fine-tuning or loading
+        weights rebuilds the copy. A compiled step is cached with it (recompiling per call would be slow).
+        """
+        base_dtype = self.gpt.output.weight.dtype
+        dtype = dtype or base_dtype
+        if dtype == base_dtype and not compile_step:
+            return self.gpt, self.gpt.decode_step
+        key = tuple((p.data_ptr(), p._version) for p in self.gpt.parameters())
+        entry = self._sampler_cache.get(dtype)
+        if entry is None or entry[0] != key:
+            gpt = self.gpt if dtype == base_dtype else copy.deepcopy(self.gpt).to(dtype)
+            entry = (key, gpt, None)
+        if compile_step and entry[2] is None:
+            entry = (entry[0], entry[1], torch.compile(entry[1].decode_step, fullgraph=True, dynamic=False))
+        self._sampler_cache[dtype] = entry
+        return entry[1], (entry[2] if compile_step else entry[1].decode_step)
 
     # ---- pixels ---------------------------------------------------------------------------------------
     def decode(self, x: Tensor) -> Tensor:
