@@ -134,3 +134,66 @@ def test_ensure_bucket_refuses_missing_settings() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "MLFLOW_S3_ENDPOINT_URL" in result.stderr and "ARTIFACT_BUCKET" in result.stderr
+
+
+@pytest.mark.slow  # one MLflow server cold start: 10-25 s here
+@pytest.mark.integration
+def test_deployment_command_runs(manifests: list[dict], tmp_path: Path) -> None:
+    """The Deployment's own command and args, started locally: only the bind address, the port and the two
+    stores are swapped (SQLite / a folder for PostgreSQL / S3); workers, the job-runner switch and the Host
+    allow-list are the manifest's. A client logs through it, and Host headers behave as the cluster needs."""
+    import os
+    import signal
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from infra.mlflow.local_server import wait_ready
+
+    container = server_container(manifests)
+    env = {k: v for k, v in env_of(container).items() if v is not None}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    swapped = {"host": "127.0.0.1", "port": str(port), "backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "artifacts-destination": str(tmp_path / "artifacts")}
+    args = []
+    for arg in container["args"]:
+        key, value = arg.lstrip("-").split("=", 1)
+        args.append(f"--{key}={swapped.get(key, expand(value, env))}")
+    assert not any("$(" in a for a in args), args
+    mlflow_bin = Path(sys.executable).with_name(container["command"][0])
+    process_env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"])
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(mlflow_bin), *container["command"][1:], *args], env=process_env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def status_for(host: str) -> int:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        wait_ready(url, timeout_s=90, process=server)
+        client = MlflowClient(tracking_uri=url)
+        run_id = client.create_run(client.create_experiment("k8s-args")).info.run_id
+        client.log_metric(run_id, "loss", 0.5, step=3)
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(3, 0.5)]
+        assert status_for("mlflow:5000") == 200  # what MLFLOW_TRACKING_URI=http://mlflow:5000 sends
+        assert status_for("mlflow.dd2dist.svc.cluster.local:5000") == 200
+        assert status_for("attacker.example") in (400, 403)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
