@@ -1,0 +1,208 @@
+"""Train (or reuse) a small digits teacher of one family, end to end on the real data path, and report its quality.
+
+    digits train split -> PNG WebDataset shards (data_pipelines.image_shards)
+      -> tokenizer training (dd2dist.digits.vq_training) on the same uint8 images
+      -> DALI decode + the trained tokenizer's encoder (data_pipelines.tokenize_images) -> token shards
+      -> AR cross-entropy training on those token ids (dd2dist.digits.ar_training)
+      -> checkpoint {"teacher": state_dict}, loadable by dd2dist.teachers.build_teacher (teacher.checkpoint)
+      -> quality: teacher samples vs the held-out split (FID / IS / PR in the digits-classifier space, class
+         consistency), next to the real-data references (train vs held-out, tokenizer reconstructions).
+
+Cached by the hash of what determines the weights (teacher architecture, recipe, seed, split): a rerun with the
+same inputs returns the stored report without training. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dd2dist.config import dump_yaml, fingerprint
+from dd2dist.digits.ar_training import train_ar
+from dd2dist.digits.data import NUM_CLASSES, SPLIT_SEED, digits_split, to_uint8
+from dd2dist.digits.recipe import TeacherRecipe
+from dd2dist.digits.vq_training import reconstruction_mse, train_tokenizer
+from dd2dist.teachers import build_family, build_teacher
+from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+
+CACHE_VERSION = 1  # bump when the training code changes what a given config produces
+
+
+def cache_key(cfg: Any, recipe: TeacherRecipe) -> str:
+    """Hash of everything that determines the trained weights (not output paths or the run name)."""
+    teacher = replace(cfg.teacher, checkpoint=None)
+    return fingerprint({"teacher": teacher, "recipe": asdict(recipe), "seed": cfg.seed, "split_seed": SPLIT_SEED,
+                        "version": CACHE_VERSION})
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _quantised(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images as they come back from 8-bit PNGs: the tokenizer trains on what DALI will feed it."""
+    return to_uint8(images).float() / 127.5 - 1.0
+
+
+def _tokenise_through_dali(cfg: Any, tokenizer_ckpt: Path, train_uint8: torch.Tensor, labels: torch.Tensor,
+                           work: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """PNG shards -> DALI -> trained tokenizer -> token shards; returns (ids, labels) read back from the shards."""
+    from data_pipelines.image_shards import write_image_shards
+    from data_pipelines.tokenize_images import tokenize_images
+    from dd2dist.data import DataStats
+    from dd2dist.data.stream import list_shards
+    from dd2dist.data.tario import iter_shard_samples
+
+    img_dir, tok_dir = work / "images", work / "tokens"
+    for d in (img_dir, tok_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    hwc = train_uint8.permute(0, 2, 3, 1).numpy()
+    write_image_shards(img_dir, hwc, labels.numpy(), fmt="png", per_shard=1000, prefix="digits")
+    tok_cfg = replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(tokenizer_ckpt)))
+    summary = tokenize_images(tok_cfg, str(img_dir), tok_dir, batch_size=128, num_threads=1, device="cpu")
+    stats = DataStats()
+    ids, ys = [], []
+    for shard in list_shards(str(tok_dir)):
+        for s in iter_shard_samples(shard, stats):
+            ids.append(torch.as_tensor(s.tokens, dtype=torch.long))
+            ys.append(int(s.label))
+    if len(ids) != train_uint8.shape[0]:
+        raise RuntimeError(f"token shards in {tok_dir} hold {len(ids)} samples, expected {train_uint8.shape[0]}")
+    return torch.stack(ids), torch.tensor(ys), summary
+
+
+@torch.no_grad()
+def sample_teacher_images(
+    teacher: ARTeacher, per_class: int, sampling: Sampling, seed: int, batch_size: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` samples of every class, decoded: (uint8 images (N, 3, H, W), requested labels (N,))."""
+    labels = torch.arange(teacher.num_classes).repeat_interleave(per_class)
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(0, labels.shape[0], batch_size):
+        y = labels[i : i + batch_size]
+        ids = teacher.sample(Cond(labels=y), sampling, generator=gen)
+        images.append(to_uint8(teacher.decode(ids)))
+    return torch.cat(images), labels
+
+
+def evaluate_teacher(teacher: ARTeacher, sampling: Sampling, per_class: int, seed: int) -> dict:
+    """FID / IS / PR (digits-classifier space) of teacher samples vs held-out digits, class consistency, and the
+    real-data references measured the same way."""
+    from dd2dist.eval.classifier import cached_classifier
+    from dd2dist.eval.features import digits_feature_space
+    from dd2dist.eval.metrics import class_consistency, compute_metrics
+
+    classifier, clf_info, clf_path = cached_classifier()
+    space = digits_feature_space(clf_path)
+    held = digits_split("heldout")
+    ref = held.uint8()
+    images, labels = sample_teacher_images(teacher, per_class, sampling, seed)
+    settings = {**asdict(sampling), "per_class": per_class, "seed": seed, "sampler": "teacher KV-cached AR"}
+    quality = compute_metrics(images, ref, space, sampling=settings)
+    quality.update(class_consistency(images, labels, classifier))
+    with torch.no_grad():
+        recon = to_uint8(teacher.decode(teacher.encode(_quantised(held.images))))
+    train = digits_split("train")
+    n_train = min(len(train), images.shape[0])
+    return {
+        "teacher": quality,
+        "reference_train_vs_heldout": compute_metrics(train.uint8()[:n_train], ref, space,
+                                                      sampling={"source": f"first {n_train} train digits"}),
+        "reference_reconstructions": compute_metrics(recon, ref, space,
+                                                     sampling={"source": "held-out digits encoded and decoded"}),
+        "classifier": {"path": clf_path, "heldout_accuracy": clf_info["heldout_accuracy"]},
+    }
+
+
+def train_digits_teacher(
+    cfg: Any, out_dir: str | os.PathLike, recipe: TeacherRecipe, log: Callable[[str], None] = print,
+    evaluate: bool = True,
+) -> dict:
+    """Train the teacher of ``cfg.teacher`` (family + architecture) on the digits, or reuse a cached one.
+
+    Writes ``<out>/teacher-<key>.pt`` ({"teacher": state_dict}), ``<out>/teacher-<key>.json`` (the report) and
+    ``<out>/teacher-<key>.yaml`` (the input config with ``teacher.checkpoint`` pointing at the .pt). Returns the
+    report, with ``reused`` telling whether training was skipped.
+    """
+    if cfg.teacher.official:
+        raise ValueError("teacher.official is set: jobs/train_teacher.py trains our own small architectures only")
+    if cfg.teacher.arch.num_classes != NUM_CLASSES:
+        raise ValueError(f"teacher.{cfg.teacher.family}.num_classes must be {NUM_CLASSES} for the digits, "
+                         f"got {cfg.teacher.arch.num_classes}")
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    key = cache_key(cfg, recipe)
+    ckpt, report_path, cfg_path = (out / f"teacher-{key}.{ext}" for ext in ("pt", "json", "yaml"))
+    if ckpt.is_file() and report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report["reused"] = True
+        log(f"reusing cached teacher {ckpt} (key {key})")
+        return report
+
+    t_start = time.perf_counter()
+    family = cfg.teacher.family
+    torch.manual_seed(cfg.seed)
+    teacher = build_family(family, var=cfg.teacher.var, llamagen=cfg.teacher.llamagen)
+    train, held = digits_split("train"), digits_split("heldout")
+    train_images = _quantised(train.images)
+    work = out / f"work-{key}"
+    work.mkdir(exist_ok=True)
+
+    log(f"[{family}] tokenizer: {sum(p.numel() for p in teacher.tokenizer.parameters()):,} parameters")
+    vq_info = train_tokenizer(teacher.tokenizer, train_images, recipe, log)
+    vq_info["heldout_reconstruction_mse"] = reconstruction_mse(teacher.tokenizer, _quantised(held.images))
+    tok_ckpt = work / "tokenizer_stage.pt"
+    _atomic_save({"teacher": teacher.state_dict()}, tok_ckpt)
+
+    log(f"[{family}] tokenising {len(train)} PNG digits through DALI")
+    ids, labels, tok_summary = _tokenise_through_dali(cfg, tok_ckpt, to_uint8(train.images), train.labels, work)
+    with torch.no_grad():
+        direct = teacher.encode(train_images[:256])
+    dali_agreement = float((direct == ids[:256]).float().mean())  # DALI decode vs in-memory images
+    held_ids = teacher.encode(_quantised(held.images)).detach()
+
+    n_ar = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
+    log(f"[{family}] AR transformer: {n_ar:,} parameters, {ids.shape[1]} tokens per image")
+    ar_info = train_ar(teacher, ids, labels, recipe, log, heldout=(held_ids, held.labels))
+    _atomic_save({"teacher": teacher.state_dict()}, ckpt)
+    final_cfg = replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(ckpt)))
+
+    report: dict[str, Any] = {
+        "family": family, "key": key, "checkpoint": str(ckpt), "config": str(cfg_path),
+        "recipe": asdict(recipe), "tokenizer": vq_info,
+        "tokenisation": {"path": "PNG WebDataset shards -> DALI -> tokenizer encoder",
+                         "dali_vs_direct_ids": dali_agreement, "images_per_s": tok_summary.get("images_per_s")},
+        "ar": ar_info, "params": {"tokenizer": sum(p.numel() for p in teacher.tokenizer.parameters()),
+                                  "transformer": n_ar},
+    }
+    if evaluate:
+        loaded = build_teacher(final_cfg.teacher)  # the checkpoint must load through the shared loader
+        log(f"[{family}] evaluating {recipe.eval_per_class} samples per class")
+        report["quality"] = evaluate_teacher(loaded, cfg.teacher.sampling, recipe.eval_per_class, cfg.seed)
+        q = report["quality"]["teacher"]
+        log(f"[{family}] teacher FID {q['fid']:.3f} (train-vs-heldout floor "
+            f"{report['quality']['reference_train_vs_heldout']['fid']:.3f}), class consistency "
+            f"{q['class_consistency']:.3f}")
+    report["seconds"] = time.perf_counter() - t_start
+    dump_yaml(final_cfg, cfg_path)
+    _atomic_json(report_path, report)
+    shutil.rmtree(work, ignore_errors=True)
+    report["reused"] = False
+    return report
