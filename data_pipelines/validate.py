@@ -31,6 +31,7 @@ def validate_dir(directory: str | os.PathLike, teacher_id: str | None = None, ma
     stats = DataStats(keep_events=max_errors)
     labels: Counter[int] = Counter()
     teachers: Counter[str] = Counter()
+    layouts: Counter[str] = Counter()
     keys_seen: dict[str, str] = {}
     errors: list[dict] = []
     shards = sorted(d.glob("*.tar"))
@@ -42,6 +43,8 @@ def validate_dir(directory: str | os.PathLike, teacher_id: str | None = None, ma
             samples += 1
             keys.append(s.key)
             teachers[s.spec.teacher_id] += 1
+            layouts[f"{s.spec.family} {s.spec.layout} tokens={list(s.spec.token_shape)} vocab={s.spec.vocab_size} "
+                    f"cond={s.spec.cond} text={s.spec.text_shape} source={s.spec.source}"] += 1
             if s.label is not None:
                 labels[s.label] += 1
             if s.key in keys_seen:
@@ -64,6 +67,8 @@ def validate_dir(directory: str | os.PathLike, teacher_id: str | None = None, ma
     if len(teachers) > 1:
         msg = f"teacher ids {dict(teachers)}"
         errors.append({"shard": None, "key": None, "kind": "mixed_teachers", "message": msg})
+    if len(layouts) > 1:
+        errors.append({"shard": None, "key": None, "kind": "mixed_layouts", "message": f"layouts {dict(layouts)}"})
     partial = sorted(p.name for p in d.glob("*.tmp"))
     counts = stats.snapshot()
     report = {
@@ -79,6 +84,7 @@ def validate_dir(directory: str | os.PathLike, teacher_id: str | None = None, ma
         "num_errors": len(stats.events) + len(errors),
         "label_histogram": {str(k): labels[k] for k in sorted(labels)},
         "teacher_ids": dict(teachers),
+        "layouts": dict(layouts),
     }
     report["ok"] = bool(shards) and not (
         report["corrupt"] or report["refused_shards"] or report["skipped_samples"] or errors or partial

@@ -184,3 +184,15 @@ def test_truncated_shard_is_corrupt_wherever_cut(tmp_path, where):
     keys = _keys(s)
     assert keys == [f"s{i:09d}" for i in range(len(keys))] and len(keys) <= 7
     assert s.metrics()["data/shards_corrupt"] == 1 and s.metrics()["data/samples_skipped"] == 0
+
+
+def test_shards_of_another_layout_never_meet_in_a_batch(tmp_path):
+    # Same teacher id, but a shard with another token count (e.g. written by a buggy job): refused, no crash.
+    write_random_shards(tmp_path, SPEC, num_samples=10, per_shard=10)
+    odd = random_spec(teacher_id="teacherA", num_tokens=16)
+    write_random_shards(tmp_path, odd, num_samples=10, per_shard=10, prefix="zz")
+    s = TokenStream(tmp_path, 4, resampled=False, shuffle_buffer=0, expect={"teacher_id": "teacherA"})
+    assert len(_keys(s)) == 10 and s.metrics()["data/shards_refused"] == 1
+    r = TokenStream(tmp_path, 4, expect={"teacher_id": "teacherA"}, chunk_steps=4, samples_per_draw=3)
+    widths = {b.tokens.shape[1] for b in _take(r, 12)}
+    assert len(widths) == 1 and r.metrics()["data/shards_refused"] > 0

@@ -59,8 +59,15 @@ def test_foreign_and_mixed_teachers(tmp_path, capsys):
     assert not report["ok"] and any(e["kind"] == "mixed_teachers" for e in report["errors"])
     report = validate_dir(tmp_path, teacher_id="tA")
     assert report["refused_shards"] == 1 and report["samples"] == 25 and not report["ok"]
-    assert main([str(tmp_path / "nowhere")]) == 1
     assert main([str(tmp_path / "nowhere")]) == 1 and "not a directory" in capsys.readouterr().out
+
+
+def test_mixed_layouts(tmp_path):
+    _clean(tmp_path)
+    write_random_shards(tmp_path, random_spec(teacher_id="tA", num_tokens=16), num_samples=5, per_shard=5, prefix="o")
+    report = validate_dir(tmp_path)
+    assert not report["ok"] and len(report["layouts"]) == 2
+    assert [e["kind"] for e in report["errors"]] == ["mixed_layouts"]
 
 
 def test_module_entry_point(tmp_path):

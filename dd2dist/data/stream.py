@@ -154,7 +154,9 @@ def _batched(samples: Iterator[TokenSample], batch_size: int, drop_last: bool) -
         yield collate(batch)
 
 
-def _draws(plan: _Plan, shards: list[str], rng: np.random.Generator, stats: DataStats) -> Iterator[TokenSample]:
+def _draws(
+    plan: _Plan, shards: list[str], rng: np.random.Generator, stats: DataStats, pin: dict
+) -> Iterator[TokenSample]:
     """Endless resampled samples for one chunk; raises if a long run of draws finds nothing usable."""
     expect = dict(plan.expect)
     patience = max(16, 4 * len(shards))
@@ -164,7 +166,7 @@ def _draws(plan: _Plan, shards: list[str], rng: np.random.Generator, stats: Data
         offsets = sample_offsets(path)
         start = offsets[int(rng.integers(len(offsets)))] if offsets else 0
         got = 0
-        for s in iter_shard_samples(path, stats, expect, start_offset=start, max_samples=plan.samples_per_draw):
+        for s in iter_shard_samples(path, stats, expect, start, plan.samples_per_draw, pin):
             got += 1
             yield s
         empty = 0 if got else empty + 1
@@ -175,10 +177,10 @@ def _draws(plan: _Plan, shards: list[str], rng: np.random.Generator, stats: Data
             )
 
 
-def _chunk(plan: _Plan, chunk: int, stats: DataStats) -> Iterator[TokenBatch]:
+def _chunk(plan: _Plan, chunk: int, stats: DataStats, pin: dict) -> Iterator[TokenBatch]:
     shards, _ = _rank_shards(plan)
     draw_seq, shuffle_seq = np.random.SeedSequence([plan.seed, plan.rank, chunk]).spawn(2)
-    samples = _draws(plan, shards, np.random.default_rng(draw_seq), stats)
+    samples = _draws(plan, shards, np.random.default_rng(draw_seq), stats, pin)
     shuffled = _shuffled(samples, plan.shuffle_buffer, np.random.default_rng(shuffle_seq))
     batches = _batched(shuffled, plan.batch_size, drop_last=True)
     for _ in range(plan.chunk_steps):
@@ -193,11 +195,12 @@ def _finite(plan: _Plan, epoch: int, stats: DataStats) -> Iterator[TokenBatch]:
         seq = np.random.SeedSequence([plan.seed, 0, epoch, 1]).spawn(1)[0] if split_samples else order_seq
         shards = [shards[i] for i in np.random.default_rng(seq).permutation(len(shards))]
     expect = dict(plan.expect)
+    pin: dict = {}
 
     def samples() -> Iterator[TokenSample]:
         i = 0
         for path in shards:
-            for s in iter_shard_samples(path, stats, expect):
+            for s in iter_shard_samples(path, stats, expect, pin=pin):
                 if not split_samples or i % plan.world_size == plan.rank:
                     yield s
                 i += 1
@@ -221,8 +224,9 @@ def _source(plan: _Plan, start_step: int, epoch: int) -> Iterator[tuple[TokenBat
         yield from with_stats(_finite(plan, epoch, stats))
         return
     chunk, skip = divmod(start_step, plan.chunk_steps)
+    pin: dict = {}  # the layout of the first sample read; shards of another layout are refused
     while True:
-        batches = _chunk(plan, chunk, stats)
+        batches = _chunk(plan, chunk, stats, pin)
         for _ in range(skip):
             next(batches)  # fast-forward inside the chunk
         skip = 0

@@ -71,11 +71,19 @@ def iter_shard_samples(
     expect: dict | None = None,
     start_offset: int = 0,
     max_samples: int | None = None,
+    pin: dict | None = None,
 ) -> Iterator[TokenSample]:
-    """Decoded, validated samples of one shard; bad ones are skipped and counted, a foreign shard refused."""
+    """Decoded, validated samples of one shard; bad ones are skipped and counted, a foreign shard refused.
+
+    ``pin``, when given, is filled with the batch-relevant layout of the first sample accepted (token shape,
+    condition kind, text shape, vocabulary) and later shards with another layout are refused, so that samples
+    that cannot be stacked into one batch never meet in the same stream.
+    """
     for raw in iter_raw_samples(path, stats, start_offset, max_samples):
         try:
             sample = decode_sample(raw, expect)
+            if pin is not None:
+                _check_pin(sample, pin)
         except SampleError as e:
             if e.kind in REFUSE_KINDS:
                 stats.refuse_shard(path, e.key, str(e))
@@ -83,6 +91,19 @@ def iter_shard_samples(
             stats.skip_sample(path, e.key, e.kind, str(e))
             continue
         yield sample
+
+
+def _check_pin(sample: TokenSample, pin: dict) -> None:
+    spec = sample.spec
+    layout = {"token_shape": spec.token_shape, "cond": spec.cond, "text_shape": spec.text_shape,
+              "vocab_size": spec.vocab_size}
+    if not pin:
+        pin.update(layout)
+        return
+    for k, v in layout.items():
+        if pin[k] != v:
+            raise SampleError(sample.key, f"meta.json:{k}", f"{v!r} != {pin[k]!r} of the stream's earlier samples",
+                              "spec_mismatch")
 
 
 @functools.lru_cache(maxsize=16)
