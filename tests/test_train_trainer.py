@@ -182,7 +182,7 @@ def test_metrics_logged_per_step(tmp_path):
     tr.fit(max_iterations=TOTAL)
     records = logger.read()
     steps = [r["step"] for r in records if "step" in r]
-    assert steps[:TOTAL] == list(range(1, TOTAL + 1))
+    assert steps == list(range(1, TOTAL + 1))  # every iteration once: no gaps, no duplicates
     gen = [r for r in records if "generator/loss" in r]
     assert gen and all(k in gen[0] for k in ("generator/grad_norm", "generator/lr", "K", "samples_per_s",
                                                 "step_time_s", "ema/updates"))
@@ -230,3 +230,29 @@ def test_stage1_from_data_stream_resumes_exactly(tmp_path):
     assert b.data.step == 4
     b.fit()
     _assert_same(_snapshot(b), _snapshot(ref))
+
+
+def test_callbacks_see_every_iteration_and_can_stop():
+    seen = []
+
+    def cb(trainer, metrics):
+        seen.append((trainer.state.iteration, trainer.phase.name))
+        if trainer.state.iteration == 9:
+            trainer.stop = True
+
+    tr = _trainer(callbacks=[cb])
+    tr.fit()
+    assert [i for i, _ in seen] == list(range(1, 10)) and tr.state.iteration == 9
+    tr.fit()
+    assert tr.done and len(seen) == TOTAL
+
+
+def test_stage2_only_run_starts_from_given_student():
+    s1 = _trainer(_cfg(stages=("stage1",), alignment=AlignmentConfig()))
+    s1.fit()
+    student = s1.student_state_dict()
+    s2 = _trainer(_cfg(stages=("stage2",), alignment=AlignmentConfig()), init_student=student)
+    s2._ensure_engines(s2.phase)
+    for name in ("generator", "guidance"):
+        _assert_same(s2.engines[name].full_state_dict(), student, name)
+    _assert_same(s2.ema.shadow, s2.engines["generator"].local_param_tensors(), "ema")

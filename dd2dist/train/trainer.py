@@ -38,6 +38,7 @@ log = logging.getLogger("dd2dist.train")
 
 CHECKPOINT_VERSION = 1
 CheckpointHook = Callable[[Path, int, dict], None]
+StepCallback = Callable[["Trainer", dict], None]
 
 
 @dataclass
@@ -72,6 +73,12 @@ class Trainer:
             If it has ``state_dict()`` / ``load_state_dict()`` its position is checkpointed. ``None``: the teacher
             is sampled online (seeded per step) with the distillation-target sampling.
         checkpoint_hook: called on every rank after each checkpoint is complete.
+        callbacks: ``cb(trainer, metrics)`` called on every rank after every iteration (evaluation during
+            training, progress bars, early stops via ``trainer.stop = True``); they must not draw from the global
+            RNG or touch the engines' weights if exact resume matters.
+        init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
+            used when this run starts stage 2 without stage 1; otherwise such a run starts from the teacher
+            backbone + a zero head.
     """
 
     def __init__(
@@ -84,6 +91,8 @@ class Trainer:
         world_size: int = 1,
         data: Iterable | None = None,
         checkpoint_hook: CheckpointHook | None = None,
+        callbacks: list[StepCallback] | tuple[StepCallback, ...] = (),
+        init_student: dict[str, Tensor] | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
@@ -91,6 +100,10 @@ class Trainer:
         self.device = torch.device(getattr(engine_factory, "device", "cpu"))
         self.logger = logger or NullLogger()
         self.checkpoint_hook = checkpoint_hook
+        self.callbacks = list(callbacks)
+        self.stop = False  # a callback may set it: fit() returns after the current iteration
+        self._init_student = init_student
+        self._last_logged = -1
         self.schedule: Schedule = build_schedule(cfg)
         self.sampling = cfg.teacher.sampling
         if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
@@ -136,8 +149,11 @@ class Trainer:
         gui = OptimSpec(lr=s2.guidance_lr, warmup_steps=s2.warmup_guidance_steps, **common)
         return gen, gui
 
+    def student_state_dict(self) -> dict[str, Tensor] | None:
+        """Consolidated weights of the stage-1 student as it stands (None outside stage 1); collective."""
+        return self._current_student_state()
+
     def _current_student_state(self) -> dict[str, Tensor] | None:
-        """Consolidated weights of the stage-1 student as it stands (None when no stage-1 engine exists)."""
         if "student" in self.engines:
             return self.engines["student"].full_state_dict()
         if "student_head" in self.engines:
@@ -150,6 +166,8 @@ class Trainer:
     def _build_engines(self, group: str, from_previous: bool) -> None:
         """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced."""
         init = self._current_student_state() if from_previous else None
+        if init is None and self._init_student is not None and not from_previous:
+            init = self._init_student
         if group == "stage2" and init is None:
             log.warning("stage 2 starts without a stage-1 model in this run: generator and guidance are the "
                         "teacher backbone + a zero head (method.md Tab.4: expect a much worse start)")
@@ -357,16 +375,27 @@ class Trainer:
             self.state.phase_iter += 1
             self.last_metrics = metrics
             if self.state.iteration % log_every == 0:
-                self.logger.log_metrics(metrics, self.state.iteration)
+                self._log(metrics)
             if checkpoint_dir is not None and self.state.iteration % every == 0:
                 self.save(checkpoint_dir)
+            for cb in self.callbacks:
+                cb(self, metrics)
+            if self.stop:
+                self.stop = False
+                break
         if checkpoint_dir is not None:
             latest = ckpt.latest_checkpoint(checkpoint_dir)
             if latest is None or latest != ckpt.step_dir(checkpoint_dir, self.state.iteration):
                 self.save(checkpoint_dir)
         if self.last_metrics:
-            self.logger.log_metrics(self.last_metrics, self.state.iteration)
+            self._log(self.last_metrics)
         return self.last_metrics
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        """Log once per iteration (the end-of-fit flush must not repeat a step already logged)."""
+        if self.state.iteration != self._last_logged:
+            self.logger.log_metrics(metrics, self.state.iteration)
+            self._last_logged = self.state.iteration
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints
