@@ -45,13 +45,14 @@ def rope_2d_cache(grid: int, head_dim: int, base: float, num_cond: int) -> Tenso
     if head_dim % 4:
         raise ValueError(f"llamagen head_dim (dim / n_head) must be divisible by 4 for 2-D RoPE, got {head_dim}")
     half = head_dim // 2
-    inv = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float64)[: half // 2] / half))
-    pos = torch.arange(grid, dtype=torch.float64)
+    # fp32 throughout, as released, so the table matches the official one bit for bit
+    inv = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half))
+    pos = torch.arange(grid, dtype=torch.float32)
     ang_axis = torch.outer(pos, inv)  # (grid, half/2)
     ang = torch.cat(
         [ang_axis[:, None, :].expand(grid, grid, -1), ang_axis[None, :, :].expand(grid, grid, -1)], dim=-1
     ).reshape(grid * grid, half)  # row-major (y, x): first half/2 pairs use y, the rest x
-    table = torch.stack([ang.cos(), ang.sin()], dim=-1).float()
+    table = torch.stack([ang.cos(), ang.sin()], dim=-1)
     return torch.cat([torch.zeros(num_cond, half, 2), table], dim=0)
 
 
