@@ -64,7 +64,8 @@ def test_foreign_and_mixed_teachers(tmp_path, capsys):
 
 def test_mixed_layouts(tmp_path):
     _clean(tmp_path)
-    write_random_shards(tmp_path, random_spec(teacher_id="tA", num_tokens=16), num_samples=5, per_shard=5, prefix="o")
+    odd = random_spec(teacher_id="tA", num_tokens=16)
+    write_random_shards(tmp_path, odd, num_samples=5, per_shard=5, prefix="o", start_index=100)
     report = validate_dir(tmp_path)
     assert not report["ok"] and len(report["layouts"]) == 2
     assert [e["kind"] for e in report["errors"]] == ["mixed_layouts"]
