@@ -53,7 +53,11 @@ def _reference(world: int, steps: int):
     return model, norms
 
 
-def _trainable_worker(rank: int, world: int, stage: int, tmp: str):
+def _trainable_worker(rank: int, world: int, stages: list[int], tmp: str):
+    return {stage: _train_one(rank, stage, tmp) for stage in stages}
+
+
+def _train_one(rank: int, stage: int, tmp: str):
     from dd2dist.engine.deepspeed_engine import DeepSpeedEngine
 
     engine = DeepSpeedEngine("generator", _mlp(), _spec(), zero_stage=stage)
@@ -85,11 +89,18 @@ def _trainable_worker(rank: int, world: int, stage: int, tmp: str):
     return out
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_trainable_engine_matches_data_parallel_adamw(stage, tmp_path):
-    results = run_ranks(_trainable_worker, 2, stage, str(tmp_path))
+@pytest.mark.slow
+def test_trainable_engine_matches_data_parallel_adamw(tmp_path):
+    """ZeRO 0 and 2 (one pair of processes for both, to pay the start-up once)."""
+    per_rank = run_ranks(_trainable_worker, 2, [0, 2], str(tmp_path))
     ref, ref_norms = _reference(2, STEPS)
     spec = _spec()
+    for stage in (0, 2):
+        results = [r[stage] for r in per_rank]
+        _check_against_reference(results, ref, ref_norms, spec)
+
+
+def _check_against_reference(results, ref, ref_norms, spec):
     for out in results:
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(out["weights"][key], value, rtol=1e-5, atol=1e-6)
@@ -102,7 +113,11 @@ def test_trainable_engine_matches_data_parallel_adamw(stage, tmp_path):
         assert torch.equal(results[0]["weights"][key], results[1]["weights"][key])
 
 
-def _teacher_worker(rank: int, world: int, path: str, via_factory: bool):
+def _teacher_worker(rank: int, world: int, path: str):
+    return {via_factory: _check_teacher(path, via_factory) for via_factory in (False, True)}
+
+
+def _check_teacher(path: str, via_factory: bool):
     from dd2dist.config import load_config
     from dd2dist.engine.deepspeed_engine import (
         DeepSpeedEngineFactory,
@@ -123,7 +138,7 @@ def _teacher_worker(rank: int, world: int, path: str, via_factory: bool):
     else:  # partitioned at construction, loaded module by module
         engine = DeepSpeedFrozenEngine("teacher", build_partitioned_teacher(cfg.teacher, path))
     out = {"ratio": param_bytes_ratio(engine)}
-    g = torch.Generator().manual_seed(rank)
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
     ids = torch.randint(0, reference.vocab_size, (3, reference.num_tokens), generator=g)
     cond = Cond(labels=torch.tensor([1, 2, reference.num_classes]))
     sampling = cfg.teacher.sampling
@@ -146,15 +161,18 @@ def _teacher_worker(rank: int, world: int, path: str, via_factory: bool):
     return out
 
 
-@pytest.mark.parametrize("via_factory", [False, True], ids=["zero_init", "factory"])
-def test_zero3_teacher_is_sharded_and_equals_the_unsharded_teacher(via_factory, tmp_path):
+@pytest.mark.slow
+def test_zero3_teacher_is_sharded_and_equals_the_unsharded_teacher(tmp_path):
+    """Both ways of building it: partitioned at construction + loaded module by module, and the trainer's path
+    (a plain module handed to the factory, partitioned in place)."""
     from dd2dist.config import load_config
     from dd2dist.teachers import build_teacher
 
     torch.manual_seed(3)
     path = tmp_path / "teacher.pt"
     torch.save(build_teacher(load_config(None).teacher).state_dict(), path)
-    for out in run_ranks(_teacher_worker, 2, str(path), via_factory):
+    outs = [o for per_rank in run_ranks(_teacher_worker, 2, str(path)) for o in per_rank.values()]
+    for out in outs:
         # each rank holds half of every tensor (plus <= world-1 padding elements per tensor)
         assert out["ratio"] <= 0.55 and out["ratio_after_calls"] <= 0.55
         assert math.isclose(out["ratio"], 0.5, abs_tol=0.01)
