@@ -163,12 +163,13 @@ class Trainer:
             return state
         return None
 
-    def _build_engines(self, group: str, from_previous: bool) -> None:
-        """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced."""
+    def _build_engines(self, group: str, from_previous: bool, loading: bool = False) -> None:
+        """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced
+        (``loading``: a checkpoint is about to overwrite the weights, so the initial values do not matter)."""
         init = self._current_student_state() if from_previous else None
-        if init is None and self._init_student is not None and not from_previous:
+        if init is None and self._init_student is not None and not from_previous and not loading:
             init = self._init_student
-        if group == "stage2" and init is None:
+        if group == "stage2" and init is None and not loading:
             log.warning("stage 2 starts without a stage-1 model in this run: generator and guidance are the "
                         "teacher backbone + a zero head (method.md Tab.4: expect a much worse start)")
         self.engines = {}
@@ -443,7 +444,7 @@ class Trainer:
         self.engine_group = None
         self.engines = {}
         if meta["engine_group"] is not None:
-            self._build_engines(meta["engine_group"], from_previous=False)
+            self._build_engines(meta["engine_group"], from_previous=False, loading=True)
             for name, engine in self.engines.items():
                 engine.load(directory / "engines" / name)
             if self.ema is not None:
