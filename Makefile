@@ -33,7 +33,10 @@ bench: venv
 	$(PY) jobs/benchmark.py toy --family var --out runs/bench/toy_var.json
 
 lint: venv
-	$(VENV)/bin/ruff check dd2dist jobs data_pipelines tests
+	$(VENV)/bin/ruff check dd2dist jobs data_pipelines tests infra
+
+mlflow-server: venv
+	$(PY) infra/mlflow/local_server.py --root runs/mlflow --port 5000
 
 clean:
 	rm -rf runs/ .pytest_cache
