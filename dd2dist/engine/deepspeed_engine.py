@@ -595,7 +595,8 @@ def load_state_module_by_module(module: nn.Module, state: Mapping[str, Tensor], 
     if missing or unexpected:
         raise ValueError(
             f"{source} does not match the configured teacher architecture: missing keys {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{'...' if len(unexpected) > 8 else ''}"
         )
     with torch.no_grad():
         for prefix, sub in module.named_modules():
