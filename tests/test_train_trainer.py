@@ -105,10 +105,15 @@ def test_resume_equals_uninterrupted(tmp_path, uninterrupted, stop_at):
 
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     hooked = []
-    tr = _trainer(checkpoint_hook=lambda d, step, metrics: hooked.append((d, step, dict(metrics))))
-    tr.fit(checkpoint_dir=tmp_path, checkpoint_every=5, max_iterations=11)
+
+    def hook(d, step, metrics):  # the checkpoint is complete when the hook runs
+        assert d.is_dir() and (d / "state.json").is_file() and not d.name.endswith(".tmp")
+        hooked.append((d, step, dict(metrics)))
+
+    tr = _trainer(checkpoint_hook=hook)
+    tr.fit(checkpoint_dir=tmp_path, checkpoint_every=5, max_iterations=11, keep_last=2)
     assert [s for _, s, _ in hooked] == [5, 10, 11]
-    assert all(d.is_dir() and (d / "state.json").is_file() for d, _, _ in hooked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000011"]  # pruned to 2
     assert "guidance/loss" in hooked[-1][2] or "generator/loss" in hooked[-1][2]
     before = _snapshot(tr)
     rng_before = torch.get_rng_state()

@@ -42,6 +42,19 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def prune(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and stale ``.tmp`` ones) under ``root``."""
+    root = Path(root)
+    done = sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    for step in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(step_dir(root, step), ignore_errors=True)
+    latest = done[-1] if done else -1
+    for p in root.glob("step_*.tmp"):
+        m = re.match(r"^step_(\d{8})\.tmp$", p.name)
+        if m and int(m.group(1)) < latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".part")

@@ -104,6 +104,7 @@ class Trainer:
         self.stop = False  # a callback may set it: fit() returns after the current iteration
         self._init_student = init_student
         self._last_logged = -1
+        self._checked_phase = -1
         self.schedule: Schedule = build_schedule(cfg)
         self.sampling = cfg.teacher.sampling
         if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
@@ -345,21 +346,30 @@ class Trainer:
                 self.ema.copy_to(self.engines["generator"].local_param_tensors())
             self.state.phase_entered = True
             self.logger.set_tags({"phase": phase.name, "stage": phase.stage})
-        for role in phase.roles:
-            self._set_role(role)
-        for engine in self.engines.values():
-            engine.set_trainable(False)
+        if self._checked_phase != self.state.phase_index:
+            # phase switch (or resume): every role of the phase can be made trainable alone, then all are frozen
+            for role in phase.roles:
+                self._set_role(role)
+            for engine in self.engines.values():
+                engine.set_trainable(False)
+            self._checked_phase = self.state.phase_index
 
     def fit(
         self,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int | None = None,
         max_iterations: int | None = None,
+        keep_last: int | None = None,
     ) -> dict[str, float]:
-        """Run (or continue) the schedule. Checkpoints every ``checkpoint_every`` iterations and at the end when
-        ``checkpoint_dir`` is set. ``max_iterations`` stops early at that global iteration (for tests / budgets).
-        Returns the last logged metrics."""
+        """Run (or continue) the schedule.
+
+        With ``checkpoint_dir``: a checkpoint every ``checkpoint_every`` iterations (default
+        ``launch.checkpoint_every``) and one where fit() returns; only the newest ``keep_last`` (default
+        ``launch.num_to_keep``) are kept under ``checkpoint_dir``, older ones are deleted after the hook ran.
+        ``max_iterations`` stops at that global iteration (tests, time budgets). Returns the last metrics.
+        """
         every = checkpoint_every or self.cfg.launch.checkpoint_every
+        self._keep_last = keep_last or self.cfg.launch.num_to_keep
         log_every = self.cfg.tracking.log_every
         while not self.done:
             phase = self.phase
@@ -427,6 +437,8 @@ class Trainer:
         self.factory.barrier()
         if self.checkpoint_hook is not None:
             self.checkpoint_hook(final, self.state.iteration, dict(self.last_metrics))
+        if self.rank == 0 and getattr(self, "_keep_last", None):
+            ckpt.prune(root, self._keep_last)
         return final
 
     def load(self, directory: str | Path) -> None:
