@@ -227,9 +227,15 @@ def precompute_teacher_tokens(
                 block_labels = {int(b): labels[block_range(b).start : block_range(b).stop] for b in part}
                 keys = {sample_key(i) for b in part for i in block_range(b)} & done_set
                 futures.append(actor.run.remote([int(b) for b in part], block_labels, keys, int(cfg.seed), batch_size))
-            results = ray.get(futures)
-            for a in actors:
-                ray.kill(a)
+            # Free each actor's CPU/GPU as soon as its part is done: on a cluster smaller than the requested
+            # worker count the remaining actors are pending on those resources.
+            owner = dict(zip(futures, actors))
+            pending = list(futures)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                results.append(ray.get(ready[0]))
+                ray.kill(owner[ready[0]])
+            results.sort(key=lambda r: r["worker"])
     finally:
         if started:
             ray.shutdown()
