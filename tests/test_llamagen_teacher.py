@@ -124,11 +124,14 @@ def test_rope_condition_rows_are_zero_and_image_rows_follow_the_2d_rule():
         assert t.gpt.rope.shape[0] == cfg.cls_token_num + cfg.grid**2
 
 
-def test_apply_rope_and_rmsnorm_match_their_formulas():
+@pytest.mark.parametrize("compiling", [False, True], ids=["complex-form", "real-form"])
+def test_apply_rope_and_rmsnorm_match_their_formulas(compiling, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 3, 8, generator=g)
     rope = torch.randn(5, 4, 2, generator=g)
     out = apply_rope(x, rope)
+    torch.testing.assert_close(apply_rope(x[:, :, None], rope)[:, :, 0], out)  # extra middle dims broadcast
     for j in range(4):
         x0, x1 = x[..., 2 * j], x[..., 2 * j + 1]
         c, s = rope[None, :, None, j, 0], rope[None, :, None, j, 1]

@@ -59,13 +59,18 @@ def rope_2d_cache(grid: int, head_dim: int, base: float, num_cond: int) -> Tenso
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (2j, 2j+1) of x (B, L, ..., hd) by rope (L, hd/2, 2), in fp32.
 
-    Pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), done as one complex product (few kernels per call: the
-    sampler's decode step is launch-bound).
+    Pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). Eager: one complex product (few kernels; the sampler's
+    decode step is launch-bound). Under torch.compile: the same in real arithmetic, which Inductor can fuse
+    (it generates no code for complex ops).
     """
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rc = torch.view_as_complex(rope.float().contiguous())
-    rc = rc.view(1, xc.shape[1], *([1] * (xc.dim() - 3)), xc.shape[-1])
-    return torch.view_as_real(xc * rc).flatten(-2).type_as(x)
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    r = rope.float().view(1, xs.shape[1], *([1] * (xs.dim() - 4)), xs.shape[-2], 2)
+    if torch.compiler.is_compiling():
+        x0, x1, cos, sin = xs[..., 0], xs[..., 1], r[..., 0], r[..., 1]
+        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(xs) * torch.view_as_complex(r))
+    return out.flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
