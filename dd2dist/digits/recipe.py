@@ -26,9 +26,10 @@ class TeacherRecipe:
     label_drop: float = 0.1  # labels replaced by the null class, so the teacher learns p(x) for CFG
     eval_per_class: int = 36  # teacher samples per class for the quality report (FID vs held-out, consistency)
     seed: int = 0
+    max_train_images: int = 0  # 0 = the whole train split; >0 = its first n images (smoke runs only)
 
     def __post_init__(self) -> None:
-        for name in ("vq_epochs", "ar_epochs", "vq_batch_size", "ar_batch_size", "eval_per_class"):
+        for name in ("vq_epochs", "ar_epochs", "vq_batch_size", "ar_batch_size", "eval_per_class", "max_train_images"):
             if getattr(self, name) < 0 or (name.endswith("batch_size") and getattr(self, name) == 0):
                 raise ValueError(f"TeacherRecipe.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.label_drop < 1.0:
@@ -37,4 +38,5 @@ class TeacherRecipe:
 
 FULL = TeacherRecipe()
 # For the test suite and smoke runs: seconds, quality not meaningful.
-QUICK = replace(FULL, vq_epochs=1, ar_epochs=1, eval_per_class=4, vq_batch_size=128, ar_batch_size=128)
+QUICK = replace(FULL, vq_epochs=1, ar_epochs=1, eval_per_class=4, vq_batch_size=64, ar_batch_size=64,
+                max_train_images=256)

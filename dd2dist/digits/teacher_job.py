@@ -161,6 +161,9 @@ def train_digits_teacher(
     torch.manual_seed(cfg.seed)
     teacher = build_family(family, var=cfg.teacher.var, llamagen=cfg.teacher.llamagen)
     train, held = digits_split("train"), digits_split("heldout")
+    if recipe.max_train_images:
+        n = recipe.max_train_images
+        train = replace(train, images=train.images[:n], labels=train.labels[:n], indices=train.indices[:n])
     train_images = _quantised(train.images)
     work = out / f"work-{key}"
     work.mkdir(exist_ok=True)
