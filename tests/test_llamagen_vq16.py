@@ -49,6 +49,22 @@ def test_encode_picks_nearest_normalised_code_of_the_normalised_latent():
     assert torch.equal(ids, expect)
 
 
+def test_teacher_decode_and_encode_go_through_the_tokenizer():
+    from dd2dist.teachers.arch import LlamaGenConfig
+    from dd2dist.teachers.llamagen import LlamaGenTeacher
+
+    torch.manual_seed(0)
+    t = LlamaGenTeacher(LlamaGenConfig()).freeze()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = t.tokenizer.decode_ids(ids)
+        img = t.decode(ids)
+        torch.testing.assert_close(img, raw.clamp(-1, 1), atol=0, rtol=0)
+        torch.testing.assert_close(t.decode(t.embed(ids)), img, atol=0, rtol=0)
+        assert torch.equal(t.encode(img), t.tokenizer.encode_ids(img))
+    assert t.encode(img).shape == (2, 16)
+
+
 def test_true_size_parameter_count_and_module_tree():
     with torch.device("meta"):
         vq = VQ16(OFFICIAL_ARCHS["llamagen_l"].tokenizer)

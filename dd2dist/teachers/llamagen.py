@@ -502,10 +502,14 @@ class LlamaGenTeacher(ARTeacher):
 
     # ---- pixels ---------------------------------------------------------------------------------------
     def decode(self, x: Tensor) -> Tensor:
+        """ids or vectors -> images clamped to [-1, 1] (the interface's range; the raw VQ-16 output overshoots a
+        little, and the released scripts clamp too before converting to uint8)."""
         self._check_x(x)
         if not x.is_floating_point():
-            return self.tokenizer.decode_ids(x, self.cfg.grid)
-        return self.tokenizer.decode_vectors(x, self.cfg.grid)
+            img = self.tokenizer.decode_ids(x, self.cfg.grid)
+        else:
+            img = self.tokenizer.decode_vectors(x, self.cfg.grid)
+        return img.clamp(-1, 1)
 
     def encode(self, img: Tensor) -> Tensor:
         ids = self.tokenizer.encode_ids(img)
