@@ -1,0 +1,101 @@
+"""Checks a run's config BEFORE any Ray worker starts: what the schema cannot see on its own.
+
+The loader already refuses unknown keys, bad types/ranges and missing files (naming the dotted key). Here:
+combinations the distributed launch cannot run, and a teacher checkpoint that does not fit the configured
+architecture (checked on the meta device: no weights are materialised, the checkpoint is memory-mapped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from dd2dist.config import ConfigError
+
+
+def validate_launch(cfg) -> None:
+    """Raise ConfigError (naming the key) for settings the launcher cannot run."""
+    eng, launch = cfg.engine, cfg.launch
+    if eng.kind == "torch" and launch.num_workers > 1:
+        raise ConfigError(
+            "engine.kind",
+            f"'torch' runs one process without gradient synchronisation; launch.num_workers={launch.num_workers} "
+            "needs engine.kind=deepspeed",
+        )
+    if eng.kind == "deepspeed":
+        for key in ("zero_stage_generator", "zero_stage_guidance"):
+            if getattr(eng, key) == 3:
+                raise ConfigError(
+                    f"engine.{key}",
+                    "ZeRO-3 is supported for the frozen teacher only; trainable engines take 0, 1 or 2 (the student "
+                    "is called through several methods, which ZeRO-3's forward hooks cannot gather)",
+                )
+        if eng.zero_stage_teacher not in (0, 3):
+            raise ConfigError(
+                "engine.zero_stage_teacher", f"must be 0 or 3 (no optimizer), got {eng.zero_stage_teacher}"
+            )
+    if eng.precision == "bf16" and not launch.use_gpu and eng.kind == "torch":
+        raise ConfigError("engine.precision", "bf16 needs engine.kind=deepspeed (TorchEngine trains in fp32)")
+    if cfg.teacher.official and not (cfg.teacher.checkpoint and cfg.teacher.tokenizer_checkpoint):
+        missing = "teacher.checkpoint" if not cfg.teacher.checkpoint else "teacher.tokenizer_checkpoint"
+        raise ConfigError(missing, f"must be set (a local file) with teacher.official={cfg.teacher.official!r}")
+
+
+def _load_state(path: str) -> Mapping[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_slice(k) for k in f.keys()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a torch zip file, truncated, pickle refused
+        raise ConfigError("teacher.checkpoint", f"cannot read {path}: {type(err).__name__}: {err}") from None
+    if isinstance(state, Mapping) and isinstance(state.get("teacher"), Mapping):
+        state = state["teacher"]
+    if not isinstance(state, Mapping):
+        raise ConfigError("teacher.checkpoint", f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.get_shape()) if hasattr(value, "get_shape") else tuple(value.shape)
+
+
+def validate_teacher_checkpoint(teacher_cfg) -> None:
+    """A dd2dist teacher checkpoint must hold exactly the configured architecture's tensors, shape for shape.
+
+    Official checkpoints go through their own key maps at load time and are not checked here.
+    """
+    path = teacher_cfg.checkpoint
+    if not path or teacher_cfg.official:
+        return
+    from dd2dist.teachers import build_family
+
+    with torch.device("meta"):
+        model = build_family(teacher_cfg.family, var=teacher_cfg.var, llamagen=teacher_cfg.llamagen)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = _load_state(path)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            "teacher.checkpoint",
+            f"{path} does not match the configured {teacher_cfg.family} teacher: missing keys {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}",
+        )
+    for key, shape in expected.items():
+        if _shape(state[key]) != shape:
+            raise ConfigError(
+                "teacher.checkpoint",
+                f"{path}: tensor {key} has shape {_shape(state[key])}, the configured teacher "
+                f"(teacher.{teacher_cfg.family}) expects {shape}",
+            )
+
+
+def validate_run(cfg) -> None:
+    """Every pre-launch check (call in the driver before starting Ray workers)."""
+    validate_launch(cfg)
+    validate_teacher_checkpoint(cfg.teacher)
