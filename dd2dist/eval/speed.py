@@ -1,0 +1,248 @@
+"""Speed: the one-step generator vs the teacher's KV-cached AR sampler, on the same machine and batch.
+
+    python jobs/benchmark.py speed --out runs/bench/speed.json             # digits teachers + VAR-d16 + LlamaGen-L
+    python jobs/benchmark.py speed --models digits_var,digits_llamagen --batch-sizes 1,64 --out f.json
+
+For each model and batch size, timed after warm-up runs (excluded), in the same process:
+
+* ``teacher_ar``: the teacher's KV-cached sampler with its CFG (2B rows) -> ids; ``teacher_ar_decode`` adds the
+  VQ decode;
+* ``one_step``: the generator (a StudentNet: teacher backbone + MLP head) from noise -> continuous tokens in one
+  forward pass; ``one_step_decode`` adds the VQ decode of those tokens;
+* ``teacher_forced``: one teacher-forced pass of the teacher (features + head, batch B, no CFG) - the floor for a
+  one-step generator built on the teacher backbone; ``decode``: the VQ decode alone.
+
+Weights are random (speed does not depend on them); the geometries are the real ones. Every number records
+its repeats; nothing is extrapolated. JSON + a PNG bar chart (matplotlib) are written next to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dd2dist.latent import guidance_weights
+from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODELS = ("digits_var", "digits_llamagen", "var_d16", "llamagen_l")
+TRUE_SIZE = ("var_d16", "llamagen_l")
+TIMINGS = ("teacher_ar", "teacher_ar_decode", "one_step", "one_step_decode", "teacher_forced", "decode")
+
+
+def build_benchmark_teacher(model: str) -> tuple[ARTeacher, Sampling]:
+    """A randomly initialised teacher of a named geometry and the sampling setting it is timed with.
+
+    ``digits_var`` / ``digits_llamagen``: the architectures of ``configs/digits/*.yaml``; ``var_d16`` /
+    ``llamagen_l``: the released geometries (teachers.md), CFG on (VAR's ramp 2.0, LlamaGen constant 2.0).
+    """
+    from dd2dist.config import load_config
+    from dd2dist.teachers import OFFICIAL_ARCHS, build_family
+
+    if model in ("digits_var", "digits_llamagen"):
+        cfg = load_config(REPO / "configs" / "digits" / f"{model.split('_', 1)[1]}.yaml", check_paths=False)
+        family, arch, sampling = cfg.teacher.family, cfg.teacher.arch, cfg.teacher.sampling
+    elif model in OFFICIAL_ARCHS:
+        arch = OFFICIAL_ARCHS[model]
+        family = "var" if model.startswith("var_") else "llamagen"
+        sampling = Sampling(cfg=2.0, cfg_schedule="var_linear" if family == "var" else "constant")
+    else:
+        raise ValueError(f"unknown benchmark model {model!r}; choose from digits_var, digits_llamagen, "
+                         f"{', '.join(OFFICIAL_ARCHS)}")
+    if getattr(arch, "caption_dim", 0):
+        raise ValueError(f"{model}: text-to-image teachers are not benchmarked (class-conditional only)")
+    torch.manual_seed(0)
+    teacher = build_family(family, **{family: arch}).freeze()
+    # keep CFG, drop filtering: top-k/top-p cost is the same for both samplers' logits and not what we time
+    return teacher, replace(sampling, top_k=0, top_p=1.0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> dict:
+    """Wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
+            "repeats": repeats, "warmup": warmup}
+
+
+def _timed_calls(
+    teacher: ARTeacher, generator: torch.nn.Module, sampling: Sampling, B: int, device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Callable[[], Any]]:
+    """The closures timed for one batch size (inputs built once, outside the timed region)."""
+    cond = Cond(labels=torch.arange(B, device=device) % teacher.num_classes)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = teacher.sample(cond, sampling, generator=gen)
+    eps = torch.randn(B, teacher.num_tokens, teacher.embed_dim, device=device, dtype=dtype)
+    q = generator.generate(eps, cond)
+    return {
+        "teacher_ar": lambda: teacher.sample(cond, sampling, generator=gen),
+        "teacher_ar_decode": lambda: teacher.decode(teacher.sample(cond, sampling, generator=gen)),
+        "one_step": lambda: generator.generate(eps, cond),
+        "one_step_decode": lambda: teacher.decode(generator.generate(eps, cond)),
+        "teacher_forced": lambda: teacher.head_logits(teacher.features(ids, cond), cond),
+        "decode": lambda: teacher.decode(q),
+    }
+
+
+@torch.inference_mode()
+def benchmark_model(
+    model: str, batch_sizes: list[int], warmup: int, repeats: int, device: torch.device, dtype: torch.dtype,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """All timings of one model at each batch size (see the module docstring)."""
+    from types import SimpleNamespace
+
+    from dd2dist.nets.student import StudentNet
+
+    teacher, sampling = build_benchmark_teacher(model)
+    # the generator's head: the config defaults (tiny recipe) for the digits, a paper-scale proposal for true size
+    head = (SimpleNamespace(head_width=1024, head_depth=3, time_embed_dim=256, generator_time=1.0)
+            if model in TRUE_SIZE else SimpleNamespace(head_width=128, head_depth=2, time_embed_dim=64,
+                                                       generator_time=1.0))
+    generator = StudentNet(teacher, head, init_adapter=False).eval().requires_grad_(False)
+    teacher, generator = teacher.to(device, dtype), generator.to(device, dtype)
+    n_teacher = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
+    n_generator = sum(p.numel() for p in generator.parameters())
+    weights = guidance_weights(sampling, teacher.step_of_token, len(teacher.steps))
+    cfg_on = bool((weights != 1).any())
+    rows = []
+    for B in batch_sizes:
+        calls = _timed_calls(teacher, generator, sampling, B, device, dtype)
+        timings = {}
+        for name in TIMINGS:
+            timings[name] = time_call(calls[name], warmup, repeats, device)
+            log(f"  {model} B={B} {name}: {timings[name]['median_s'] * 1e3:.1f} ms (median of {repeats})")
+        med = {k: v["median_s"] for k, v in timings.items()}
+        rows.append({
+            "model": model, "family": teacher.family, "batch_size": B, "num_tokens": teacher.num_tokens,
+            "ar_steps": len(teacher.steps), "teacher_params": n_teacher, "generator_params": n_generator,
+            "sampling": {"cfg": sampling.cfg, "cfg_schedule": sampling.cfg_schedule,
+                         "cfg_rows": 2 * B if cfg_on else B},
+            "timings": timings,
+            "s_per_image": {k: v / B for k, v in med.items()},
+            "images_per_s": {k: B / v for k, v in med.items()},
+            "speedup_one_step_vs_teacher": med["teacher_ar"] / med["one_step"],
+            "speedup_one_step_vs_teacher_with_decode": med["teacher_ar_decode"] / med["one_step_decode"],
+            "one_step_over_teacher_forced": med["one_step"] / med["teacher_forced"],
+        })
+    return rows
+
+
+def plot(results: list[dict], path: str) -> str:
+    """Bar chart of s/image (log scale) per model and batch: teacher AR vs one-step vs teacher-forced floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\nB={r['batch_size']}" for r in results]
+    series = [("teacher_ar", "teacher AR (KV cache, CFG)"), ("one_step", "one-step generator"),
+              ("teacher_forced", "teacher-forced pass (floor)"), ("teacher_ar_decode", "teacher AR + VQ decode"),
+              ("one_step_decode", "one-step + VQ decode")]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5))
+    for i, (key, name) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(results))]
+        ax.bar(xs, [r["s_per_image"][key] for r in results], width, label=name, hatch="//" if "decode" in key else None)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per image (median)")
+    ax.set_title("one-step generator vs the teacher's AR sampler (same device, same batch)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_speed_benchmark(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``args`` (see :func:`build_parser`); returns the JSON-ready report."""
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    results = []
+    for model in models:
+        true_size = model in TRUE_SIZE
+        # CPU: a true-size teacher at batch 64 takes minutes per sample; keep it to batch 1 and few repeats
+        bs = [1] if (true_size and device.type == "cpu" and not args.true_size_all_batches) else batch_sizes
+        reps = args.true_size_repeats if (true_size and device.type == "cpu") else args.repeats
+        warm = min(args.warmup, 1) if (true_size and device.type == "cpu") else args.warmup
+        results += benchmark_model(model, bs, warm, reps, device, dtype, log=print if args.verbose else _quiet)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "dtype": args.dtype, "sampler_loop": "eager PyTorch (VAR per-scale KV cache; LlamaGen static KV cache"
+        + (", CUDA graph decode step)" if device.type == "cuda" else ")"),
+        "decode": "timings named *_decode include the VQ decode; the others exclude it",
+        "extrapolated": False, "results": results,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        report["plot"] = plot(results, str(out.with_suffix(".png")))
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py speed", description="one-step generator vs teacher AR sampler")
+    p.add_argument("--out", default=None, help="JSON path; the PNG plot goes next to it (.png)")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma list: digits_var, digits_llamagen, var_d16..var_d30, llamagen_b, llamagen_l")
+    p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--true-size-repeats", type=int, default=2, help="repeats for true-size models on CPU")
+    p.add_argument("--true-size-all-batches", action="store_true",
+                   help="also run true-size models at every batch size on CPU")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--verbose", action="store_true", default=True)
+    p.add_argument("--quiet", dest="verbose", action="store_false")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``jobs/benchmark.py speed``: print a table, save JSON + PNG with ``--out``."""
+    args = build_parser().parse_args(argv)
+    report = run_speed_benchmark(args)
+    print(f"device {report['device']} ({report['device_type']}, {report['threads']} threads, {report['dtype']})")
+    print(f"{'model':<16}{'B':>4}{'teacher AR':>12}{'+decode':>10}{'one-step':>11}{'+decode':>10}"
+          f"{'TF pass':>10}{'speed-up':>10}{'1step/TF':>10}   (ms per batch, median)")
+    for r in report["results"]:
+        t = {k: v["median_s"] * 1e3 for k, v in r["timings"].items()}
+        print(f"{r['model']:<16}{r['batch_size']:>4}{t['teacher_ar']:>12.1f}{t['teacher_ar_decode']:>10.1f}"
+              f"{t['one_step']:>11.1f}{t['one_step_decode']:>10.1f}{t['teacher_forced']:>10.1f}"
+              f"{r['speedup_one_step_vs_teacher']:>9.1f}x{r['one_step_over_teacher_forced']:>10.2f}")
+    if args.out:
+        print(f"wrote {args.out} and {report['plot']}")
+    return 0

@@ -1,0 +1,56 @@
+"""Speed benchmark smoke test at tiny size: every timing present and positive, JSON + PNG written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dd2dist.eval.speed import TIMINGS, build_benchmark_teacher, build_parser, run_speed_benchmark, time_call
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    args = build_parser().parse_args([
+        "--models", "digits_var,digits_llamagen", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "1",
+        "--device", "cpu", "--out", str(out), "--quiet",
+    ])
+    report = run_speed_benchmark(args)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == report["results"] and Path(report["plot"]).is_file()
+    assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["extrapolated"] is False and "decode" in saved["decode"]
+    rows = {(r["model"], r["batch_size"]) for r in report["results"]}
+    assert rows == {(m, b) for m in ("digits_var", "digits_llamagen") for b in (1, 2)}
+    for r in report["results"]:
+        med = {k: r["timings"][k]["median_s"] for k in TIMINGS}
+        assert all(v > 0 for v in med.values())
+        assert r["speedup_one_step_vs_teacher"] == pytest.approx(med["teacher_ar"] / med["one_step"])
+        assert r["s_per_image"]["one_step"] == pytest.approx(med["one_step"] / r["batch_size"])
+        assert r["sampling"]["cfg_rows"] == 2 * r["batch_size"]  # both digits configs sample with CFG
+        assert r["ar_steps"] == (3 if r["family"] == "var" else 16)
+
+
+def test_time_call_excludes_warmup():
+    calls = []
+    res = time_call(lambda: calls.append(1), warmup=3, repeats=2, device=__import__("torch").device("cpu"))
+    assert len(calls) == 5 and res["repeats"] == 2 and res["warmup"] == 3
+    assert res["min_s"] <= res["median_s"]
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="var_d99"):
+        build_benchmark_teacher("var_d99")
+
+
+def test_jobs_benchmark_dispatches_to_speed(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_job", REPO / "jobs" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "s.json"
+    rc = mod.main(["speed", "--models", "digits_var", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                   "--device", "cpu", "--out", str(out), "--quiet"])
+    assert rc == 0 and out.is_file() and out.with_suffix(".png").is_file()
+    assert "digits_var" in capsys.readouterr().out
