@@ -1,0 +1,90 @@
+"""jobs/distill.py refuses bad runs before any Ray worker starts, naming the key or the file (exit code 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from dd2dist.config import ConfigError, load_config
+from dd2dist.launch.validate import validate_run
+from dd2dist.teachers import build_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+
+
+def _distill():
+    spec = importlib.util.spec_from_file_location("distill_job", ROOT / "jobs" / "distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    import ray
+
+    code = _distill().main(argv)
+    err = capsys.readouterr().err
+    assert not ray.is_initialized(), "a refused run must not start Ray"
+    return code, err
+
+
+def test_tiny_cpu_recipe_validates():
+    cfg = load_config(TINY)
+    validate_run(cfg)
+    assert cfg.launch.num_workers == 2 and cfg.engine.kind == "deepspeed"
+    assert cfg.stages == ("stage1", "stage2", "alignment")
+
+
+def test_config_error_names_the_key(tmp_path, capsys):
+    code, err = _run(["--config", TINY, "--set", "stage2.guidance_per_generator=0", "--output", str(tmp_path)], capsys)
+    assert code == 2 and "stage2.guidance_per_generator" in err
+    code, err = _run(["--config", TINY, "--set", "stage2.no_such_key=1"], capsys)
+    assert code == 2 and "stage2.no_such_key" in err
+
+
+def test_missing_checkpoint_names_the_file(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "teacher.pt"
+    code, err = _run(["--config", TINY, "--set", f"teacher.checkpoint={missing}"], capsys)
+    assert code == 2 and "teacher.checkpoint" in err and str(missing) in err
+
+
+def test_teacher_shape_mismatch_names_key_and_file(tmp_path, capsys):
+    other = load_config(None, ["teacher.var.width=32", "teacher.var.num_heads=2"]).teacher
+    path = tmp_path / "narrow_teacher.pt"
+    torch.save({"teacher": build_teacher(other).state_dict()}, path)
+    code, err = _run(["--config", TINY, "--set", f"teacher.checkpoint={path}"], capsys)
+    assert code == 2 and str(path) in err and "transformer.pos_start" in err and "shape" in err
+
+
+def test_checkpoint_with_foreign_keys_is_refused(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(ConfigError, match="missing keys") as info:
+        validate_run(load_config(TINY, [f"teacher.checkpoint={path}"]))
+    assert info.value.key == "teacher.checkpoint"
+
+
+def test_a_matching_checkpoint_passes(tmp_path):
+    path = tmp_path / "teacher.pt"
+    cfg = load_config(TINY)
+    torch.save(build_teacher(cfg.teacher).state_dict(), path)
+    validate_run(load_config(TINY, [f"teacher.checkpoint={path}"]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["engine.kind=torch"], "engine.kind"),  # 2 workers without gradient sync
+        (["engine.zero_stage_generator=3"], "engine.zero_stage_generator"),
+        (["engine.zero_stage_guidance=3"], "engine.zero_stage_guidance"),
+        (["engine.zero_stage_teacher=2"], "engine.zero_stage_teacher"),
+    ],
+)
+def test_unrunnable_engine_settings(override, key):
+    with pytest.raises(ConfigError) as info:
+        validate_run(load_config(TINY, override))
+    assert info.value.key == key
