@@ -77,8 +77,8 @@ class Trainer:
             training, progress bars, early stops via ``trainer.stop = True``); they must not draw from the global
             RNG or touch the engines' weights if exact resume matters.
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
-            used when this run starts stage 2 without stage 1; otherwise such a run starts from the teacher
-            backbone + a zero head.
+            for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
+            starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
     """
 
     def __init__(
@@ -193,6 +193,7 @@ class Trainer:
         for engine in self.engines.values():
             engine.set_trainable(False)
         self.engine_group = group
+        self._checked_phase = -1  # new engines: the next phase entry checks their modes again
 
     def _ensure_engines(self, phase: Phase) -> None:
         group = _group_of(phase)
@@ -455,6 +456,7 @@ class Trainer:
         self.state = TrainState(**{k: meta[k] for k in asdict(TrainState()).keys()})
         self.engine_group = None
         self.engines = {}
+        self._checked_phase = -1
         if meta["engine_group"] is not None:
             self._build_engines(meta["engine_group"], from_previous=False, loading=True)
             for name, engine in self.engines.items():
