@@ -119,6 +119,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class Stage0Config:
+    """LlamaGen continuous-input adaptation (method.md §4.4), run by jobs/adapt_llamagen.py before stage 1.
+
+    (1) regress an MLP input adapter onto ``tok_embeddings`` over all normalised codes, (2) fine-tune the whole GPT
+    with AR cross-entropy on ``data.shards`` (or on raw teacher samples when ``data.source`` is online), at
+    ``data.batch_size`` sequences per step. The paper gives only the 200k fine-tune iterations; the optimiser values
+    are LlamaGen's own training defaults (AdamW, LR 1e-4, betas (0.9, 0.95), weight decay 0.05, clip 1.0).
+    """
+
+    regress_steps: int = _f(300, ge=0)  # Adam steps on the adapter before its exact least-squares output layer
+    regress_lr: float = _f(1e-3, gt=0.0)
+    regress_batch: int = _f(0, ge=0)  # codes per regression step; 0 = all V codes
+    finetune_steps: int = _f(20, ge=0)  # AR cross-entropy steps (paper: 200k)
+    lr: float = _f(1e-4, gt=0.0)
+    betas: tuple[float, float] = _f((0.9, 0.95), ge=0.0, lt=1.0)  # AdamW betas
+    weight_decay: float = _f(0.05, ge=0.0)
+    grad_clip: float = _f(1.0, ge=0.0)  # max global grad norm; 0 = off
+    cond_drop_prob: float = _f(0.1, ge=0.0, lt=1.0)  # condition -> null (keeps the CFG null path trained)
+    eval_batches: int = _f(2, ge=0)  # held-out batches for the cross-entropy before/after comparison
+
+
+@dataclass(frozen=True)
 class Stage1Config:
     """AR-diffusion tuning with the GTS loss (method.md §5.1; paper values Tab.10)."""
 
@@ -234,6 +256,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = _section(TeacherConfig)
     student: StudentConfig = _section(StudentConfig)
     data: DataConfig = _section(DataConfig)
+    stage0: Stage0Config = _section(Stage0Config)  # LlamaGen input adaptation (jobs/adapt_llamagen.py)
     stage1: Stage1Config = _section(Stage1Config)
     stage2: Stage2Config = _section(Stage2Config)
     alignment: AlignmentConfig = _section(AlignmentConfig)
