@@ -105,6 +105,7 @@ class Trainer:
         self._init_student = init_student
         self._last_logged = -1
         self._checked_phase = -1
+        self._active_role: Role | None = None
         self.schedule: Schedule = build_schedule(cfg)
         self.sampling = cfg.teacher.sampling
         if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
@@ -194,6 +195,7 @@ class Trainer:
             engine.set_trainable(False)
         self.engine_group = group
         self._checked_phase = -1  # new engines: the next phase entry checks their modes again
+        self._active_role = None
 
     def _ensure_engines(self, phase: Phase) -> None:
         group = _group_of(phase)
@@ -203,13 +205,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # modes
     # ------------------------------------------------------------------------------------------------------
-    def _set_role(self, role: Role) -> None:
-        """Make exactly ``role``'s engine trainable, freeze the rest, and assert every net's mode."""
+    def _set_role(self, role: Role | None) -> None:
+        """Make exactly ``role``'s engine trainable (None: none), freeze the rest, and assert every net's mode."""
         for name, engine in self.engines.items():
             engine.set_trainable(name == role)
         self.assert_modes(role)
+        self._active_role = role
 
-    def assert_modes(self, role: Role) -> None:
+    def assert_modes(self, role: Role | None) -> None:
         """Phase-switch check: ``role`` trains, every other net (teacher included) is eval + frozen."""
         self.teacher_engine.assert_mode(False)
         for name, engine in self.engines.items():
@@ -294,7 +297,8 @@ class Trainer:
 
     def _iteration(self, phase: Phase) -> dict[str, float]:
         role = phase.role_at(self.state.phase_iter)
-        self._set_role(role)
+        if role != self._active_role:  # a role switch: set and assert every net's mode
+            self._set_role(role)
         engine = self.engines[role]
         t0 = time.perf_counter()
         finite, batch, extras = True, 0, {}
@@ -311,7 +315,6 @@ class Trainer:
             self.state.skipped[role] = self.state.skipped.get(role, 0) + 1
         elif role == "generator":
             self.ema.update(self.engines["generator"].local_param_tensors())
-        engine.set_trainable(False)
         dt = time.perf_counter() - t0
         self.state.samples += batch * self.world_size
         metrics = {f"{role}/{k}": float(v) for k, v in extras.items()}
@@ -351,8 +354,7 @@ class Trainer:
             # phase switch (or resume): every role of the phase can be made trainable alone, then all are frozen
             for role in phase.roles:
                 self._set_role(role)
-            for engine in self.engines.values():
-                engine.set_trainable(False)
+            self._set_role(None)
             self._checked_phase = self.state.phase_index
 
     def fit(
@@ -457,6 +459,7 @@ class Trainer:
         self.engine_group = None
         self.engines = {}
         self._checked_phase = -1
+        self._active_role = None
         if meta["engine_group"] is not None:
             self._build_engines(meta["engine_group"], from_previous=False, loading=True)
             for name, engine in self.engines.items():
