@@ -8,6 +8,7 @@ import torch
 from dd2dist.config.schema import (
     AlignmentConfig,
     DataConfig,
+    EngineConfig,
     ExperimentConfig,
     Stage1Config,
     Stage2Config,
@@ -111,6 +112,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
         hooked.append((d, step, dict(metrics)))
 
     tr = _trainer(checkpoint_hook=hook)
+    tr.extra_state["mlflow_run_id"] = "abc123"
     tr.fit(checkpoint_dir=tmp_path, checkpoint_every=5, max_iterations=11, keep_last=2)
     assert [s for _, s, _ in hooked] == [5, 10, 11]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000011"]  # pruned to 2
@@ -122,6 +124,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     other.load(latest_checkpoint(tmp_path))
     _assert_same(_snapshot(other), before)
     assert torch.equal(torch.get_rng_state(), rng_before)
+    assert other.extra_state == {"mlflow_run_id": "abc123"}
     assert other.phase.name == tr.phase.name == "stage2"
 
 
@@ -261,3 +264,13 @@ def test_stage2_only_run_starts_from_given_student():
     for name in ("generator", "guidance"):
         _assert_same(s2.engines[name].full_state_dict(), student, name)
     _assert_same(s2.ema.shadow, s2.engines["generator"].local_param_tensors(), "ema")
+
+
+def test_grad_accum_micro_batches_get_balanced_distinct_labels():
+    tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
+    tr.state.iteration = 3
+    a, b = tr._labels(4, 0, "x"), tr._labels(4, 1, "x")
+    assert torch.equal(torch.cat([a, b]), (torch.arange(8) + 3 * 2 * 4) % 4)  # one unbroken cycle over 4 classes
+    tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
+    tr.fit(max_iterations=8)  # and the trainer runs with accumulation (loss / 2 per micro-batch)
+    assert tr.engines["guidance"].optimizer_steps + tr.engines["generator"].optimizer_steps == 2

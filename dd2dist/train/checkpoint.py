@@ -89,3 +89,20 @@ def finalize(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def finalize_local(tmp: Path, final: Path) -> None:
+    """Like :func:`finalize` for a rank > 0 whose ``.tmp`` directory is on a disk rank 0 does not see; ranks of
+    one node race for the same directory, and the losers find it already moved."""
+    try:
+        if final.exists():
+            for item in tmp.rglob("*"):
+                if item.is_file():
+                    dest = final / item.relative_to(tmp)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(item, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except FileNotFoundError:
+        pass

@@ -125,6 +125,9 @@ class Trainer:
         self.student_backbone = None  # the frozen backbone of the head-only phase
         self.ema: EMA | None = None
         self.last_metrics: dict[str, float] = {}
+        # JSON-serialisable values other layers keep in the checkpoint (e.g. the MLflow run id); saved by rank 0
+        # in state.json and restored by load()
+        self.extra_state: dict = {}
 
     # ------------------------------------------------------------------------------------------------------
     # engines per phase group
@@ -228,13 +231,14 @@ class Trainer:
     def _gen(self, purpose: str) -> torch.Generator:
         return make_generator(self.cfg.seed, self.rank, self.state.iteration, purpose, self.device)
 
-    def _labels(self, batch: int, purpose: str) -> Tensor:
+    def _labels(self, batch: int, micro: int, purpose: str) -> Tensor:
         """Class labels of a stage-2 (or online stage-1) batch: balanced cycles or uniform draws."""
         if self.num_classes <= 0:
             raise ValueError("stage 2 / online sampling needs a class-conditional teacher (num_classes > 0); "
                              "text-conditional distillation needs conditions from data (not supported yet)")
         if self.cfg.data.label_mode == "balanced":
-            start = (self.state.iteration * self.world_size + self.rank) * batch
+            # consecutive micro-batches and ranks continue the cycle, so each optimizer step sees balanced classes
+            start = ((self.state.iteration * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank) * batch
             return (torch.arange(batch, device=self.device) + start) % self.num_classes
         return torch.randint(self.num_classes, (batch,), generator=self._gen(purpose), device=self.device)
 
@@ -242,7 +246,7 @@ class Trainer:
         """Clean teacher sequences (B, N, Ce) and their condition."""
         if self.data is None:
             B = self.cfg.stage1.batch_size
-            cond = Cond(labels=self._labels(B, f"s1/{micro}/labels"))
+            cond = Cond(labels=self._labels(B, micro, f"s1/{micro}/labels"))
             ids = self.teacher_engine.module.sample(cond, self.sampling, generator=self._gen(f"s1/{micro}/sample"))
             ids = ids.clone()  # leave inference mode's tensor type behind
         else:
@@ -264,7 +268,7 @@ class Trainer:
 
     def _stage2_noise_and_cond(self, micro: int, purpose: str) -> tuple[Tensor, Cond]:
         B = self.cfg.stage2.batch_size
-        cond = Cond(labels=self._labels(B, f"{purpose}/{micro}/labels"))
+        cond = Cond(labels=self._labels(B, micro, f"{purpose}/{micro}/labels"))
         eps = torch.randn((B, self.num_tokens, self.embed_dim), generator=self._gen(f"{purpose}/{micro}/eps"),
                           device=self.device)
         return eps, cond
@@ -432,12 +436,16 @@ class Trainer:
                 "version": CHECKPOINT_VERSION, **asdict(self.state), "engine_group": self.engine_group,
                 "engines": sorted(self.engines), "phase": self.phase.name if self.phase else None,
                 "phases": [p.name for p in self.schedule.phases], "world_size": self.world_size,
-                "seed": self.cfg.seed,
+                "seed": self.cfg.seed, "extra": self.extra_state,
             })
         self.factory.barrier()
         if self.rank == 0:
             ckpt.finalize(tmp, final)
         self.factory.barrier()
+        if self.rank != 0 and tmp.exists():
+            # node-local disks (no shared file system): this node's ranks finalise their own share; the Ray layer
+            # merges the workers' directories into one checkpoint
+            ckpt.finalize_local(tmp, final)
         if self.checkpoint_hook is not None:
             self.checkpoint_hook(final, self.state.iteration, dict(self.last_metrics))
         if self.rank == 0 and getattr(self, "_keep_last", None):
@@ -456,6 +464,7 @@ class Trainer:
         if meta["phases"] != phases:
             raise ValueError(f"{directory}: saved for phases {meta['phases']}, this config has {phases}")
         self.state = TrainState(**{k: meta[k] for k in asdict(TrainState()).keys()})
+        self.extra_state = dict(meta.get("extra", {}))
         self.engine_group = None
         self.engines = {}
         self._checked_phase = -1
