@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 class TeacherRecipe:
     """Optimisation settings of the digits teacher training (defaults: a few minutes on a 2-core CPU)."""
 
-    vq_epochs: int = 15  # tokenizer epochs over the 1,438 training digits
+    vq_epochs: int = 10  # tokenizer epochs over the 1,438 training digits
     vq_batch_size: int = 64
     vq_lr: float = 2e-3
     commitment_beta: float = 0.25  # weight of ||z - sg(q)||^2 (the codebook term ||sg(z) - q||^2 has weight 1)
     dead_code_restart: bool = True  # re-seed codes unused during an epoch from random encoder outputs
-    ar_epochs: int = 40  # AR transformer epochs over the tokenised training digits
+    ar_epochs: int = 16  # AR transformer epochs over the tokenised training digits
     ar_batch_size: int = 64
     ar_lr: float = 1e-3
     ar_weight_decay: float = 0.05

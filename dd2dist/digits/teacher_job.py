@@ -128,6 +128,10 @@ def evaluate_teacher(teacher: ARTeacher, sampling: Sampling, per_class: int, see
         "reference_reconstructions": compute_metrics(recon, ref, space,
                                                      sampling={"source": "held-out digits encoded and decoded"}),
         "classifier": {"path": clf_path, "heldout_accuracy": clf_info["heldout_accuracy"]},
+        "note": "FID / PR are in the digits-classifier space. That classifier was trained on the train split, so "
+                "train digits sit further out in its feature space than unseen digits: the train-vs-heldout FID "
+                "is a real-data reference, not a lower bound for generated images. Compare FIDs only at equal "
+                "sample counts (here all use the same count).",
     }
 
 
