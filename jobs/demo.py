@@ -1,0 +1,575 @@
+"""`make demo`: the whole DD2 pipeline end to end on scikit-learn's digits, for both teacher families.
+
+    python jobs/demo.py                                   # full demo (both families), writes runs/demo/
+    python jobs/demo.py --quick --out /tmp/demo_quick     # the same path at smoke-test size (tests)
+    python jobs/demo.py --families var --out runs/demo_var
+
+Per family (``var``, ``llamagen``), with the recipe ``configs/demo/<family>[_quick].yaml``:
+
+1. teacher: train (or reuse, cached by config hash) the small VQ tokenizer + AR teacher on the digits train split
+   (``dd2dist.digits.teacher_job``: PNG shards -> DALI -> token shards -> AR training);
+2. teacher-token shards: the teacher sampled with the distillation target across 2 Ray actors
+   (``data_pipelines.teacher_tokens``);
+3. stage 1 (GTS) then stage 2 (CSD / FCS) with 2 DeepSpeed workers under Ray Train on one embedded local Ray
+   (``dd2dist.launch.ray_train.launch``). Stage 1 runs as its own launch (stopped at the last stage-1
+   iteration) so that the stage-1 model can be evaluated; the second launch resumes from that checkpoint;
+4. evaluation against the held-out digits in the digits-classifier feature space (torch-fidelity FID, IS,
+   precision / recall; class consistency): teacher samples, the stage-1 model used as a one-step generator, the
+   DD2 one-step generator (continuous tokens decoded as they are, and snapped to the nearest codes), teacher-refined
+   k-step sampling and the product-of-marginals baseline (tokens drawn independently per position from the
+   class-conditional marginals of the teacher-token shards);
+5. sample grids and loss curves (PNG), the metrics and artefacts logged to the family's MLflow run.
+
+Writes ``<out>/results.json`` (per family: ``fid_*``, ``precision_*``, ``recall_*``, ``class_consistency_*``,
+``seconds``, the sampling settings, classifier accuracy, MLflow run) and ``<out>/results.md`` (the tables).
+Every run of the demo trains the students afresh; teachers and teacher-token shards are reused when present.
+Exit codes: 0 done, 2 bad arguments / configuration, 1 a stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+FAMILIES = ("var", "llamagen")
+# What a per-family result must hold (tests/test_demo_quick.py checks these keys).
+REQUIRED_KEYS = ("fid_teacher", "fid_stage1", "fid_one_step", "class_consistency_teacher",
+                 "class_consistency_one_step", "seconds")
+# The issue's quality targets: DD2 one-step FID <= 1.6x the teacher's; class consistency within 0.05 of it.
+FID_RATIO_TARGET = 1.6
+CONSISTENCY_GAP_TARGET = 0.05
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """The demo settings that are not part of an experiment config (the config schema has no place for them)."""
+
+    teacher_recipe: Any  # dd2dist.digits.recipe.TeacherRecipe
+    token_samples: int  # teacher-token shard samples (stage 1 streams them; the marginals baseline counts them)
+    token_workers: int = 2  # Ray actors sampling the teacher
+    token_batch: int = 256  # sequences per teacher.sample call while precomputing
+
+
+def demo_plan(quick: bool) -> DemoPlan:
+    from dd2dist.digits.recipe import FULL, QUICK
+
+    if quick:
+        return DemoPlan(QUICK, token_samples=64, token_batch=16)
+    return DemoPlan(FULL, token_samples=4096)
+
+
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- configs -------------------------------------------------------------------------------------------------
+
+
+def recipe_path(family: str, quick: bool) -> Path:
+    return REPO / "configs" / "demo" / f"{family}{'_quick' if quick else ''}.yaml"
+
+
+def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: Path, check_paths: bool = True):
+    """The distillation config of one family with the demo's paths filled in."""
+    from dd2dist.config import load_config, read_yaml_tree
+
+    overrides = [f"output_dir={run_dir}"]
+    if teacher_ckpt:
+        overrides.append(f"teacher.checkpoint={teacher_ckpt}")
+    if read_yaml_tree(recipe_path(family, quick)).get("data", {}).get("source") == "shards":
+        overrides.append(f"data.shards={run_dir / 'tokens'}")
+    cfg = load_config(recipe_path(family, quick), overrides, check_paths=check_paths)
+    if cfg.teacher.family != family:
+        raise ValueError(f"{recipe_path(family, quick)}: teacher.family is {cfg.teacher.family!r}, expected {family!r}")
+    if cfg.eval.num_samples % cfg.teacher.arch.num_classes:
+        raise ValueError(f"{recipe_path(family, quick)}: eval.num_samples ({cfg.eval.num_samples}) must be a multiple "
+                         f"of the {cfg.teacher.arch.num_classes} classes (class-balanced evaluation)")
+    return cfg
+
+
+def teacher_config(family: str):
+    from dd2dist.config import load_config
+
+    return load_config(REPO / "configs" / "digits" / f"{family}.yaml")
+
+
+def stage1_iterations(cfg) -> int:
+    from dd2dist.method.schedule import build_schedule
+
+    return sum(p.iterations for p in build_schedule(cfg).phases if p.stage == "stage1")
+
+
+# ---- steps of one family -------------------------------------------------------------------------------------
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove the students of an earlier demo run (the teacher-token shards under ``tokens/`` are kept)."""
+    for name in ("checkpoints", "ray", "export", "workers", "eval", "mlflow_run.json", "config.yaml"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def precompute_tokens(cfg, plan: DemoPlan, tokens_dir: Path) -> dict:
+    """Teacher-token shards (resumed / reused when complete for the same teacher and settings)."""
+    from data_pipelines.teacher_tokens import MANIFEST, precompute_teacher_tokens
+    from dd2dist.data import teacher_id
+
+    manifest_path = tokens_dir / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        same = (old.get("settings", {}).get("teacher_id") == teacher_id(cfg.teacher, cfg.seed)
+                and old.get("num_samples") == plan.token_samples
+                and old.get("settings", {}).get("batch_size") == plan.token_batch)
+        if not same:  # another teacher or size: these shards cannot be resumed, start over
+            shutil.rmtree(tokens_dir)
+    shard_size = max(1, math.ceil(plan.token_samples / (2 * plan.token_workers)))  # >= 2 shards per rank
+    return precompute_teacher_tokens(cfg, plan.token_samples, tokens_dir, workers=plan.token_workers,
+                                     batch_size=plan.token_batch, shard_size=shard_size)
+
+
+def train_students(cfg, run_dir: Path) -> dict:
+    """Stage 1 (one launch, stopped at its last iteration), then stage 2 resuming it; returns launch summaries.
+
+    The stage-1 student is saved from the checkpoint at the end of stage 1 to
+    ``<run>/export/stage1_student.safetensors`` (where ``dd2dist.eval.run_eval`` looks for it): the second
+    launch prunes old checkpoints.
+    """
+    from safetensors.torch import save_file
+
+    from dd2dist.eval.run_eval import load_student_weights
+    from dd2dist.launch.ray_train import checkpoint_root, export_dir, launch
+    from dd2dist.launch.validate import validate_run
+    from dd2dist.train import checkpoint as ckpt
+
+    validate_run(cfg)
+    n1 = stage1_iterations(cfg)
+    t0 = time.perf_counter()
+    first = launch(cfg, max_iterations=n1)
+    t1 = time.perf_counter()
+    stage1_ckpt = ckpt.step_dir(checkpoint_root(cfg), n1)
+    if not (stage1_ckpt / ckpt.STATE_FILE).is_file():
+        raise RuntimeError(f"stage 1 should have left a complete checkpoint at {stage1_ckpt}")
+    stage1_file = export_dir(cfg) / "stage1_student.safetensors"
+    stage1_file.parent.mkdir(parents=True, exist_ok=True)
+    state = load_student_weights(stage1_ckpt)
+    save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in state.items()}, str(stage1_file))
+    second = launch(cfg)
+    t2 = time.perf_counter()
+    if not second.get("export"):
+        raise RuntimeError(f"stage 2 finished without an export under {export_dir(cfg)}")
+    return {"stage1": first, "stage2": second, "stage1_file": str(stage1_file),
+            "seconds_stage1": t1 - t0, "seconds_stage2": t2 - t1}
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+
+
+def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int):
+    """Product of per-position, class-conditional marginals counted over the teacher-token shards."""
+    import torch
+
+    from dd2dist.data import DataStats, list_shards
+    from dd2dist.data.tario import iter_shard_samples
+
+    counts = None
+    for shard in list_shards(str(tokens_dir)):
+        for s in iter_shard_samples(shard, DataStats()):
+            ids = torch.as_tensor(s.tokens, dtype=torch.long).flatten()
+            if counts is None:
+                counts = torch.zeros(num_classes, ids.shape[0], vocab_size)
+            counts[int(s.label), torch.arange(ids.shape[0]), ids] += 1
+    if counts is None:
+        raise RuntimeError(f"{tokens_dir}: no teacher-token samples for the marginals baseline")
+    probs = (counts + 1e-6) / (counts + 1e-6).sum(-1, keepdim=True)
+
+    def sample(labels, generator):
+        p = probs[labels]  # (B, N, V)
+        B, N, V = p.shape
+        return torch.multinomial(p.reshape(B * N, V), 1, generator=generator).view(B, N)
+
+    return sample
+
+
+def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path) -> dict:
+    """The product-of-marginals baseline, measured exactly like the samplers of ``evaluate_run``."""
+    import torch
+
+    from dd2dist.digits.data import digits_split, to_uint8
+    from dd2dist.eval.classifier import cached_classifier
+    from dd2dist.eval.features import digits_feature_space
+    from dd2dist.eval.metrics import class_consistency, compute_metrics
+    from dd2dist.eval.run_eval import balanced_labels, save_grid
+
+    classifier, _, clf_path = cached_classifier()
+    n = cfg.eval.num_samples
+    labels = balanced_labels(n, teacher.num_classes)
+    sample = marginal_sampler(tokens_dir, teacher.num_classes, teacher.vocab_size)
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        images = torch.cat([to_uint8(teacher.decode(sample(labels[i : i + cfg.eval.batch_size], gen)))
+                            for i in range(0, n, cfg.eval.batch_size)])
+    settings = {"method": "marginals", "num_samples": n, "labels": "balanced (i mod num_classes)",
+                "tokens": f"independent per position from the class-conditional marginals of {tokens_dir}",
+                "generation_seconds": time.perf_counter() - t0}
+    res = compute_metrics(images, digits_split("heldout").uint8(), digits_feature_space(clf_path),
+                          sampling=settings, batch_size=64)
+    res.update(class_consistency(images, labels, classifier, teacher.num_classes))
+    res["grid"] = str(save_grid(images, out_dir / "grid_marginals.png"))
+    return res
+
+
+def train_vs_heldout_floor(num: int) -> dict:
+    """FID of real training digits vs the held-out ones at the evaluation's sample count (the best reachable)."""
+    from dd2dist.digits.data import digits_split
+    from dd2dist.eval.classifier import cached_classifier
+    from dd2dist.eval.features import digits_feature_space
+    from dd2dist.eval.metrics import compute_metrics
+
+    _, info, clf_path = cached_classifier()
+    train = digits_split("train").uint8()[:num]
+    floor = compute_metrics(train, digits_split("heldout").uint8(), digits_feature_space(clf_path),
+                            sampling={"source": f"first {train.shape[0]} train digits"})
+    return {"fid": floor["fid"], "classifier_heldout_accuracy": info["heldout_accuracy"], "classifier": clf_path}
+
+
+def evaluate_family(cfg, teacher, run_dir: Path, log_fn=log) -> dict:
+    """``dd2dist.eval.run_eval.evaluate_run`` (teacher, stage-1, one-step, snapped, teacher-refined) plus the
+    product-of-marginals baseline and the real-data floor; returns the report (``results`` per method)."""
+    from dd2dist.eval.run_eval import evaluate_run
+
+    out_dir = run_dir / "eval"
+    report = evaluate_run(cfg, log=lambda m: log_fn(f"[{cfg.teacher.family}] {m}"), out_dir=out_dir)
+    for needed in ("teacher", "stage1", "one_step"):
+        if needed not in report["results"]:
+            raise RuntimeError(f"evaluation of {run_dir} has no {needed!r} result (missing weights?)")
+    tokens_dir = run_dir / "tokens"
+    if tokens_dir.is_dir():
+        report["results"]["marginals"] = res = evaluate_marginals(cfg, teacher, tokens_dir, out_dir)
+        log_fn(f"[{cfg.teacher.family}]   marginals: FID {res['fid']:.3f} class consistency "
+               f"{res['class_consistency']:.3f}")
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    report["floor"] = train_vs_heldout_floor(cfg.eval.num_samples)
+    return report
+
+
+# ---- figures -------------------------------------------------------------------------------------------------
+
+GRID_METHODS = ("teacher", "stage1", "one_step", "refined_2", "marginals")
+GRID_TITLES = {"teacher": "teacher (AR)", "stage1": "stage-1 model, one step", "one_step": "DD2 one-step",
+               "one_step_snapped": "DD2 one-step, snapped", "refined_2": "DD2 + teacher, 2 steps",
+               "refined_3": "DD2 + teacher, 3 steps", "marginals": "product of marginals"}
+
+
+def save_sample_figure(results: dict, path: Path, title: str, columns: int = 6) -> Path:
+    """One PNG: the first ``columns`` samples of every class (rows) for each sampler, read back from the
+    per-sampler grids ``evaluate_run`` writes (10 columns = classes 0..9, one sample per class per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    names = [n for n in GRID_METHODS if n in results and results[n].get("grid")]
+    fig, axes = plt.subplots(1, len(names), figsize=(1.75 * len(names), 3.1), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        grid = mpimg.imread(results[name]["grid"])  # rows: sample index; columns: class
+        cell = (grid.shape[1] - 1) // 10  # save_image pads 1 pixel around each tile
+        rows = min(columns, (grid.shape[0] - 1) // cell)
+        ax.imshow(grid[: rows * cell + 1].transpose(1, 0, 2), interpolation="nearest")  # now rows = classes
+        ax.set_title(GRID_TITLES.get(name, name), fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+LOSS_KEYS = ("student_head/loss", "student/loss", "guidance/loss", "generator/loss")
+
+
+def loss_histories(run_id: str, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
+    """The training losses of an MLflow run: {key: [(iteration, value)]}."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = {}
+    for key in LOSS_KEYS:
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        if hist:
+            out[key] = hist
+    return out
+
+
+def save_loss_curves(histories: dict[str, dict], path: Path) -> Path:
+    """One PNG, one panel per family: the stage-1 GTS loss, the guidance FCS loss and the generator CSD loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.2), squeeze=False)
+    for ax, (family, hist) in zip(axes[0], histories.items()):
+        for key, values in hist.items():
+            steps, vals = zip(*values)
+            ax.plot(steps, vals, label=key, lw=1)
+        ax.set_title(f"{family}: training losses (MLflow)", fontsize=9)
+        ax.set_xlabel("iteration (optimizer steps of all roles)")
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- results -------------------------------------------------------------------------------------------------
+
+
+def family_summary(evaluation: dict, train: dict, teacher_report: dict, cfg, seconds: float, run: dict) -> dict:
+    """The flat per-family record of results.json."""
+    methods = evaluation["results"]
+    out: dict[str, Any] = {}
+    for name, m in methods.items():
+        out[f"fid_{name}"] = m["fid"]
+        out[f"precision_{name}"] = m["precision"]
+        out[f"recall_{name}"] = m["recall"]
+        out[f"isc_{name}"] = m["isc_mean"]
+        out[f"class_consistency_{name}"] = m["class_consistency"]
+    out["fid_train_vs_heldout"] = evaluation["floor"]["fid"]
+    out["fid_ratio_one_step"] = methods["one_step"]["fid"] / max(methods["teacher"]["fid"], 1e-12)
+    out["class_consistency_gap"] = abs(methods["one_step"]["class_consistency"]
+                                       - methods["teacher"]["class_consistency"])
+    out["targets"] = {
+        "fid_ratio_max": FID_RATIO_TARGET, "fid_ratio_met": out["fid_ratio_one_step"] <= FID_RATIO_TARGET,
+        "class_consistency_gap_max": CONSISTENCY_GAP_TARGET,
+        "class_consistency_met": out["class_consistency_gap"] <= CONSISTENCY_GAP_TARGET,
+    }
+    out["classifier_heldout_accuracy"] = evaluation["floor"]["classifier_heldout_accuracy"]
+    out["seconds"] = seconds
+    out["seconds_by_step"] = run["seconds_by_step"]
+    out["sampling"] = {
+        "teacher": asdict(cfg.teacher.sampling), "num_samples": cfg.eval.num_samples,
+        "per_class": cfg.eval.num_samples // cfg.teacher.arch.num_classes,
+        "reference": "digits held-out split (359 images)", "feature_space": "digits classifier (penultimate)",
+        "methods": {name: m["sampling"] for name, m in methods.items()},
+    }
+    out["teacher"] = {"checkpoint": teacher_report["checkpoint"], "reused": teacher_report.get("reused", False),
+                      "training_seconds": teacher_report.get("seconds")}
+    out["token_shards"] = run["token_shards"]
+    out["mlflow"] = run["mlflow"]
+    out["export"] = train["stage2"]["export"]
+    out["stage1_model"] = train["stage1_file"]
+    out["iterations"] = train["stage2"]["iteration"]
+    out["grid"] = run["grid"]
+    out["metrics"] = methods
+    out["feature_space"] = evaluation["feature_space"]
+    return out
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_tables(results: dict) -> str:
+    """The quality table (one block per family) and the per-step timings, as Markdown."""
+    lines = ["| family | sampler | FID | precision | recall | IS | class consistency |",
+             "|---|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        if family not in results:
+            continue
+        r = results[family]
+        for name, m in r["metrics"].items():
+            lines.append(f"| {family} | {GRID_TITLES.get(name, name)} | {_fmt(m['fid'])} | {_fmt(m['precision'])} | "
+                         f"{_fmt(m['recall'])} | {_fmt(m['isc_mean'], 2)} | {_fmt(m['class_consistency'])} |")
+        lines.append(f"| {family} | *train digits vs held-out (floor)* | {_fmt(r['fid_train_vs_heldout'])} "
+                     "| | | | |")
+    lines += ["", "| family | teacher | teacher tokens | stage 1 | stage 2 | evaluation | total (s) |",
+              "|---|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        if family in results:
+            s = results[family]["seconds_by_step"]
+            lines.append(f"| {family} | {s['teacher']:.0f}{' (reused)' if results[family]['teacher']['reused'] else ''}"
+                         f" | {s['tokens']:.0f} | {s['stage1']:.0f} | {s['stage2']:.0f} | {s['evaluation']:.0f} | "
+                         f"{results[family]['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(results: dict) -> None:
+    print("\n" + markdown_tables(results))
+    for family in FAMILIES:
+        if family not in results:
+            continue
+        r = results[family]
+        print(f"{family}: one-step FID / teacher FID = {r['fid_ratio_one_step']:.2f} (target <= {FID_RATIO_TARGET}); "
+              f"class-consistency gap {r['class_consistency_gap']:.3f} (target <= {CONSISTENCY_GAP_TARGET})")
+        print(f"  MLflow run {r['mlflow']['run_id']} in {r['mlflow']['tracking_uri']}")
+        print(f"  sample grid {r['grid']}   generator {r['export']}")
+    sys.stdout.flush()
+
+
+# ---- driver --------------------------------------------------------------------------------------------------
+
+
+def run_family(family: str, args: argparse.Namespace, plan: DemoPlan) -> dict:
+    import torch
+
+    from dd2dist.digits.teacher_job import train_digits_teacher
+    from dd2dist.eval.run_eval import log_to_mlflow
+    from dd2dist.teachers import build_teacher
+    from dd2dist.tracking import open_run
+
+    t_start = time.perf_counter()
+    out = Path(args.out).absolute()
+    run_dir = out / family
+    steps: dict[str, float] = {}
+
+    log(f"[{family}] 1/5 teacher (train or reuse) in {args.teachers}")
+    t0 = time.perf_counter()
+    report = train_digits_teacher(teacher_config(family), args.teachers, plan.teacher_recipe,
+                                  log=lambda m: log(f"[{family}]   {m}"), evaluate=not args.quick)
+    steps["teacher"] = time.perf_counter() - t0
+    cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False)
+    clean_run_dir(run_dir)
+    torch.manual_seed(cfg.seed)
+    teacher = build_teacher(cfg.teacher)
+
+    t0 = time.perf_counter()
+    token_info: dict[str, Any] = {"stage1_source": cfg.data.source}
+    log(f"[{family}] 2/5 teacher-token shards: {plan.token_samples} samples on {plan.token_workers} Ray actors")
+    manifest = precompute_tokens(cfg, plan, run_dir / "tokens")
+    token_info.update(dir=str(run_dir / "tokens"), num_samples=manifest["num_samples"],
+                      num_shards=manifest["num_shards"], teacher_id=manifest["teacher_id"])
+    if cfg.data.source == "shards":
+        cfg = family_config(family, args.quick, report["checkpoint"], run_dir)  # now the shards exist
+    else:
+        log(f"[{family}]   data.source={cfg.data.source}: stage 1 samples the teacher online (same target)")
+    steps["tokens"] = time.perf_counter() - t0
+
+    log(f"[{family}] 3/5 stage 1 + stage 2 on Ray Train, {cfg.launch.num_workers} {cfg.engine.kind} workers")
+    train = train_students(cfg, run_dir)
+    steps["stage1"], steps["stage2"] = train["seconds_stage1"], train["seconds_stage2"]
+
+    log(f"[{family}] 4/5 evaluation: {cfg.eval.num_samples} samples per sampler vs the held-out digits")
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    evaluation = evaluate_family(cfg, teacher, run_dir)
+    steps["evaluation"] = time.perf_counter() - t0
+
+    log(f"[{family}] 5/5 figures and MLflow")
+    grid = save_sample_figure(evaluation["results"], run_dir / "eval" / "samples.png",
+                              f"{family} digits (rows: classes 0-9)")
+    run_id = log_to_mlflow(cfg, evaluation)  # eval/<method>/<metric> at the final iteration, grids, report
+    tracker = open_run(cfg, progress=False)  # the same run again: the demo's own artefacts, then FINISHED
+    mlflow_info = {"run_id": run_id, "tracking_uri": tracker.tracking_uri if tracker else None,
+                   "experiment": cfg.tracking.experiment}
+    seconds = time.perf_counter() - t_start
+    run = {"seconds_by_step": steps, "token_shards": token_info, "mlflow": mlflow_info, "grid": str(grid)}
+    summary = family_summary(evaluation, train, report, cfg, seconds, run)
+    (run_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if tracker is not None:
+        tracker.log_artifact(grid, "eval")
+        tracker.log_artifact(run_dir / "eval" / "summary.json", "eval")
+        tracker.set_tags({"demo": "quick" if args.quick else "full"})
+        summary["loss_history"] = loss_histories(tracker.run_id, tracker.tracking_uri)
+        tracker.close("FINISHED")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke-test size (configs/demo/*_quick.yaml)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: var,llamagen")
+    parser.add_argument("--out", default="runs/demo", help="demo directory (results.json, one folder per family)")
+    parser.add_argument("--teachers", default=None,
+                        help="teacher cache directory (default: runs/teachers, or <out>/teachers with --quick)")
+    args = parser.parse_args(argv)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        parser.error(f"--families: unknown {bad or families}; choose from {', '.join(FAMILIES)}")
+    out = Path(args.out).absolute()
+    args.teachers = str(Path(args.teachers or (out / "teachers" if args.quick else REPO / "runs" / "teachers"))
+                        .absolute())
+    for family in families:  # every config error before anything runs
+        try:
+            family_config(family, args.quick, None, out / family, check_paths=False)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"demo: configuration error: {err}", file=sys.stderr)
+            return 2
+    os.chdir(REPO)  # configs name relative include paths; the runs are addressed absolutely
+    plan = demo_plan(args.quick)
+
+    from dd2dist.launch.ray_env import init_local_ray
+
+    t0 = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_before = os.getloadavg()
+    owns_ray = init_local_ray(num_cpus=2)  # one Ray for every step: precompute actors and both trainings
+    results: dict[str, Any] = {}
+    code = 0
+    try:
+        for family in families:
+            results[family] = run_family(family, args, plan)
+    except Exception as err:  # noqa: BLE001 - report which stage failed, then exit non-zero
+        import traceback
+
+        traceback.print_exc()
+        print(f"demo: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        code = 1
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    if code == 0:
+        histories = {f: r.pop("loss_history", {}) for f, r in results.items()}
+        curves = save_loss_curves(histories, out / "loss_curves.png") if any(histories.values()) else None
+        import torch
+
+        results["settings"] = {
+            "quick": args.quick, "families": families, "started": started_at,
+            "seconds_total": time.perf_counter() - t0, "teachers_dir": args.teachers,
+            "recipes": {f: str(recipe_path(f, args.quick).relative_to(REPO)) for f in families},
+            "token_samples": plan.token_samples, "teacher_recipe": asdict(plan.teacher_recipe),
+            "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                        "python": platform.python_version(), "torch": torch.__version__},
+            "loss_curves": str(curves) if curves else None,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "results.md").write_text(markdown_tables(results))
+        print_summary(results)
+        print(f"results: {out / 'results.json'} (tables: {out / 'results.md'}; loss curves: {curves}); "
+              f"total {results['settings']['seconds_total']:.0f} s")
+    return code
+
+
+if __name__ == "__main__":
+    exit_code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # ZeRO-3 process groups can abort at interpreter exit after the work is done (environment.md): skip finalisers.
+    os._exit(exit_code)
