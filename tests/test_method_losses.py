@@ -185,3 +185,38 @@ def test_csd_rejects_unknown_kind(setup):
     q = torch.randn(1, teacher.num_tokens, teacher.embed_dim)
     with pytest.raises(ValueError, match="csd_loss"):
         csd_loss(q, teacher, gui, teacher.codebook(), Cond(labels=torch.tensor([0])), SAMPLING, _g(), kind="kl")
+
+
+def test_csd_gradient_is_own_position_only(setup):
+    """Autograd's dL/dq_j equals the finite difference of the SiD formula with everything the prefix decides
+    frozen at q (teacher log-probs, ψ's features) and the normaliser w frozen: no gradient through the prefix."""
+    teacher, _, gui = setup
+    _frozen(gui)
+    cond = Cond(labels=torch.tensor([1, 2]))
+    torch.manual_seed(3)
+    q0 = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    q = q0.clone().requires_grad_(True)
+    loss, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(21))
+    loss.backward()
+    with torch.no_grad():
+        lp0, f0 = teacher.log_probs(q0, cond, SAMPLING), gui.features(q0, cond)
+        g = _g(21)
+        t = 0.02 + 0.94 * torch.rand(q0.shape[:2], generator=g)
+        eps = torch.randn(q0.shape, generator=g)
+
+        def x0s(x):
+            xt = (1 - t[..., None]) * x + t[..., None] * eps
+            return posterior(lp0, teacher.codebook(), xt, t).x0, xt - t[..., None] * gui.velocity(xt, t, f0)
+
+        w0 = (q0 - x0s(q0)[0]).abs().mean(dim=(1, 2))
+
+        def frozen_prefix_loss(x):
+            xr, xf = x0s(x)
+            return (((xr - xf) * (xf - x)).sum(-1) / w0[:, None]).mean().double()
+
+        h = 1e-2
+        for b, j, c in [(0, 0, 0), (0, 3, 1), (1, 5, 2), (1, teacher.num_tokens - 1, 3), (0, 8, 0)]:
+            e = torch.zeros_like(q0)
+            e[b, j, c] = h
+            fd = (frozen_prefix_loss(q0 + e) - frozen_prefix_loss(q0 - e)) / (2 * h)
+            assert float(q.grad[b, j, c]) == pytest.approx(float(fd), rel=0.03, abs=1e-5), (b, j, c)
