@@ -274,3 +274,26 @@ def test_grad_accum_micro_batches_get_balanced_distinct_labels():
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
     tr.fit(max_iterations=8)  # and the trainer runs with accumulation (loss / 2 per micro-batch)
     assert tr.engines["guidance"].optimizer_steps + tr.engines["generator"].optimizer_steps == 2
+
+
+def test_llamagen_trainer_runs_and_resumes_exactly(tmp_path):
+    from dd2dist.teachers import LlamaGenConfig
+
+    arch = LlamaGenConfig(n_layer=1, n_head=4, dim=64, grid=2, num_classes=3)  # snap teacher: mlp-adapter students
+    cfg = _cfg(stages=("stage1", "stage2"), alignment=AlignmentConfig(),
+               teacher=TeacherConfig(family="llamagen", llamagen=arch, sampling=Sampling(cfg=2.0)),
+               stage1=Stage1Config(head_only_steps=0, steps=3, batch_size=4))
+
+    def make():
+        torch.manual_seed(0)
+        return Trainer(cfg, build_family("llamagen", llamagen=arch), TorchEngineFactory())
+
+    ref = make()
+    ref.fit()
+    assert ref.done and ref.state.iteration == 3 + 9
+    a = make()
+    a.fit(checkpoint_dir=tmp_path, max_iterations=5)
+    b = make()
+    b.resume_latest(tmp_path)
+    b.fit()
+    _assert_same(_snapshot(b), _snapshot(ref))
