@@ -268,8 +268,15 @@ def run_gpu_step(args: argparse.Namespace) -> dict:
     from dd2dist.teachers import build_teacher
     from dd2dist.train import Trainer
 
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--gpu: no CUDA device is visible")
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     cfg = load_config(str(ROOT / "configs" / "teachers" / f"{args.geometry}.yaml"), [
         "teacher.official=null", "stages=[stage2]", "alignment.enabled=false", "engine.kind=torch",
         f"stage2.batch_size={args.batch}", f"stage2.guidance_per_generator={args.k}", "stage2.generator_steps=100",
@@ -278,26 +285,27 @@ def run_gpu_step(args: argparse.Namespace) -> dict:
     ], check_paths=False)
     cfg = replace(cfg)
     torch.manual_seed(0)
-    device = torch.device("cuda")
     teacher = build_teacher(cfg.teacher)
     trainer = Trainer(cfg, teacher, TorchEngineFactory(device))
-    trainer.teacher_engine.module.to(torch.bfloat16)  # the frozen teacher in bf16; students fp32 + bf16 autocast
+    if args.teacher_bf16:
+        trainer.teacher_engine.module.to(torch.bfloat16)  # bf16 teacher weights (its closed form stays fp32)
     times = {"guidance": [], "generator": []}
     iteration = trainer._iteration
 
     def timed(phase):
         role = phase.role_at(trainer.state.phase_iter)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = iteration(phase)
-        torch.cuda.synchronize()
+        sync()
         times[role].append(time.perf_counter() - t0)
         return out
 
     trainer._iteration = timed
     n = (args.k + 1) * (1 + args.gpu_cycles)  # one warm-up cycle, then the timed ones
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer.fit(max_iterations=n)
     skip_g, skip_d = 1, args.k  # the first cycle is warm-up
     gen = times["generator"][skip_g:]
@@ -306,12 +314,15 @@ def run_gpu_step(args: argparse.Namespace) -> dict:
     params = {name: sum(p.numel() for p in e.module.parameters()) for name, e in trainer.engines.items()}
     params["teacher"] = sum(p.numel() for p in trainer.teacher_engine.module.parameters())
     return {
-        "benchmark": "train", "device": torch.cuda.get_device_name(), "geometry": args.geometry,
-        "precision": "bf16 autocast (teacher bf16 weights; students fp32 master weights)", "batch": args.batch,
+        "benchmark": "train", "device": torch.cuda.get_device_name() if cuda else "cpu", "geometry": args.geometry,
+        "precision": "bf16 autocast; students fp32 weights + AdamW; teacher weights "
+                     + ("bf16" if args.teacher_bf16 else "fp32"), "batch": args.batch,
         "K": args.k, "tokens_per_sample": teacher.num_tokens, "params": params,
         "generator_step_s": sum(gen) / max(1, len(gen)), "guidance_step_s": sum(gui) / max(1, len(gui)),
         "cycle_s": cycle, "samples_per_s_per_cycle": args.batch / cycle,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": (torch.cuda.max_memory_allocated() if cuda else
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
         "timed": {"generator": gen, "guidance": gui},
     }
 
@@ -330,6 +341,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="one-GPU true-size stage-2 step instead")
     parser.add_argument("--geometry", default="var_d16", help="teacher geometry for --gpu (configs/teachers/*)")
     parser.add_argument("--gpu-cycles", type=int, default=3, help="timed generator cycles for --gpu")
+    parser.add_argument("--device", default="cuda", help="device of the --gpu run (cpu: a smoke check)")
+    parser.add_argument("--teacher-bf16", action="store_true", help="--gpu: store the teacher in bf16")
     return parser.parse_args(argv)
 
 
