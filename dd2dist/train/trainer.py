@@ -14,6 +14,7 @@ skip that step (``all_finite`` is collective); skips are counted and logged.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -118,6 +119,7 @@ class Trainer:
         self.codebook = teacher.codebook().detach().float().clone().to(self.device)
         self._template = StudentNet(teacher, cfg.student).cpu()
         self.teacher_engine = engine_factory.teacher(teacher)
+        self._sampler_returns_log_probs = "return_log_probs" in inspect.signature(teacher.sample).parameters
         self.teacher_engine.set_trainable(False)
         self.state = TrainState()
         self.engines: dict[str, Engine] = {}
@@ -242,12 +244,20 @@ class Trainer:
             return (torch.arange(batch, device=self.device) + start) % self.num_classes
         return torch.randint(self.num_classes, (batch,), generator=self._gen(purpose), device=self.device)
 
-    def _stage1_batch(self, micro: int) -> tuple[Tensor, Cond]:
-        """Clean teacher sequences (B, N, Ce) and their condition."""
+    def _stage1_batch(self, micro: int) -> tuple[Tensor, Cond, Tensor | None]:
+        """Clean teacher sequences (B, N, Ce), their condition, and (online sampling) the teacher's log-probs
+        each token was drawn from: exactly the teacher-forced target distribution, so GTS needs no extra pass."""
+        lp = None
         if self.data is None:
             B = self.cfg.stage1.batch_size
             cond = Cond(labels=self._labels(B, micro, f"s1/{micro}/labels"))
-            ids = self.teacher_engine.module.sample(cond, self.sampling, generator=self._gen(f"s1/{micro}/sample"))
+            gen = self._gen(f"s1/{micro}/sample")
+            sample = self.teacher_engine.module.sample
+            if self._sampler_returns_log_probs:
+                ids, lp = sample(cond, self.sampling, generator=gen, return_log_probs=True)
+                lp = lp.clone()
+            else:
+                ids = sample(cond, self.sampling, generator=gen)
             ids = ids.clone()  # leave inference mode's tensor type behind
         else:
             if self._data_iter is None:
@@ -264,7 +274,7 @@ class Trainer:
             ids, cond = ids.to(self.device).long(), cond.to(self.device)
         if ids.shape[1:] != (self.num_tokens,):
             raise ValueError(f"stage-1 batch tokens have shape {tuple(ids.shape)}, expected (B, {self.num_tokens})")
-        return self.codebook[ids], cond
+        return self.codebook[ids], cond, lp
 
     def _stage2_noise_and_cond(self, micro: int, purpose: str) -> tuple[Tensor, Cond]:
         B = self.cfg.stage2.batch_size
@@ -280,10 +290,10 @@ class Trainer:
         cfg, s2 = self.cfg, self.cfg.stage2
         teacher = self.teacher_engine.module
         if role in ("student_head", "student"):
-            x0, cond = self._stage1_batch(micro)
+            x0, cond, lp = self._stage1_batch(micro)
             net = self._head_net if role == "student_head" else self.engines["student"].module
             loss, m = gts_loss(net, teacher, self.codebook, x0, cond, self.sampling, self._gen(f"gts/{micro}"),
-                               t_min=cfg.stage1.t_min)
+                               t_min=cfg.stage1.t_min, teacher_log_probs=lp)
             return loss, m, x0.shape[0]
         generator = self.engines["generator"].module
         guidance = self.engines["guidance"].module
