@@ -220,3 +220,15 @@ def test_csd_gradient_is_own_position_only(setup):
             e[b, j, c] = h
             fd = (frozen_prefix_loss(q0 + e) - frozen_prefix_loss(q0 - e)) / (2 * h)
             assert float(q.grad[b, j, c]) == pytest.approx(float(fd), rel=0.03, abs=1e-5), (b, j, c)
+
+
+def test_gts_with_sampler_log_probs_equals_teacher_forced(setup):
+    """The trainer passes the sampler's own log-probs as the GTS target: they must be the teacher-forced ones."""
+    teacher, gen, _ = setup
+    cond = Cond(labels=torch.tensor([0, 1, 2, 3]))
+    ids, lp = teacher.sample(cond, SAMPLING, generator=_g(8), return_log_probs=True)
+    x0 = teacher.embed(ids.clone())
+    with torch.no_grad():
+        a, _ = gts_loss(gen, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(9), teacher_log_probs=lp.clone())
+        b, _ = gts_loss(gen, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(9))
+    assert torch.allclose(a, b, rtol=1e-5)
