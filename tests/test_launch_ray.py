@@ -2,7 +2,7 @@
 
 * exact resume: stop at N, rerun with the same name to 2N == an uninterrupted 2N-step run (rel 1e-5);
 * a worker SIGKILLed mid-run: the worker group restarts from the last checkpoint by itself, finishes with the
-  same weights, and the MLflow history has every logged step exactly once.
+  same weights, and the MLflow history has every logged step exactly once (plus the export and sample grids).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _kill_rank1_after_first_checkpoint(cfg, killed: dict) -> None:
 
 
 def test_sigkilled_worker_restarts_from_checkpoint(tmp_path, uninterrupted):
-    cfg = _cfg(tmp_path, "killed", "launch.max_failures=1")
+    cfg = _cfg(tmp_path, "killed", "launch.max_failures=1", "tracking.sample_grid_every=8")
     killed: dict = {}
     killer = threading.Thread(target=_kill_rank1_after_first_checkpoint, args=(cfg, killed), daemon=True)
     killer.start()
@@ -109,3 +109,5 @@ def test_sigkilled_worker_restarts_from_checkpoint(tmp_path, uninterrupted):
     assert steps == list(range(2, TOTAL + 1, 2))  # no gap, no duplicate
     artifacts = [f.path for f in client.list_artifacts(summary["run_id"], "export")]
     assert "export/generator.safetensors" in artifacts
+    grids = {f.path for f in client.list_artifacts(summary["run_id"], "samples")}
+    assert {"samples/final_ema.png", "samples/grid_00000032.png"} <= grids

@@ -75,6 +75,23 @@ def _make_factory(cfg):
     return TorchEngineFactory("cuda" if cfg.launch.use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def samples_dir(cfg) -> Path:
+    return Path(cfg.output_dir) / "samples"
+
+
+def _final_grid(cfg, trainer, factory, tracker, rank: int) -> None:
+    """A sample grid of the exported EMA generator, loaded the way sampling loads it (collective decode)."""
+    from dd2dist.eval.sampling import load_generator
+    from dd2dist.launch.sample_grid import generator_grid, save_png
+
+    net, _ = load_generator(export_dir(cfg), device=getattr(factory, "device", "cpu"))
+    grid = generator_grid(net, trainer.teacher_engine.module, trainer.num_classes)
+    if rank == 0:
+        path = save_png(grid, samples_dir(cfg) / "final_ema.png")
+        if tracker is not None:
+            tracker.log_artifact(path, "samples")
+
+
 def _numeric(metrics: dict) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -129,8 +146,13 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(values, checkpoint=None)
 
+    callbacks = []
+    if cfg.tracking.sample_grid_every and not dry_run:
+        from dd2dist.launch.sample_grid import grid_callback
+
+        callbacks.append(grid_callback(cfg.tracking.sample_grid_every, samples_dir(cfg), tracker, rank))
     trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world,
-                      checkpoint_hook=None if dry_run else report)
+                      checkpoint_hook=None if dry_run else report, callbacks=callbacks)
     if dry_run:
         trainer.fit(max_iterations=1)
         ray.train.report({"iteration": float(trainer.state.iteration), "dry_run": 1.0})
@@ -147,6 +169,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 max_iterations=config.get("max_iterations"))
     if trainer.done and "generator" in trainer.engines:
         path = trainer.export_generator(export_dir(cfg))
+        _final_grid(cfg, trainer, factory, tracker, rank)
         if tracker is not None:
             tracker.log_artifact(path, "export")
             tracker.log_artifact(path.parent / "config.yaml", "export")
