@@ -179,6 +179,8 @@ def run_stage0(cfg, output: str, device: torch.device) -> dict:
     t0 = time.perf_counter()
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).to(device)
     teacher.init_buffers(device)
+    if teacher.cfg != cfg.teacher.arch:  # teacher.yaml below describes cfg.teacher.arch: it must be what was loaded
+        raise ValueError(f"the loaded teacher's architecture {teacher.cfg} is not the configured {cfg.teacher.arch}")
 
     # (1) adapter regression
     adapted = with_mlp_adapter(teacher)

@@ -45,6 +45,8 @@ PAPER = {
     ),
 }
 RECIPES = [*PAPER, "llamagen_t2i_xl"]
+# DD2's parameter counts (method.md §8, Tab.1 #Param): the head size is not stated, these pin our choice of it.
+PAPER_STUDENT_PARAMS = {"var_d16": 329e6, "var_d20": 619e6, "var_d24": 1.04e9, "llamagen_l": 335e6}
 
 
 def _load(name: str, *overrides: str):
@@ -143,6 +145,22 @@ def test_t2i_recipe_is_labelled_as_not_from_the_paper():
     assert "NOT a paper recipe" in text
     cfg = _load("llamagen_t2i_xl")
     assert cfg.teacher.arch.caption_dim == 2048 and cfg.teacher.arch.cls_token_num == 120
+
+
+@pytest.mark.parametrize("name", list(PAPER_STUDENT_PARAMS))
+def test_student_size_matches_the_papers_parameter_count(name):
+    import torch
+
+    from dd2dist.nets.student import StudentNet
+    from dd2dist.teachers import build_family
+
+    cfg = _load(name)
+    family = cfg.teacher.family
+    with torch.device("meta"):  # shapes only: no weights are materialised
+        teacher = build_family(family, **{family: cfg.teacher.arch})
+        student = StudentNet(teacher, cfg.student, init_adapter=False)
+    count = sum(p.numel() for p in student.parameters())
+    assert count == pytest.approx(PAPER_STUDENT_PARAMS[name], rel=0.01)
 
 
 def test_every_paper_recipe_is_tested():
