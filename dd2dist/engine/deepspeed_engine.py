@@ -453,7 +453,7 @@ class DeepSpeedFrozenEngine(Engine):
         ensure_distributed()
         config = frozen_ds_config(zero_stage=3, precision=precision)
         if not all(_is_partitioned(p) for p in module.parameters()):
-            module = module.to(self.device)
+            module = module.to(device=self.device, dtype=_dtype(precision))  # floating tensors only
             deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=None)
         self._ds, _, _, _ = deepspeed.initialize(model=module, config=config)
         self.module = self._ds.module

@@ -213,6 +213,7 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
                               address=cfg.launch.ray_address)
     run_id = None
     scratch = None
+    tracker = None
     try:
         if dry_run:
             scratch = tempfile.mkdtemp(prefix="dd2-dryrun-")
@@ -242,10 +243,14 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
         start = time.perf_counter()
         result = trainer.fit()
         if result.error is not None:
+            if tracker is not None:
+                tracker.close("FAILED")
             raise result.error
         summary = {
             "name": cfg.name, "output_dir": cfg.output_dir, "run_id": run_id, "dry_run": dry_run,
-            "iteration": int((result.metrics or {}).get("iteration", 0)), "seconds": time.perf_counter() - start,
+            # Ray Train keeps metrics with checkpoints only, so a dry run (no checkpoint) reports none
+            "iteration": int(result.metrics["iteration"]) if result.metrics else None,
+            "seconds": time.perf_counter() - start,
             "export": str(export_dir(cfg) / "generator.safetensors")
             if (export_dir(cfg) / "generator.safetensors").is_file() else None,
         }
