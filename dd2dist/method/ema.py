@@ -33,7 +33,8 @@ class EMA:
             raise ValueError(f"stage2.ema_max must be in [0, 1], got {ema_max}")
         ema_decay(0, ema_max, warmup)  # validates ``warmup``
         self.ema_max, self.warmup = float(ema_max), warmup
-        self.shadow = [t.detach().clone() for t in tensors]
+        # fp32 shadows whatever the weights' dtype: a 0.9999 decay is below bf16's resolution
+        self.shadow = [t.detach().float().clone() for t in tensors]
         self.updates = 0
 
     @torch.no_grad()
@@ -42,7 +43,7 @@ class EMA:
         self._check(tensors)
         d = ema_decay(self.updates, self.ema_max, self.warmup)
         for s, t in zip(self.shadow, tensors):
-            s.lerp_(t.detach().to(s.dtype), 1.0 - d)
+            s.lerp_(t.detach().float(), 1.0 - d)
         self.updates += 1
         return d
 

@@ -3,7 +3,8 @@
 Conventions: tokens are codebook vectors (B, N, Ce); rectified flow ``x_t = (1 - t) x0 + t eps`` with one time per
 position (B, N); every net predicts velocity ``v = dx/dt`` and ``x0 = x_t - t v``. Random draws come from the
 ``torch.Generator`` passed in (see :mod:`dd2dist.method.seeding`). Reductions run in fp32. Each function returns
-``(loss, metrics)`` with ``metrics`` a dict of detached scalar tensors (no host sync here).
+``(loss, metrics)`` with ``metrics`` a dict of detached scalar tensors (no host sync here). Under a bf16 autocast
+the nets run in bf16 while the closed-form posterior and every reduction stay fp32.
 
 Nets are passed as modules (``engine.module``): the caller sets train/eval and requires_grad per phase; these
 functions only decide where ``no_grad`` and ``detach`` go.
@@ -18,6 +19,12 @@ from torch import Tensor
 
 from dd2dist.latent import add_noise, posterior, velocity_to_x0
 from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+
+
+def closed_form(lp: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor):
+    """The teacher posterior, always in fp32: autocast (bf16 runs) must not touch its softmax-of-distances matmul."""
+    with torch.autocast(device_type=x_t.device.type, enabled=False):
+        return posterior(lp.float(), codebook.float(), x_t.float(), t)
 
 
 def uniform_times(shape: tuple[int, ...], low: float, high: float, gen: torch.Generator, device) -> Tensor:
@@ -58,7 +65,7 @@ def gts_loss(
     x_t = add_noise(x0, eps, t)
     with torch.no_grad():
         lp = teacher_log_probs if teacher_log_probs is not None else teacher.log_probs(x0, cond, sampling)
-        target = posterior(lp, codebook, x_t, t).velocity
+        target = closed_form(lp, codebook, x_t, t).velocity
     feats = student.features(x0, cond)
     v = student.velocity(x_t, t, feats).float()
     loss = (v - target).pow(2).mean()
@@ -133,7 +140,7 @@ def csd_loss(
     eps = gaussian(qf, gen)
     with torch.set_grad_enabled(kind == "sid" and torch.is_grad_enabled()):
         x_t = add_noise(qf if kind == "sid" else q_sg, eps, t)
-        x0_real = posterior(lp, codebook, x_t, t).x0
+        x0_real = closed_form(lp, codebook, x_t, t).x0
         x0_fake = velocity_to_x0(x_t, guidance.velocity(x_t, t, feats).float(), t)
     w = (q_sg - x0_real.detach()).abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)
     diff = x0_real - x0_fake

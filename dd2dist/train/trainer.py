@@ -13,6 +13,7 @@ skip that step (``all_finite`` is collective); skips are counted and logged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -309,6 +310,13 @@ class Trainer:
                            kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max)
         return loss, m, eps.shape[0]
 
+    def _autocast(self):
+        """bf16 autocast for plain-torch engines with ``engine.precision: bf16`` (DeepSpeed engines hold bf16
+        weights themselves); the closed form and the reductions stay fp32 either way (see method.losses)."""
+        if self.cfg.engine.kind == "torch" and self.cfg.engine.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _iteration(self, phase: Phase) -> dict[str, float]:
         role = phase.role_at(self.state.phase_iter)
         if role != self._active_role:  # a role switch: set and assert every net's mode
@@ -317,7 +325,8 @@ class Trainer:
         t0 = time.perf_counter()
         finite, batch, extras = True, 0, {}
         for micro in range(self.cfg.engine.grad_accum):
-            loss, m, b = self._loss(role, micro)
+            with self._autocast():
+                loss, m, b = self._loss(role, micro)
             batch += b
             if not all_finite(loss):
                 finite = False
