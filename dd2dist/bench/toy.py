@@ -110,6 +110,7 @@ class ToyRunOptions:
     """What the check measures and for how long."""
 
     budget_seconds: float = 600.0  # training wall time, stage 1 + stage 2 (evaluations excluded)
+    max_generator_steps: int = 0  # also stop stage 2 after this many generator steps (0 = time budget only)
     eval_every_seconds: float = 60.0  # stage-2 training time between TV-curve points
     curve_samples_per_class: int = 50_000  # samples per class for a curve point
     final_samples: int = 1_000_000  # one-step samples for the final figures (split evenly over classes)
@@ -226,11 +227,20 @@ def run_toy(spec: ToyTeacherSpec, cfg, opts: ToyRunOptions, log=print) -> ToyRes
     curve: list[dict[str, float]] = []
     train_s, eval_s, next_eval = 0.0, 0.0, opts.eval_every_seconds
     curve_labels = balanced_labels(C, opts.curve_samples_per_class)
-    while train_s < stage2_budget and not trainer.done:
+
+    def more() -> bool:
+        if opts.max_generator_steps and trainer.engines["generator"].optimizer_steps >= opts.max_generator_steps:
+            return False
+        return train_s < stage2_budget and not trainer.done
+
+    t0 = time.perf_counter()
+    trainer.fit(max_iterations=stage1_iters + 1)  # builds the stage-2 engines (one guidance step)
+    train_s += time.perf_counter() - t0
+    while more():
         t0 = time.perf_counter()
         trainer.fit(max_iterations=trainer.state.iteration + chunk)
         train_s += time.perf_counter() - t0
-        if train_s >= next_eval or train_s >= stage2_budget:
+        if train_s >= next_eval or not more():
             t0 = time.perf_counter()
             cgen = torch.Generator().manual_seed(spec.seed + 5)
             point_tv = tv_of_ids(one_step_ids(ema_generator(trainer), curve_labels, cgen), curve_labels, joint, V)
@@ -308,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--budget-seconds", type=float, default=600.0, help="stage 1 + stage 2 training wall time")
+    p.add_argument("--generator-steps", type=int, default=0,
+                   help="also stop stage 2 after this many generator steps (0 = the time budget alone)")
     p.add_argument("--eval-every", type=float, default=60.0, help="stage-2 seconds between TV-curve points")
     p.add_argument("--samples", type=int, default=1_000_000, help="one-step samples for the final TVs")
     p.add_argument("--curve-samples", type=int, default=50_000, help="samples per class per curve point")
@@ -340,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if base.teacher.family != args.family:
         raise SystemExit(f"{config_path}: teacher.family is {base.teacher.family!r} but --family is {args.family!r}")
     cfg = toy_config(base, spec, args.seed)
-    opts = ToyRunOptions(budget_seconds=args.budget_seconds, eval_every_seconds=args.eval_every,
+    opts = ToyRunOptions(budget_seconds=args.budget_seconds, max_generator_steps=args.generator_steps,
+                         eval_every_seconds=args.eval_every,
                          curve_samples_per_class=args.curve_samples, final_samples=args.samples,
                          multistep_samples=args.multistep_samples, threads=args.threads)
     result = run_toy(spec, cfg, opts)
