@@ -8,7 +8,7 @@ from dd2dist.digits.data import digits_split
 from dd2dist.digits.recipe import QUICK, TeacherRecipe
 from dd2dist.digits.vq_training import var_vq_step, vq16_step
 from dd2dist.teachers import build_family
-from dd2dist.teachers.arch import LlamaGenConfig, VARConfig, VQ16Config
+from dd2dist.teachers.arch import LlamaGenConfig, VARConfig, VARVQConfig, VQ16Config
 from dd2dist.teachers.base import Cond
 
 
@@ -82,3 +82,19 @@ def test_recipe_validation():
     with pytest.raises(ValueError, match="ar_batch_size"):
         TeacherRecipe(ar_batch_size=0)
     assert QUICK.vq_epochs == 1
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_dead_codes_are_reseeded_from_encoder_vectors(family, batch):
+    from dd2dist.digits.vq_training import train_tokenizer
+
+    small_var = VARConfig(tokenizer=VARVQConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, vocab_size=64))
+    small_lg = LlamaGenConfig(tokenizer=VQ16Config(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, vocab_size=64))
+    torch.manual_seed(0)
+    tok = build_family(family, var=small_var, llamagen=small_lg).tokenizer
+    before = tok.quantize.embedding.weight.detach().clone()
+    recipe = TeacherRecipe(vq_epochs=2, vq_batch_size=8, dead_code_restart=True)
+    info = train_tokenizer(tok, batch[0][:8], recipe, log=lambda s: None)
+    # 8 images x 16 cells cannot use all 64 codes: some were dead after epoch 1 and re-seeded
+    assert info["codes_restarted"] > 0
+    assert tok.quantize.embedding.weight.shape == before.shape

@@ -99,7 +99,10 @@ def train_tokenizer(
             sched.step()
             used += torch.bincount(ids.flatten(), minlength=vocab)
             # candidate vectors for dead codes, in the codebook's own space (raw f for VAR, unit z for VQ-16)
-            vecs = enc.detach().permute(0, 2, 3, 1).reshape(-1, enc.shape[1]) if enc.dim() == 4 else enc.detach()
+            if enc.dim() == 4:  # VAR: (B, C, h, w) encoder map
+                vecs = enc.detach().permute(0, 2, 3, 1).reshape(-1, enc.shape[1])
+            else:  # VQ-16: (B, N, Ce) unit vectors
+                vecs = enc.detach().reshape(-1, enc.shape[-1])
             pool.append(vecs[torch.randint(0, vecs.shape[0], (64,), generator=gen)])
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
