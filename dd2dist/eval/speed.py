@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -185,6 +186,7 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     results = []
+    load_start = os.getloadavg()[0]
     for model in models:
         true_size = model in TRUE_SIZE
         # CPU: a true-size teacher at batch 64 takes minutes per sample; keep it to batch 1 and few repeats
@@ -198,7 +200,10 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict:
         "dtype": args.dtype, "sampler_loop": "eager PyTorch (VAR per-scale KV cache; LlamaGen static KV cache"
         + (", CUDA graph decode step)" if device.type == "cuda" else ")"),
         "decode": "timings named *_decode include the VQ decode; the others exclude it",
-        "extrapolated": False, "results": results,
+        "extrapolated": False,
+        # CPU timings on a shared machine are inflated by other processes: record how busy it was
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
+        "results": results,
     }
     if args.out:
         out = Path(args.out)
