@@ -109,3 +109,5 @@ def test_job_cli(run, tmp_path):
     # a run without an export: asking for the one-step generator is a clear error (exit 2)
     assert job.main(["--config", config, "--set", f"output_dir={tmp_path / 'empty'}", "--methods", "one_step",
                      "--no-tracking"]) == 2
+    assert job.main(["--config", config, "--set", "eval.refine_steps=[]", "--methods", "refined",
+                     "--no-tracking"]) == 2

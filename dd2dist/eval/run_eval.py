@@ -159,6 +159,8 @@ def evaluate_run(
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown evaluation method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "refined" in wanted and not cfg.eval.refine_steps:
+        raise ValueError("method 'refined' needs eval.refine_steps, e.g. --set 'eval.refine_steps=[2, 3]'")
     if any(m in ("one_step", "one_step_snapped", "refined") for m in wanted):
         from dd2dist.eval.sampling import load_generator
 
