@@ -268,8 +268,7 @@ def test_stage2_only_run_starts_from_given_student():
 
 def test_grad_accum_micro_batches_get_balanced_distinct_labels():
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
-    tr.state.iteration = 3
-    a, b = tr._labels(4, 0, "x"), tr._labels(4, 1, "x")
+    a, b = tr.batches.labels(4, 3, 0, "x"), tr.batches.labels(4, 3, 1, "x")  # iteration 3, micro-batches 0, 1
     assert torch.equal(torch.cat([a, b]), (torch.arange(8) + 3 * 2 * 4) % 4)  # one unbroken cycle over 4 classes
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
     tr.fit(max_iterations=8)  # and the trainer runs with accumulation (loss / 2 per micro-batch)

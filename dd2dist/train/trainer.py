@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -30,10 +29,10 @@ from dd2dist.engine.factory import EngineFactory, OptimSpec
 from dd2dist.method.ema import EMA
 from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss
 from dd2dist.method.schedule import Phase, Role, Schedule, build_schedule, generator_warmup_steps
-from dd2dist.method.seeding import make_generator
 from dd2dist.nets.student import StudentNet
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 from dd2dist.train import checkpoint as ckpt
+from dd2dist.train.batches import BatchSource
 from dd2dist.train.metrics import MetricsLogger, NullLogger
 
 log = logging.getLogger("dd2dist.train")
@@ -113,14 +112,14 @@ class Trainer:
         if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
             raise ValueError("data.source is 'shards' but no data iterable was given to the Trainer")
         self.data = data if cfg.data.source == "shards" else None
-        self._data_iter = None
         teacher.freeze()
-        self.num_classes = int(teacher.num_classes)
+        self.num_classes = int(teacher.num_classes)  # public: samplers and sample grids read these
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
         self.codebook = teacher.codebook().detach().float().clone().to(self.device)
         self._template = StudentNet(teacher, cfg.student).cpu()
         self.teacher_engine = engine_factory.teacher(teacher)
-        self._sampler_returns_log_probs = "return_log_probs" in inspect.signature(teacher.sample).parameters
+        self.batches = BatchSource(cfg, self.rank, self.world_size, self.device, teacher, self.teacher_engine,
+                                   self.codebook, self.data)
         self.teacher_engine.set_trainable(False)
         self.state = TrainState()
         self.engines: dict[str, Engine] = {}
@@ -229,76 +228,23 @@ class Trainer:
                 raise AssertionError("student backbone must be frozen (eval, no grad) during the head-only phase")
 
     # ------------------------------------------------------------------------------------------------------
-    # batches
-    # ------------------------------------------------------------------------------------------------------
-    def _gen(self, purpose: str) -> torch.Generator:
-        return make_generator(self.cfg.seed, self.rank, self.state.iteration, purpose, self.device)
-
-    def _labels(self, batch: int, micro: int, purpose: str) -> Tensor:
-        """Class labels of a stage-2 (or online stage-1) batch: balanced cycles or uniform draws."""
-        if self.num_classes <= 0:
-            raise ValueError("stage 2 / online sampling needs a class-conditional teacher (num_classes > 0); "
-                             "text-conditional distillation needs conditions from data (not supported yet)")
-        if self.cfg.data.label_mode == "balanced":
-            # consecutive micro-batches and ranks continue the cycle, so each optimizer step sees balanced classes
-            start = ((self.state.iteration * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank) * batch
-            return (torch.arange(batch, device=self.device) + start) % self.num_classes
-        return torch.randint(self.num_classes, (batch,), generator=self._gen(purpose), device=self.device)
-
-    def _stage1_batch(self, micro: int) -> tuple[Tensor, Cond, Tensor | None]:
-        """Clean teacher sequences (B, N, Ce), their condition, and (online sampling) the teacher's log-probs
-        each token was drawn from: exactly the teacher-forced target distribution, so GTS needs no extra pass."""
-        lp = None
-        if self.data is None:
-            B = self.cfg.stage1.batch_size
-            cond = Cond(labels=self._labels(B, micro, f"s1/{micro}/labels"))
-            gen = self._gen(f"s1/{micro}/sample")
-            sample = self.teacher_engine.module.sample
-            if self._sampler_returns_log_probs:
-                ids, lp = sample(cond, self.sampling, generator=gen, return_log_probs=True)
-                lp = lp.clone()
-            else:
-                ids = sample(cond, self.sampling, generator=gen)
-            ids = ids.clone()  # leave inference mode's tensor type behind
-        else:
-            if self._data_iter is None:
-                self._data_iter = iter(self.data)
-            try:
-                batch = next(self._data_iter)
-            except StopIteration as exc:
-                raise RuntimeError("the stage-1 data iterable ran out; pass an endless (resampled) stream") from exc
-            if hasattr(batch, "tokens"):
-                ids, cond = batch.tokens, batch.cond()
-            else:
-                ids, labels = batch
-                cond = Cond(labels=torch.as_tensor(labels))
-            ids, cond = ids.to(self.device).long(), cond.to(self.device)
-        if ids.shape[1:] != (self.num_tokens,):
-            raise ValueError(f"stage-1 batch tokens have shape {tuple(ids.shape)}, expected (B, {self.num_tokens})")
-        return self.codebook[ids], cond, lp
-
-    def _stage2_noise_and_cond(self, micro: int, purpose: str) -> tuple[Tensor, Cond]:
-        B = self.cfg.stage2.batch_size
-        cond = Cond(labels=self._labels(B, micro, f"{purpose}/{micro}/labels"))
-        eps = torch.randn((B, self.num_tokens, self.embed_dim), generator=self._gen(f"{purpose}/{micro}/eps"),
-                          device=self.device)
-        return eps, cond
-
-    # ------------------------------------------------------------------------------------------------------
     # one iteration
     # ------------------------------------------------------------------------------------------------------
+    def _gen(self, purpose: str) -> torch.Generator:
+        return self.batches.generator(self.state.iteration, purpose)
+
     def _loss(self, role: Role, micro: int) -> tuple[Tensor, dict[str, Tensor], int]:
         cfg, s2 = self.cfg, self.cfg.stage2
         teacher = self.teacher_engine.module
         if role in ("student_head", "student"):
-            x0, cond, lp = self._stage1_batch(micro)
+            x0, cond, lp = self.batches.stage1(self.state.iteration, micro)
             net = self._head_net if role == "student_head" else self.engines["student"].module
             loss, m = gts_loss(net, teacher, self.codebook, x0, cond, self.sampling, self._gen(f"gts/{micro}"),
                                t_min=cfg.stage1.t_min, teacher_log_probs=lp)
             return loss, m, x0.shape[0]
         generator = self.engines["generator"].module
         guidance = self.engines["guidance"].module
-        eps, cond = self._stage2_noise_and_cond(micro, role)
+        eps, cond = self.batches.stage2(self.state.iteration, micro, role)
         if role == "guidance":
             with torch.no_grad():
                 q = generator.generate(eps, cond)
@@ -328,11 +274,11 @@ class Trainer:
             with self._autocast():
                 loss, m, b = self._loss(role, micro)
             batch += b
+            extras = m  # logged even when non-finite (the skipped step's loss says what went wrong)
             if not all_finite(loss):
                 finite = False
                 break
             engine.backward(loss)
-            extras = m
         stats = engine.step() if finite else engine.skip_step()
         if stats.skipped:
             self.state.skipped[role] = self.state.skipped.get(role, 0) + 1
@@ -448,8 +394,9 @@ class Trainer:
             torch.save(self.ema.state_dict(), tmp / "ema" / f"rank{self.rank}.pt")
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(ckpt.rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
-        if self.data is not None and hasattr(self.data, "state_dict"):
-            ckpt.write_json(tmp / "data" / f"rank{self.rank}.json", self.data.state_dict())
+        data_state = self.batches.state_dict()
+        if data_state is not None:
+            ckpt.write_json(tmp / "data" / f"rank{self.rank}.json", data_state)
         if self.rank == 0:
             ckpt.write_json(tmp / ckpt.STATE_FILE, {
                 "version": CHECKPOINT_VERSION, **asdict(self.state), "engine_group": self.engine_group,
@@ -497,9 +444,7 @@ class Trainer:
                                                     map_location="cpu", weights_only=False))
         ckpt.set_rng_state(torch.load(directory / "rng" / f"rank{self.rank}.pt", weights_only=False))
         data_state = directory / "data" / f"rank{self.rank}.json"
-        if self.data is not None and hasattr(self.data, "load_state_dict") and data_state.is_file():
-            self.data.load_state_dict(ckpt.read_json(data_state))
-        self._data_iter = None
+        self.batches.load_state_dict(ckpt.read_json(data_state) if data_state.is_file() else None)
 
     def resume_latest(self, root: str | Path) -> Path | None:
         """Load the newest complete checkpoint under ``root``; returns it (None when there is none)."""

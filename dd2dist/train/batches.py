@@ -1,0 +1,105 @@
+"""Where the trainer's batches come from: stage-1 teacher sequences (online or from a stream), stage-2 noise and
+labels. Every draw is seeded by (seed, rank, iteration, purpose), so batches are a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from dd2dist.engine.base import Engine
+from dd2dist.method.seeding import make_generator
+from dd2dist.teachers.base import ARTeacher, Cond
+
+
+class BatchSource:
+    """Builds the batches of one rank.
+
+    Args:
+        cfg: the :class:`ExperimentConfig` (seed, data.label_mode, stage batch sizes, engine.grad_accum).
+        teacher: the teacher (its sizes; not kept); ``teacher_engine`` is used for online sampling.
+        codebook: (V, Ce) fp32 code vectors on ``device``.
+        data: a stage-1 stream (see :class:`dd2dist.train.Trainer`), or None for online teacher sampling.
+    """
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, teacher: ARTeacher,
+                 teacher_engine: Engine, codebook: Tensor, data: Iterable | None = None):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.teacher_engine, self.codebook, self.data = teacher_engine, codebook, data
+        self.num_classes = int(teacher.num_classes)
+        self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
+        self.sampler_returns_log_probs = "return_log_probs" in inspect.signature(teacher.sample).parameters
+        self._data_iter = None
+
+    def generator(self, iteration: int, purpose: str) -> torch.Generator:
+        """The generator for one purpose of one iteration of this rank."""
+        return make_generator(self.cfg.seed, self.rank, iteration, purpose, self.device)
+
+    def labels(self, batch: int, iteration: int, micro: int, purpose: str) -> Tensor:
+        """Class labels: balanced cycles (default) or uniform draws."""
+        if self.num_classes <= 0:
+            raise ValueError("stage 2 / online sampling needs a class-conditional teacher (num_classes > 0); "
+                             "text-conditional distillation needs conditions from data (not supported yet)")
+        if self.cfg.data.label_mode == "balanced":
+            # consecutive micro-batches and ranks continue the cycle, so each optimizer step sees balanced classes
+            slot = (iteration * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank
+            return (torch.arange(batch, device=self.device) + slot * batch) % self.num_classes
+        return torch.randint(self.num_classes, (batch,), generator=self.generator(iteration, purpose),
+                             device=self.device)
+
+    def stage1(self, iteration: int, micro: int) -> tuple[Tensor, Cond, Tensor | None]:
+        """Clean teacher sequences (B, N, Ce), their condition, and (online sampling) the teacher's log-probs
+        each token was drawn from: exactly the teacher-forced target distribution, so GTS needs no extra pass."""
+        lp = None
+        if self.data is None:
+            B = self.cfg.stage1.batch_size
+            cond = Cond(labels=self.labels(B, iteration, micro, f"s1/{micro}/labels"))
+            gen = self.generator(iteration, f"s1/{micro}/sample")
+            sample = self.teacher_engine.module.sample
+            sampling = self.cfg.teacher.sampling
+            if self.sampler_returns_log_probs:
+                ids, lp = sample(cond, sampling, generator=gen, return_log_probs=True)
+                lp = lp.clone()  # leave inference mode's tensor type behind
+            else:
+                ids = sample(cond, sampling, generator=gen)
+            ids = ids.clone()
+        else:
+            if self._data_iter is None:
+                self._data_iter = iter(self.data)
+            try:
+                batch = next(self._data_iter)
+            except StopIteration as exc:
+                raise RuntimeError("the stage-1 data iterable ran out; pass an endless (resampled) stream") from exc
+            if hasattr(batch, "tokens"):
+                ids, cond = batch.tokens, batch.cond()
+            else:
+                ids, labels = batch
+                cond = Cond(labels=torch.as_tensor(labels))
+            ids, cond = ids.to(self.device).long(), cond.to(self.device)
+        if ids.shape[1:] != (self.num_tokens,):
+            raise ValueError(f"stage-1 batch tokens have shape {tuple(ids.shape)}, expected (B, {self.num_tokens})")
+        return self.codebook[ids], cond, lp
+
+    def stage2(self, iteration: int, micro: int, purpose: str) -> tuple[Tensor, Cond]:
+        """Generator input noise (B, N, Ce) and labels for a stage-2 step."""
+        B = self.cfg.stage2.batch_size
+        cond = Cond(labels=self.labels(B, iteration, micro, f"{purpose}/{micro}/labels"))
+        eps = torch.randn((B, self.num_tokens, self.embed_dim), generator=self.generator(iteration,
+                          f"{purpose}/{micro}/eps"), device=self.device)
+        return eps, cond
+
+    # ---- stream position ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict | None:
+        """The stage-1 stream position (None when there is no stream or it cannot report one)."""
+        if self.data is not None and hasattr(self.data, "state_dict"):
+            return self.data.state_dict()
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue the stream from ``state``; the next batch re-opens the iterator there."""
+        if state is not None and self.data is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state)
+        self._data_iter = None
