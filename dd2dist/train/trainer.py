@@ -112,6 +112,9 @@ class Trainer:
         if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
             raise ValueError("data.source is 'shards' but no data iterable was given to the Trainer")
         self.data = data if cfg.data.source == "shards" else None
+        if teacher.family != cfg.teacher.family:
+            raise ValueError(f"teacher.family is {cfg.teacher.family!r} in the config but the teacher given is a "
+                             f"{teacher.family!r} model")
         teacher.freeze()
         self.num_classes = int(teacher.num_classes)  # public: samplers and sample grids read these
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
