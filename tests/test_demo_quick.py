@@ -1,0 +1,99 @@
+"""`python jobs/demo.py --quick`: the whole demo path (teacher, teacher-token shards, stage 1 + stage 2 on 2 DeepSpeed
+Ray workers, evaluation, results.json, MLflow) at smoke-test size, for both teacher families.
+
+Quality numbers of the quick run are meaningless; this checks that every stage ran, that the artefacts exist and
+that the numbers are well-formed (finite, in their ranges) and agree with what MLflow and the files hold.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_quick")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ""}
+    env.pop("RAY_ADDRESS", None)  # the demo must start its own embedded Ray
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--quick", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    results = json.loads((out / "results.json").read_text())
+    return out, results, proc.stdout
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_results_hold_every_required_number_in_range(quick_demo):
+    from demo import FAMILIES, REQUIRED_KEYS
+
+    out, results, _ = quick_demo
+    assert set(FAMILIES) <= set(results)
+    for family in FAMILIES:
+        r = results[family]
+        for key in REQUIRED_KEYS:
+            assert _finite(r[key]), (family, key, r.get(key))
+        for key, value in r.items():
+            if key.startswith("fid_"):
+                assert _finite(value) and value >= 0, (family, key, value)
+            if key.startswith(("precision_", "recall_", "class_consistency_")) and key != "class_consistency_gap":
+                assert _finite(value) and 0.0 <= value <= 1.0, (family, key, value)
+        assert r["seconds"] > 0 and r["seconds"] >= sum(r["seconds_by_step"].values()) - 1e-6
+        assert r["classifier_heldout_accuracy"] > 0.9  # the feature space is a working digits classifier
+        # the ratio and the gap are what the flat numbers say
+        assert r["fid_ratio_one_step"] == pytest.approx(r["fid_one_step"] / r["fid_teacher"])
+        assert r["class_consistency_gap"] == pytest.approx(
+            abs(r["class_consistency_one_step"] - r["class_consistency_teacher"]))
+        # every number comes with its sampling settings
+        assert r["sampling"]["teacher"]["cfg"] > 0
+        assert r["sampling"]["num_samples"] == r["metrics"]["teacher"]["num_generated"]
+        assert set(r["metrics"]) >= {"teacher", "stage1", "one_step", "one_step_snapped", "refined_2", "marginals"}
+    assert results["settings"]["quick"] is True
+
+
+def test_artefacts_exist_and_load(quick_demo):
+    from dd2dist.eval.sampling import load_generator
+
+    out, results, stdout = quick_demo
+    for family in ("var", "llamagen"):
+        r = results[family]
+        export = Path(r["export"])
+        assert export == out / family / "export" / "generator.safetensors" and export.is_file()
+        net, cfg = load_generator(export.parent)
+        assert cfg.teacher.family == family and cfg.launch.num_workers == 2 and cfg.engine.kind == "deepspeed"
+        assert Path(r["stage1_model"]).is_file()
+        assert Path(r["grid"]).is_file() and Path(r["grid"]).stat().st_size > 1000
+        manifest = json.loads((Path(r["token_shards"]["dir"]) / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["num_samples"] == r["token_shards"]["num_samples"] > 0
+        assert r["mlflow"]["run_id"] in stdout  # the printed table names the run
+    assert Path(results["settings"]["loss_curves"]).is_file()
+    assert (out / "results.md").read_text().count("| var |") >= 5
+
+
+def test_mlflow_run_holds_training_and_evaluation(quick_demo):
+    from mlflow.tracking import MlflowClient
+
+    _, results, _ = quick_demo
+    for family in ("var", "llamagen"):
+        info = results[family]["mlflow"]
+        client = MlflowClient(tracking_uri=info["tracking_uri"])
+        run = client.get_run(info["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["eval/one_step/fid"] == pytest.approx(results[family]["fid_one_step"])
+        assert run.data.params["teacher.family"] == family
+        generator_loss = client.get_metric_history(info["run_id"], "generator/loss")
+        assert len(generator_loss) >= 1 and all(math.isfinite(m.value) for m in generator_loss)
+        artefacts = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
+        assert "eval/samples.png" in artefacts and "eval/report.json" in artefacts
