@@ -10,7 +10,8 @@ phase?". One iteration = one optimizer step of one engine. The phases come from 
   stage2_after  alternation again with the post-alignment K (paper: 2)
 
 LR warm-up is measured in each optimizer's *own* steps (a scheduler never ticks when its optimizer did not
-step); the generator warm-up, given in guidance iterations (Tab.11), is converted with the stage-2 K.
+step; see ``dd2dist.engine.factory.OptimSpec.lr_at``); the generator warm-up, given in guidance iterations
+(Tab.11), is converted with the stage-2 K by :func:`generator_warmup_steps`.
 """
 
 from __future__ import annotations
@@ -94,21 +95,6 @@ def build_schedule(cfg) -> Schedule:
         Ka = al.guidance_per_generator_after
         phases.append(Phase("stage2_after", "alignment", "alternate", al.generator_steps_after * (Ka + 1), Ka))
     return Schedule(tuple(phases))
-
-
-@dataclass(frozen=True)
-class LinearWarmup:
-    """LR of optimizer step number n (0-based, counted by that optimizer): linear from ``lr_start`` to ``lr``
-    over ``warmup_steps`` steps (reaching ``lr`` at step warmup_steps - 1), then constant."""
-
-    lr: float
-    lr_start: float = 0.0
-    warmup_steps: int = 0
-
-    def __call__(self, n: int) -> float:
-        if self.warmup_steps <= 0:
-            return self.lr
-        return self.lr_start + (self.lr - self.lr_start) * min(1.0, (n + 1) / self.warmup_steps)
 
 
 def generator_warmup_steps(warmup_guidance_steps: int, guidance_per_generator: int) -> int:
