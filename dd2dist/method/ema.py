@@ -55,10 +55,12 @@ class EMA:
             t.copy_(s.to(t.dtype))
 
     def state_dict(self) -> dict:
+        """Shadows (on CPU) and the update count, for this rank's checkpoint file."""
         return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates,
                 "ema_max": self.ema_max, "warmup": self.warmup}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (same tensor list as this EMA was built on)."""
         shadow = state["shadow"]
         if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
             raise ValueError("EMA checkpoint does not match the generator's parameter tensors (count or shapes)")

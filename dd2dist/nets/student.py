@@ -68,7 +68,7 @@ def _llamagen_mlp_backbone(teacher: ARTeacher, regress_steps: int, regress_lr: f
     return backbone
 
 
-def student_backbone(teacher: ARTeacher, regress_steps: int = 500, regress_lr: float = 1e-3) -> ARTeacher:
+def student_backbone(teacher: ARTeacher, regress_steps: int = 200, regress_lr: float = 1e-3) -> ARTeacher:
     """A pruned, trainable copy of the teacher that still implements ``features`` (see the module docstring)."""
     if teacher.family == "var":
         backbone = copy.deepcopy(teacher)
