@@ -50,7 +50,7 @@ def test_both_families_write_checkpoint_report_and_config(runs):
     q = reports["var"]["quality"]
     assert 0.0 <= q["teacher"]["class_consistency"] <= 1.0 and q["teacher"]["fid"] > 0
     assert q["teacher"]["num_generated"] == 10 * QUICK.eval_per_class
-    assert q["teacher"]["sampling"]["cfg"] == 1.0  # configs/digits/var.yaml's sampling is recorded
+    assert q["teacher"]["sampling"]["cfg"] == 0.5  # configs/digits/var.yaml's sampling is recorded
     assert "quality" not in reports["llamagen"]
 
 
@@ -76,6 +76,18 @@ def test_second_run_reuses_the_checkpoint(runs):
     assert ckpt.stat().st_mtime_ns == mtime and len(list(out.glob("teacher-*.pt"))) == 2
 
 
+def test_a_new_sampling_setting_reuses_the_weights_and_re_evaluates(runs):
+    job, out, reports = runs
+    ckpt = Path(reports["var"]["checkpoint"])
+    mtime = ckpt.stat().st_mtime_ns
+    assert job.main(["--config", str(REPO / "configs/digits/var.yaml"), "--out", str(out), "--quick",
+                     "--set", "teacher.sampling.cfg=0.0"]) == 0
+    assert ckpt.stat().st_mtime_ns == mtime
+    report = json.loads(ckpt.with_suffix(".json").read_text())
+    assert report["quality"]["teacher"]["sampling"]["cfg"] == 0.0
+    assert load_config(ckpt.with_suffix(".yaml")).teacher.sampling.cfg == 0.0
+
+
 def test_cache_key_follows_weights_not_paths():
     cfg = load_config(REPO / "configs/digits/var.yaml")
     key = cache_key(cfg, QUICK)
@@ -84,6 +96,9 @@ def test_cache_key_follows_weights_not_paths():
     assert cache_key(cfg, replace(QUICK, ar_epochs=2)) != key
     deeper = load_config(REPO / "configs/digits/var.yaml", ["teacher.var.depth=2"])
     assert cache_key(deeper, QUICK) != key
+    # sampling, dtype and the evaluation size do not change the weights
+    other = load_config(REPO / "configs/digits/var.yaml", ["teacher.sampling.cfg=3.0", "teacher.dtype=bfloat16"])
+    assert cache_key(other, replace(QUICK, eval_per_class=9)) == key
 
 
 def test_refuses_official_and_wrong_class_count(tmp_path):

@@ -37,9 +37,12 @@ CACHE_VERSION = 1  # bump when the training code changes what a given config pro
 
 
 def cache_key(cfg: Any, recipe: TeacherRecipe) -> str:
-    """Hash of everything that determines the trained weights (not output paths or the run name)."""
-    teacher = replace(cfg.teacher, checkpoint=None)
-    return fingerprint({"teacher": teacher, "recipe": asdict(recipe), "seed": cfg.seed, "split_seed": SPLIT_SEED,
+    """Hash of everything that determines the trained weights: the architecture, the training recipe, the seed and
+    the split. Not output paths or the run name, and not the sampling setting, the compute dtype or the size of
+    the quality evaluation, which change only the report (it is redone on reuse when they change)."""
+    teacher = replace(cfg.teacher, checkpoint=None, sampling=Sampling(), dtype="float32")
+    training = {k: v for k, v in asdict(recipe).items() if k != "eval_per_class"}
+    return fingerprint({"teacher": teacher, "recipe": training, "seed": cfg.seed, "split_seed": SPLIT_SEED,
                         "version": CACHE_VERSION})
 
 
@@ -154,10 +157,19 @@ def train_digits_teacher(
     out.mkdir(parents=True, exist_ok=True)
     key = cache_key(cfg, recipe)
     ckpt, report_path, cfg_path = (out / f"teacher-{key}.{ext}" for ext in ("pt", "json", "yaml"))
+    final_cfg = replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(ckpt)))
     if ckpt.is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
-        report["reused"] = True
         log(f"reusing cached teacher {ckpt} (key {key})")
+        settings = {**asdict(cfg.teacher.sampling), "per_class": recipe.eval_per_class, "seed": cfg.seed}
+        old = report.get("quality", {}).get("teacher", {}).get("sampling", {})
+        if evaluate and {k: old.get(k) for k in settings} != settings:
+            log(f"[{cfg.teacher.family}] sampling or evaluation size changed: re-evaluating the cached teacher")
+            report["quality"] = evaluate_teacher(build_teacher(final_cfg.teacher), cfg.teacher.sampling,
+                                                 recipe.eval_per_class, cfg.seed)
+            _atomic_json(report_path, report)
+        dump_yaml(final_cfg, cfg_path)  # the current sampling / dtype, for the jobs that read this config
+        report["reused"] = True
         return report
 
     t_start = time.perf_counter()
@@ -189,7 +201,6 @@ def train_digits_teacher(
     log(f"[{family}] AR transformer: {n_ar:,} parameters, {ids.shape[1]} tokens per image")
     ar_info = train_ar(teacher, ids, labels, recipe, log, heldout=(held_ids, held.labels))
     _atomic_save({"teacher": teacher.state_dict()}, ckpt)
-    final_cfg = replace(cfg, teacher=replace(cfg.teacher, checkpoint=str(ckpt)))
 
     report: dict[str, Any] = {
         "family": family, "key": key, "checkpoint": str(ckpt), "config": str(cfg_path),
