@@ -169,11 +169,11 @@ def bench_worker(config: dict[str, Any]) -> None:
     trainer.fit(max_iterations=warmup)
     torch.distributed.barrier()
     timer.reset()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with timer.section("other"):
         trainer.fit(max_iterations=warmup + iterations)
         torch.distributed.barrier()
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     samples = iterations * cfg.stage2.batch_size * world
     memory = {
         "teacher_bytes": engine_state_bytes(trainer.teacher_engine),
@@ -181,7 +181,7 @@ def bench_worker(config: dict[str, Any]) -> None:
         "guidance_bytes": engine_state_bytes(trainer.engines["guidance"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    mine = {"rank": rank, "total_s": total, "split_s": dict(timer.totals), "memory": memory}
+    mine = {"rank": rank, "total_s": total, "cpu_s": cpu, "split_s": dict(timer.totals), "memory": memory}
     gathered: list = [None] * world
     torch.distributed.all_gather_object(gathered, mine)
     if rank == 0:  # Ray Train v2 keeps metrics only with checkpoints: hand the result over through a file
@@ -215,8 +215,14 @@ def _run(cfg, args) -> dict:
         for key, value in r["split_s"].items():
             split[key] += value / len(ranks)
     total = sum(r["total_s"] for r in ranks) / len(ranks)
+    cpu = sum(r["cpu_s"] for r in ranks) / len(ranks)
     fractions = {k: split.get(k, 0.0) / total for k in CATEGORIES}
+    samples = metrics["samples_per_s"] * total
     return {"samples_per_s": metrics["samples_per_s"], "world": len(ranks), "mean_total_s": total,
+            # process CPU seconds per rank over the timed iterations: wall/cpu > 1 means the worker waited for a
+            # core (an oversubscribed machine) or for a collective
+            "mean_cpu_s": cpu, "wall_over_cpu": total / cpu if cpu else float("nan"),
+            "samples_per_cpu_s_per_rank": samples / len(ranks) / cpu if cpu else float("nan"),
             "split_fraction": fractions, "split_s": {k: split.get(k, 0.0) for k in CATEGORIES},
             "memory_per_rank": [r["memory"] for r in ranks],
             "zero": {"teacher": cfg.engine.zero_stage_teacher, "trainable": cfg.engine.zero_stage_generator}}
@@ -231,6 +237,7 @@ def run_train_benchmark(args: argparse.Namespace) -> dict:
     from dd2dist.launch.ray_env import init_local_ray
 
     args.scratch = tempfile.mkdtemp(prefix="dd2-bench-")
+    load_before = os.getloadavg()
     owns = init_local_ray(num_cpus=2)
     try:
         runs = {}
@@ -250,6 +257,7 @@ def run_train_benchmark(args: argparse.Namespace) -> dict:
         "benchmark": "train", "device": "cpu", "threads_per_worker": 1, "batch_per_worker": args.batch,
         "K": args.k, "teacher": {"family": "var", "width": args.width, "depth": args.depth},
         "warmup_iterations": args.warmup, "timed_iterations": args.iterations,
+        "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "speedup_2_over_1": speedup, "target_speedup": 1.6, "speedup_ok": speedup >= 1.6,
         "other_fraction_2_workers": runs["workers2"]["split_fraction"]["other"], "target_other": 0.10,
         "runs": runs,
