@@ -119,7 +119,8 @@ class Trainer:
         self.num_classes = int(teacher.num_classes)  # public: samplers and sample grids read these
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
         self.codebook = teacher.codebook().detach().float().clone().to(self.device)
-        self._template = StudentNet(teacher, cfg.student).cpu()
+        # fp32 master weights whatever the teacher's dtype (bf16 runs autocast, or let DeepSpeed cast)
+        self._template = StudentNet(teacher, cfg.student).cpu().float()
         self.teacher_engine = engine_factory.teacher(teacher)
         self.batches = BatchSource(cfg, self.rank, self.world_size, self.device, teacher, self.teacher_engine,
                                    self.codebook, self.data)
