@@ -309,3 +309,11 @@ def test_bf16_autocast_runs_with_fp32_ema():
     b.fit(max_iterations=3)
     la, lb = a.last_metrics["student_head/loss"], b.last_metrics["student_head/loss"]
     assert la != lb and la == pytest.approx(lb, rel=0.02)  # autocast really ran, and only rounding differs
+
+
+def test_bf16_teacher_gets_fp32_students():
+    teacher = _teacher().to(torch.bfloat16)
+    tr = Trainer(_cfg(), teacher, TorchEngineFactory())
+    tr.fit(max_iterations=9)
+    assert {p.dtype for e in tr.engines.values() for p in e.module.parameters()} == {torch.float32}
+    assert tr.state.skipped == {} and math.isfinite(tr.last_metrics["generator/loss"])
