@@ -100,6 +100,9 @@ class StudentConfig:
     head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
     generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
+    # LlamaGen students take continuous inputs through an MLP adapter regressed onto the teacher's table first
+    adapter_regress_steps: int = _f(200, ge=0)
+    adapter_regress_lr: float = _f(1e-3, gt=0.0)
 
 
 @dataclass(frozen=True)

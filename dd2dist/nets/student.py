@@ -99,8 +99,8 @@ class StudentNet(nn.Module):
         super().__init__()
         self.backbone = student_backbone(
             teacher,
-            regress_steps=getattr(student_cfg, "adapter_regress_steps", 200) if init_adapter else 0,
-            regress_lr=getattr(student_cfg, "adapter_regress_lr", 1e-3),
+            regress_steps=student_cfg.adapter_regress_steps if init_adapter else 0,
+            regress_lr=student_cfg.adapter_regress_lr,
         )
         self.head = MLPHead(
             token_dim=teacher.embed_dim,
