@@ -113,15 +113,13 @@ def benchmark_model(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """All timings of one model at each batch size (see the module docstring)."""
-    from types import SimpleNamespace
-
+    from dd2dist.config.schema import StudentConfig
     from dd2dist.nets.student import StudentNet
 
     teacher, sampling = build_benchmark_teacher(model)
     # the generator's head: the config defaults (tiny recipe) for the digits, a paper-scale proposal for true size
-    head = (SimpleNamespace(head_width=1024, head_depth=3, time_embed_dim=256, generator_time=1.0)
-            if model in TRUE_SIZE else SimpleNamespace(head_width=128, head_depth=2, time_embed_dim=64,
-                                                       generator_time=1.0))
+    head = (StudentConfig(head_width=1024, head_depth=3, time_embed_dim=256)
+            if model in TRUE_SIZE else StudentConfig(head_width=128, head_depth=2, time_embed_dim=64))
     generator = StudentNet(teacher, head, init_adapter=False).eval().requires_grad_(False)
     teacher, generator = teacher.to(device, dtype), generator.to(device, dtype)
     n_teacher = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
