@@ -113,11 +113,16 @@ def _check_against_reference(results, ref, ref_norms, spec):
         assert torch.equal(results[0]["weights"][key], results[1]["weights"][key])
 
 
-def _teacher_worker(rank: int, world: int, path: str):
-    return {via_factory: _check_teacher(path, via_factory) for via_factory in (False, True)}
+LLAMAGEN = ["teacher.family=llamagen", "teacher.sampling.cfg_schedule=constant"]
 
 
-def _check_teacher(path: str, via_factory: bool):
+def _teacher_worker(rank: int, world: int, paths: dict):
+    out = {via_factory: _check_teacher(paths["var"], via_factory) for via_factory in (False, True)}
+    out["llamagen"] = _check_teacher(paths["llamagen"], False, LLAMAGEN)
+    return out
+
+
+def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
     from dd2dist.config import load_config
     from dd2dist.engine.deepspeed_engine import (
         DeepSpeedEngineFactory,
@@ -127,7 +132,7 @@ def _check_teacher(path: str, via_factory: bool):
     )
     from dd2dist.teachers import Cond, build_teacher
 
-    cfg = load_config(None)
+    cfg = load_config(None, list(overrides))
     reference = build_teacher(cfg.teacher)
     reference.load_state_dict(torch.load(path, weights_only=True))
     reference.freeze()
@@ -148,6 +153,10 @@ def _check_teacher(path: str, via_factory: bool):
     out["codebook"] = (engine.module.codebook(), reference.codebook())
     out["sample"] = (engine.module.sample(cond, sampling, torch.Generator().manual_seed(5)),
                      reference.sample(cond, sampling, torch.Generator().manual_seed(5)))
+    with torch.no_grad():  # the tokenizer: gathered module by module inside its encoder / decoder
+        images = reference.decode(ids)
+        out["decode"] = (engine.module.decode(ids), images)
+        out["encode"] = (engine.module.encode(images), reference.encode(images))
     full = engine.full_state_dict()
     out["state_equal"] = set(full) == set(reference.state_dict()) and all(
         torch.equal(full[k], v) for k, v in reference.state_dict().items())
@@ -164,21 +173,22 @@ def _check_teacher(path: str, via_factory: bool):
 @pytest.mark.slow
 def test_zero3_teacher_is_sharded_and_equals_the_unsharded_teacher(tmp_path):
     """Both ways of building it: partitioned at construction + loaded module by module, and the trainer's path
-    (a plain module handed to the factory, partitioned in place)."""
+    (a plain module handed to the factory, partitioned in place); VAR both ways, LlamaGen the first way."""
     from dd2dist.config import load_config
     from dd2dist.teachers import build_teacher
 
     torch.manual_seed(3)
-    path = tmp_path / "teacher.pt"
-    torch.save(build_teacher(load_config(None).teacher).state_dict(), path)
-    outs = [o for per_rank in run_ranks(_teacher_worker, 2, str(path)) for o in per_rank.values()]
+    paths = {"var": str(tmp_path / "var.pt"), "llamagen": str(tmp_path / "llamagen.pt")}
+    torch.save(build_teacher(load_config(None).teacher).state_dict(), paths["var"])
+    torch.save(build_teacher(load_config(None, LLAMAGEN).teacher).state_dict(), paths["llamagen"])
+    outs = [o for per_rank in run_ranks(_teacher_worker, 2, paths) for o in per_rank.values()]
     for out in outs:
         # each rank holds half of every tensor (plus <= world-1 padding elements per tensor)
         assert out["ratio"] <= 0.55 and out["ratio_after_calls"] <= 0.55
         assert math.isclose(out["ratio"], 0.5, abs_tol=0.01)
-        for key in ("log_probs", "features", "codebook"):
+        for key in ("log_probs", "features", "codebook", "decode"):
             torch.testing.assert_close(*out[key], rtol=0, atol=0, msg=key)
-        assert torch.equal(*out["sample"])
+        assert torch.equal(*out["sample"]) and torch.equal(*out["encode"])
         assert out["state_equal"] and out["refused_trainable"]
 
 

@@ -348,13 +348,21 @@ def _is_partitioned(param: Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+# Sub-trees entered only through their own forward, whose code never reads a child's parameter without calling
+# that child: DeepSpeed's hooks gather them module by module (the tokenizers' encoder / decoder).
+SEALED_SUBMODULES = ("encoder", "decoder")
+
+
 def _block_param_ids(module: nn.Module) -> set[int]:
-    """ids of parameters inside elements of any nn.ModuleList: the repeated blocks, always called via forward."""
+    """ids of the parameters DeepSpeed's forward hooks gather by themselves: everything inside elements of an
+    nn.ModuleList (the repeated blocks, always called) and inside the sealed sub-trees (``SEALED_SUBMODULES``)."""
     ids: set[int] = set()
-    for sub in module.modules():
+    for name, sub in module.named_modules():
         if isinstance(sub, nn.ModuleList):
             for element in sub:
                 ids.update(id(p) for p in element.parameters())
+        elif name.rsplit(".", 1)[-1] in SEALED_SUBMODULES:
+            ids.update(id(p) for p in sub.parameters())
     return ids
 
 
