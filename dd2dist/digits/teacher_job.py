@@ -215,7 +215,7 @@ def train_digits_teacher(
         log(f"[{family}] evaluating {recipe.eval_per_class} samples per class")
         report["quality"] = evaluate_teacher(loaded, cfg.teacher.sampling, recipe.eval_per_class, cfg.seed)
         q = report["quality"]["teacher"]
-        log(f"[{family}] teacher FID {q['fid']:.3f} (train-vs-heldout floor "
+        log(f"[{family}] teacher FID {q['fid']:.3f} (train-vs-heldout reference "
             f"{report['quality']['reference_train_vs_heldout']['fid']:.3f}), class consistency "
             f"{q['class_consistency']:.3f}")
     report["seconds"] = time.perf_counter() - t_start
