@@ -2,7 +2,7 @@
 
     python jobs/demo.py                                   # full demo (both families), writes runs/demo/
     python jobs/demo.py --quick --out /tmp/demo_quick     # the same path at smoke-test size (tests)
-    python jobs/demo.py --families var --out runs/demo_var
+    python jobs/demo.py --families var --out runs/demo_var --set stage2.generator_steps=600   # any recipe key
 
 Per family (``var``, ``llamagen``), with the recipe ``configs/demo/<family>[_quick].yaml``:
 
@@ -83,11 +83,12 @@ def recipe_path(family: str, quick: bool) -> Path:
     return REPO / "configs" / "demo" / f"{family}{'_quick' if quick else ''}.yaml"
 
 
-def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: Path, check_paths: bool = True):
-    """The distillation config of one family with the demo's paths filled in."""
+def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: Path, check_paths: bool = True,
+                  extra: tuple[str, ...] = ()):
+    """The distillation config of one family with the demo's paths filled in (``extra``: ``--set`` overrides)."""
     from dd2dist.config import load_config, read_yaml_tree
 
-    overrides = [f"output_dir={run_dir}"]
+    overrides = [*extra, f"output_dir={run_dir}"]
     if teacher_ckpt:
         overrides.append(f"teacher.checkpoint={teacher_ckpt}")
     if read_yaml_tree(recipe_path(family, quick)).get("data", {}).get("source") == "shards":
@@ -451,7 +452,7 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan) -> dict:
     report = train_digits_teacher(teacher_config(family), args.teachers, plan.teacher_recipe,
                                   log=lambda m: log(f"[{family}]   {m}"), evaluate=not args.quick)
     steps["teacher"] = time.perf_counter() - t0
-    cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False)
+    cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False, extra=args.overrides)
     clean_run_dir(run_dir)
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(cfg.teacher)
@@ -463,7 +464,7 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan) -> dict:
     token_info.update(dir=str(run_dir / "tokens"), num_samples=manifest["num_samples"],
                       num_shards=manifest["num_shards"], teacher_id=manifest["teacher_id"])
     if cfg.data.source == "shards":
-        cfg = family_config(family, args.quick, report["checkpoint"], run_dir)  # now the shards exist
+        cfg = family_config(family, args.quick, report["checkpoint"], run_dir, extra=args.overrides)  # shards exist
     else:
         log(f"[{family}]   data.source={cfg.data.source}: stage 1 samples the teacher online (same target)")
     steps["tokens"] = time.perf_counter() - t0
@@ -505,7 +506,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="runs/demo", help="demo directory (results.json, one folder per family)")
     parser.add_argument("--teachers", default=None,
                         help="teacher cache directory (default: runs/teachers, or <out>/teachers with --quick)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a key of every family's recipe, e.g. --set stage2.generator_steps=600")
     args = parser.parse_args(argv)
+    args.overrides = tuple(args.overrides)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
@@ -515,7 +519,7 @@ def main(argv: list[str]) -> int:
                         .absolute())
     for family in families:  # every config error before anything runs
         try:
-            family_config(family, args.quick, None, out / family, check_paths=False)
+            family_config(family, args.quick, None, out / family, check_paths=False, extra=args.overrides)
         except (ValueError, FileNotFoundError) as err:
             print(f"demo: configuration error: {err}", file=sys.stderr)
             return 2
@@ -553,6 +557,7 @@ def main(argv: list[str]) -> int:
             "quick": args.quick, "families": families, "started": started_at,
             "seconds_total": time.perf_counter() - t0, "teachers_dir": args.teachers,
             "recipes": {f: str(recipe_path(f, args.quick).relative_to(REPO)) for f in families},
+            "overrides": list(args.overrides),
             "token_samples": plan.token_samples, "teacher_recipe": asdict(plan.teacher_recipe),
             "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                         "python": platform.python_version(), "torch": torch.__version__},
