@@ -240,13 +240,14 @@ def run_train_benchmark(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     owns = init_local_ray(num_cpus=2)
     try:
-        runs = {}
-        for workers in (1, 2):
-            runs[f"workers{workers}"] = _run(_bench_config(args, workers, 3, 0), args)
-        for teacher_stage, train_stage in ((0, 0), (3, 2)):
-            runs[f"zero_t{teacher_stage}_g{train_stage}"] = _run(_bench_config(args, 2, teacher_stage, train_stage),
-                                                                 args)
-        runs["zero_t3_g0"] = runs["workers2"]
+        # scaling: the same engine settings on 1 and 2 workers (teacher ZeRO stage --teacher-zero, trainables 0)
+        t = args.teacher_zero
+        runs = {"workers1": _run(_bench_config(args, 1, t, 0), args)}
+        runs["workers2"] = runs[f"zero_t{t}_g0"] = _run(_bench_config(args, 2, t, 0), args)
+        for teacher_stage, train_stage in ((0, 0), (3, 0), (3, 2)):  # memory per rank, 2 workers
+            if f"zero_t{teacher_stage}_g{train_stage}" not in runs:
+                runs[f"zero_t{teacher_stage}_g{train_stage}"] = _run(
+                    _bench_config(args, 2, teacher_stage, train_stage), args)
     finally:
         if owns:
             import ray
@@ -256,6 +257,7 @@ def run_train_benchmark(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "train", "device": "cpu", "threads_per_worker": 1, "batch_per_worker": args.batch,
         "K": args.k, "teacher": {"family": "var", "width": args.width, "depth": args.depth},
+        "scaling_engines": {"teacher_zero": args.teacher_zero, "trainable_zero": 0},
         "warmup_iterations": args.warmup, "timed_iterations": args.iterations,
         "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "speedup_2_over_1": speedup, "target_speedup": 1.6, "speedup_ok": speedup >= 1.6,
@@ -345,6 +347,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=4, help="tiny VAR teacher depth (CPU runs)")
     parser.add_argument("--warmup", type=int, default=6, help="iterations before timing")
     parser.add_argument("--iterations", type=int, default=24, help="timed iterations")
+    parser.add_argument("--teacher-zero", type=int, default=0, choices=(0, 3),
+                        help="teacher ZeRO stage of the 1-vs-2-worker scaling runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     parser.add_argument("--gpu", action="store_true", help="one-GPU true-size stage-2 step instead")
     parser.add_argument("--geometry", default="var_d16", help="teacher geometry for --gpu (configs/teachers/*)")
