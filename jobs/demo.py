@@ -292,10 +292,12 @@ def save_sample_figure(results: dict, path: Path, title: str, columns: int = 6) 
     names = [n for n in GRID_METHODS if n in results and results[n].get("grid")]
     fig, axes = plt.subplots(1, len(names), figsize=(1.75 * len(names), 3.1), squeeze=False)
     for ax, name in zip(axes[0], names):
-        grid = mpimg.imread(results[name]["grid"])  # rows: sample index; columns: class
+        grid = mpimg.imread(results[name]["grid"])  # tile rows: sample index; tile columns: class
         cell = (grid.shape[1] - 1) // 10  # save_image pads 1 pixel around each tile
         rows = min(columns, (grid.shape[0] - 1) // cell)
-        ax.imshow(grid[: rows * cell + 1].transpose(1, 0, 2), interpolation="nearest")  # now rows = classes
+        tiles = grid[1 : 1 + rows * cell, 1 : 1 + 10 * cell].reshape(rows, cell, 10, cell, grid.shape[2])
+        by_class = tiles.transpose(2, 1, 0, 3, 4).reshape(10 * cell, rows * cell, grid.shape[2])  # tiles moved only
+        ax.imshow(by_class, interpolation="nearest")
         ax.set_title(GRID_TITLES.get(name, name), fontsize=7)
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
