@@ -169,7 +169,7 @@ def plot(results: list[dict], path: str) -> str:
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("seconds per image (median)")
-    ax.set_title("one-step generator vs the teacher's AR sampler (same device, same batch)")
+    ax.set_title("one-step generator vs teacher AR sampler (same device and batch)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
