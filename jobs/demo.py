@@ -180,6 +180,50 @@ def train_students(cfg, run_dir: Path) -> dict:
             "seconds_stage1": t1 - t0, "seconds_stage2": t2 - t1}
 
 
+def extra_eval_overrides(overrides: tuple[str, ...]) -> list[str]:
+    """With ``--eval-only`` only ``eval.*`` overrides apply: the rest describes training that already happened."""
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ValueError(f"--eval-only takes only eval.* overrides, got {bad}")
+    return list(overrides)
+
+
+def trained_students(cfg, run_dir: Path) -> dict:
+    """``train_students``' record for students an earlier demo run trained (``--eval-only``).
+
+    Their training time is read back: from that run's ``eval/summary.json`` when it got that far, else from the
+    MLflow run (its start to the last stage-1 metric, then to the last metric; launch start-up included).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from dd2dist.launch.ray_train import checkpoint_root, export_dir
+    from dd2dist.train import checkpoint as ckpt
+
+    stage1_file, export = export_dir(cfg) / "stage1_student.safetensors", export_dir(cfg) / "generator.safetensors"
+    latest = ckpt.latest_checkpoint(checkpoint_root(cfg))
+    for path in (stage1_file, export):
+        if not path.is_file():
+            raise FileNotFoundError(f"--eval-only: {path} is missing (run the demo without --eval-only first)")
+    iteration = int(ckpt.read_json(latest / ckpt.STATE_FILE)["iteration"]) if latest else 0
+    record = {"stage1": {}, "stage2": {"export": str(export), "iteration": iteration},
+              "stage1_file": str(stage1_file)}
+    previous = run_dir / "eval" / "summary.json"
+    if previous.is_file():
+        steps = json.loads(previous.read_text())["seconds_by_step"]
+        return {**record, "seconds_stage1": steps["stage1"], "seconds_stage2": steps["stage2"],
+                "timing_source": str(previous)}
+    stored = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=stored["tracking_uri"])
+    start = client.get_run(stored["run_id"]).info.start_time
+    n1 = stage1_iterations(cfg)
+    stamps = [(m.step, m.timestamp) for key in ("step_time_s",)
+              for m in client.get_metric_history(stored["run_id"], key)]
+    end1 = max(t for step, t in stamps if step <= n1)
+    end2 = max(t for _, t in stamps)
+    return {**record, "seconds_stage1": (end1 - start) / 1000, "seconds_stage2": (end2 - end1) / 1000,
+            "timing_source": "MLflow timestamps of the training run"}
+
+
 # ---- evaluation ----------------------------------------------------------------------------------------------
 
 
@@ -373,6 +417,7 @@ def family_summary(evaluation: dict, train: dict, teacher_report: dict, cfg, sec
     out["classifier_heldout_accuracy"] = evaluation["floor"]["classifier_heldout_accuracy"]
     out["seconds"] = seconds
     out["seconds_by_step"] = run["seconds_by_step"]
+    out["timing_source"] = run.get("timing_source", "measured in this run")
     out["sampling"] = {
         "teacher": asdict(cfg.teacher.sampling), "num_samples": cfg.eval.num_samples,
         "per_class": cfg.eval.num_samples // cfg.teacher.arch.num_classes,
@@ -449,30 +494,49 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan) -> dict:
     run_dir = out / family
     steps: dict[str, float] = {}
 
-    log(f"[{family}] 1/5 teacher (train or reuse) in {args.teachers}")
     t0 = time.perf_counter()
-    report = train_digits_teacher(teacher_config(family), args.teachers, plan.teacher_recipe,
-                                  log=lambda m: log(f"[{family}]   {m}"), evaluate=not args.quick)
+    if args.eval_only:  # the resolved config the students were trained with (teacher, its sampling target, ...)
+        from dd2dist.config import load_config
+
+        trained = load_config(run_dir / "config.yaml", extra_eval_overrides(args.overrides), check_paths=False)
+        log(f"[{family}] 1/5 --eval-only: the config the students were trained with, {run_dir / 'config.yaml'}")
+        report = {"checkpoint": trained.teacher.checkpoint, "reused": True, "seconds": None}
+    else:
+        log(f"[{family}] 1/5 teacher (train or reuse) in {args.teachers}")
+        report = train_digits_teacher(teacher_config(family), args.teachers, plan.teacher_recipe,
+                                      log=lambda m: log(f"[{family}]   {m}"), evaluate=not args.quick)
     steps["teacher"] = time.perf_counter() - t0
-    cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False, extra=args.overrides)
-    clean_run_dir(run_dir)
+    if args.eval_only:
+        cfg = trained
+    else:
+        cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False,
+                            extra=args.overrides)
+        clean_run_dir(run_dir)
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(cfg.teacher)
 
     t0 = time.perf_counter()
     token_info: dict[str, Any] = {"stage1_source": cfg.data.source}
     log(f"[{family}] 2/5 teacher-token shards: {plan.token_samples} samples on {plan.token_workers} Ray actors")
-    manifest = precompute_tokens(cfg, plan, run_dir / "tokens")
+    manifest_path = run_dir / "tokens" / "manifest.json"
+    if args.eval_only and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("complete"):
+        manifest = json.loads(manifest_path.read_text())  # as the earlier run left them
+    else:
+        manifest = precompute_tokens(cfg, plan, run_dir / "tokens")
     token_info.update(dir=str(run_dir / "tokens"), num_samples=manifest["num_samples"],
                       num_shards=manifest["num_shards"], teacher_id=manifest["teacher_id"])
-    if cfg.data.source == "shards":
+    if cfg.data.source == "shards" and not args.eval_only:
         cfg = family_config(family, args.quick, report["checkpoint"], run_dir, extra=args.overrides)  # shards exist
     else:
         log(f"[{family}]   data.source={cfg.data.source}: stage 1 samples the teacher online (same target)")
     steps["tokens"] = time.perf_counter() - t0
 
-    log(f"[{family}] 3/5 stage 1 + stage 2 on Ray Train, {cfg.launch.num_workers} {cfg.engine.kind} workers")
-    train = train_students(cfg, run_dir)
+    if args.eval_only:
+        log(f"[{family}] 3/5 --eval-only: the students trained by an earlier demo run in {run_dir}")
+        train = trained_students(cfg, run_dir)
+    else:
+        log(f"[{family}] 3/5 stage 1 + stage 2 on Ray Train, {cfg.launch.num_workers} {cfg.engine.kind} workers")
+        train = train_students(cfg, run_dir)
     steps["stage1"], steps["stage2"] = train["seconds_stage1"], train["seconds_stage2"]
 
     log(f"[{family}] 4/5 evaluation: {cfg.eval.num_samples} samples per sampler vs the held-out digits")
@@ -489,7 +553,10 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan) -> dict:
     mlflow_info = {"run_id": run_id, "tracking_uri": tracker.tracking_uri if tracker else None,
                    "experiment": cfg.tracking.experiment}
     seconds = time.perf_counter() - t_start
-    run = {"seconds_by_step": steps, "token_shards": token_info, "mlflow": mlflow_info, "grid": str(grid)}
+    if args.eval_only:  # the training of the earlier run, read back (trained_students)
+        seconds += steps["stage1"] + steps["stage2"]
+    run = {"timing_source": train.get("timing_source", "measured in this run"), "seconds_by_step": steps,
+            "token_shards": token_info, "mlflow": mlflow_info, "grid": str(grid)}
     summary = family_summary(evaluation, train, report, cfg, seconds, run)
     (run_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if tracker is not None:
@@ -510,6 +577,8 @@ def main(argv: list[str]) -> int:
                         help="teacher cache directory (default: runs/teachers, or <out>/teachers with --quick)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override a key of every family's recipe, e.g. --set stage2.generator_steps=600")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the students an earlier demo run trained under --out (no training)")
     args = parser.parse_args(argv)
     args.overrides = tuple(args.overrides)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -559,7 +628,7 @@ def main(argv: list[str]) -> int:
             "quick": args.quick, "families": families, "started": started_at,
             "seconds_total": time.perf_counter() - t0, "teachers_dir": args.teachers,
             "recipes": {f: str(recipe_path(f, args.quick).relative_to(REPO)) for f in families},
-            "overrides": list(args.overrides),
+            "overrides": list(args.overrides), "eval_only": args.eval_only,
             "token_samples": plan.token_samples, "teacher_recipe": asdict(plan.teacher_recipe),
             "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                         "python": platform.python_version(), "torch": torch.__version__},

@@ -92,3 +92,9 @@ def test_family_summary_and_tables_report_ratio_and_gap():
     table = demo.markdown_tables({"var": s})
     assert "| var | DD2 one-step | 14.000 | 0.500 | 0.250 | 3.00 | 0.880 |" in table
     assert "| var | 1 (reused) | 2 | 3 | 4 | 5 | 16 |" in table
+
+
+def test_eval_only_accepts_only_eval_overrides():
+    assert demo.extra_eval_overrides(("eval.num_samples=100",)) == ["eval.num_samples=100"]
+    with pytest.raises(ValueError, match="stage2.generator_steps"):
+        demo.extra_eval_overrides(("eval.batch_size=10", "stage2.generator_steps=5"))
