@@ -23,12 +23,21 @@ def _distill():
     return module
 
 
-def _run(argv, capsys) -> tuple[int, str]:
+def _run(argv, capsys, monkeypatch) -> tuple[int, str]:
     import ray
 
+    import dd2dist.launch.ray_train as ray_train
+
+    # Another test of the session may already hold a Ray instance, so "Ray is not initialised" proves nothing:
+    # instead any attempt to start or join Ray, or to launch, fails the test.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a refused run must not start Ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray_train, "launch", refuse)
     code = _distill().main(argv)
     err = capsys.readouterr().err
-    assert not ray.is_initialized(), "a refused run must not start Ray"
+    assert "must not start Ray" not in err
     return code, err
 
 
@@ -39,24 +48,24 @@ def test_tiny_cpu_recipe_validates():
     assert cfg.stages == ("stage1", "stage2", "alignment")
 
 
-def test_config_error_names_the_key(tmp_path, capsys):
-    code, err = _run(["--config", TINY, "--set", "stage2.guidance_per_generator=0", "--output", str(tmp_path)], capsys)
+def test_config_error_names_the_key(tmp_path, capsys, monkeypatch):
+    code, err = _run(["--config", TINY, "--set", "stage2.guidance_per_generator=0", "--output", str(tmp_path)], capsys, monkeypatch)
     assert code == 2 and "stage2.guidance_per_generator" in err
-    code, err = _run(["--config", TINY, "--set", "stage2.no_such_key=1"], capsys)
+    code, err = _run(["--config", TINY, "--set", "stage2.no_such_key=1"], capsys, monkeypatch)
     assert code == 2 and "stage2.no_such_key" in err
 
 
-def test_missing_checkpoint_names_the_file(tmp_path, capsys):
+def test_missing_checkpoint_names_the_file(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "nowhere" / "teacher.pt"
-    code, err = _run(["--config", TINY, "--set", f"teacher.checkpoint={missing}"], capsys)
+    code, err = _run(["--config", TINY, "--set", f"teacher.checkpoint={missing}"], capsys, monkeypatch)
     assert code == 2 and "teacher.checkpoint" in err and str(missing) in err
 
 
-def test_teacher_shape_mismatch_names_key_and_file(tmp_path, capsys):
+def test_teacher_shape_mismatch_names_key_and_file(tmp_path, capsys, monkeypatch):
     other = load_config(None, ["teacher.var.width=32", "teacher.var.num_heads=2"]).teacher
     path = tmp_path / "narrow_teacher.pt"
     torch.save({"teacher": build_teacher(other).state_dict()}, path)
-    code, err = _run(["--config", TINY, "--set", f"teacher.checkpoint={path}"], capsys)
+    code, err = _run(["--config", TINY, "--set", f"teacher.checkpoint={path}"], capsys, monkeypatch)
     assert code == 2 and str(path) in err and "transformer.pos_start" in err and "shape" in err
 
 
