@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 
 RAY_ENV_DEFAULTS = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind every Ray server to 127.0.0.1 only
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TMPDIR": "/tmp/dd2ray",  # socket paths are capped at 107 bytes: keep this short
 }
+# Only for an embedded single-machine Ray: bind every Ray server to 127.0.0.1. On a multi-node cluster this
+# setting would stop workers from joining, so it is never applied when joining an existing cluster.
+EMBEDDED_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def apply_ray_env() -> None:
+def apply_ray_env(embedded: bool = True) -> None:
     """Set the Ray environment defaults (an explicit environment variable always wins)."""
-    for key, value in RAY_ENV_DEFAULTS.items():
+    for key, value in {**RAY_ENV_DEFAULTS, **(EMBEDDED_RAY_ENV if embedded else {})}.items():
         os.environ.setdefault(key, value)
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
@@ -25,10 +27,10 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 256, addr
     """
     import ray
 
-    apply_ray_env()
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    apply_ray_env(embedded=not address)
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
