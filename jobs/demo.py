@@ -347,7 +347,7 @@ def save_sample_figure(results: dict, path: Path, title: str, columns: int = 6) 
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -379,7 +379,7 @@ def save_loss_curves(histories: dict[str, dict], path: Path) -> Path:
     for ax, (family, hist) in zip(axes[0], histories.items()):
         for key, values in hist.items():
             steps, vals = zip(*values)
-            ax.plot(steps, vals, label=key, lw=1)
+            ax.plot(steps, vals, label=key, lw=1, color=f"C{LOSS_KEYS.index(key)}")  # one colour per loss
         ax.set_title(f"{family}: training losses (MLflow)", fontsize=9)
         ax.set_xlabel("iteration (optimizer steps of all roles)")
         ax.set_yscale("symlog", linthresh=1e-2)
