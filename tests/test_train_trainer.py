@@ -221,6 +221,9 @@ class ListStream:
     def load_state_dict(self, state):
         self.step = state["step"]
 
+    def metrics(self):
+        return {"data/samples": self.step * self.batch, "data/samples_skipped": 0}
+
 
 def test_stage1_from_data_stream_resumes_exactly(tmp_path):
     cfg = _cfg(stages=("stage1",), data=DataConfig(source="shards", shards="unused"), alignment=AlignmentConfig())
@@ -317,3 +320,12 @@ def test_bf16_teacher_gets_fp32_students():
     tr.fit(max_iterations=9)
     assert {p.dtype for e in tr.engines.values() for p in e.module.parameters()} == {torch.float32}
     assert tr.state.skipped == {} and math.isfinite(tr.last_metrics["generator/loss"])
+
+
+def test_data_stream_counters_are_logged_with_the_losses(tmp_path):
+    cfg = _cfg(stages=("stage1",), data=DataConfig(source="shards", shards="unused"), alignment=AlignmentConfig())
+    logger = JsonlLogger(tmp_path / "m.jsonl")
+    Trainer(cfg, _teacher(), TorchEngineFactory(), logger=logger, data=ListStream(14, 16)).fit()
+    records = [r for r in logger.read() if "step" in r]
+    assert records and all("data/samples" in r and "data/samples_skipped" in r for r in records)
+    assert records[-1]["data/samples"] == 6 * 4  # 6 stage-1 iterations of batch 4

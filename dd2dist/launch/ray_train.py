@@ -151,7 +151,13 @@ def train_worker(config: dict[str, Any]) -> None:
         from dd2dist.launch.sample_grid import grid_callback
 
         callbacks.append(grid_callback(cfg.tracking.sample_grid_every, samples_dir(cfg), tracker, rank))
-    trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world,
+    data = None
+    if cfg.data.source == "shards":
+        from dd2dist.data import stream_from_config
+
+        # each rank reads its own split of the teacher-token shards; the stream's position is checkpointed
+        data = stream_from_config(cfg, rank, world, num_tokens=teacher.num_tokens)
+    trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
                       checkpoint_hook=None if dry_run else report, callbacks=callbacks)
     if dry_run:
         trainer.fit(max_iterations=1)

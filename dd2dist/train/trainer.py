@@ -381,6 +381,9 @@ class Trainer:
     def _log(self, metrics: dict[str, float]) -> None:
         """Log once per iteration (the end-of-fit flush must not repeat a step already logged)."""
         if self.state.iteration != self._last_logged:
+            if self.data is not None and hasattr(self.data, "metrics"):
+                # bad-data counters (skipped samples, corrupt shards) travel with the losses
+                metrics = {**metrics, **{k: float(v) for k, v in self.data.metrics().items()}}
             self.logger.log_metrics(metrics, self.state.iteration)
             self._last_logged = self.state.iteration
 
