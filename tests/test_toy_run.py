@@ -17,7 +17,7 @@ def test_var_one_step_tv_falls_below_half_the_stage1_tv(tmp_path):
     out = tmp_path / "toy_var.json"
     rc = main([
         # a step budget, not a time budget: the outcome must not depend on how busy the machine is
-        "--family", "var", "--seed", "0", "--out", str(out), "--budget-seconds", "3600", "--generator-steps", "600",
+        "--family", "var", "--seed", "0", "--out", str(out), "--budget-seconds", "3600", "--generator-steps", "300",
         "--eval-every", "100000",
         "--samples", "60000", "--curve-samples", "5000", "--multistep-samples", "0", "--threads", "1",
     ])
