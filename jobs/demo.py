@@ -86,13 +86,13 @@ def recipe_path(family: str, quick: bool) -> Path:
 def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: Path, check_paths: bool = True,
                   extra: tuple[str, ...] = ()):
     """The distillation config of one family with the demo's paths filled in (``extra``: ``--set`` overrides)."""
-    from dd2dist.config import load_config, read_yaml_tree
+    from dd2dist.config import load_config
 
     overrides = [*extra, f"output_dir={run_dir}"]
     if teacher_ckpt:
         overrides.append(f"teacher.checkpoint={teacher_ckpt}")
-    if read_yaml_tree(recipe_path(family, quick)).get("data", {}).get("source") == "shards":
-        overrides.append(f"data.shards={run_dir / 'tokens'}")
+    # stage 1 streams the teacher-token shards this demo precomputes (the recipes default to online sampling)
+    overrides += ["data.source=shards", f"data.shards={run_dir / 'tokens'}"]
     cfg = load_config(recipe_path(family, quick), overrides, check_paths=check_paths)
     if cfg.teacher.family != family:
         raise ValueError(f"{recipe_path(family, quick)}: teacher.family is {cfg.teacher.family!r}, expected {family!r}")
