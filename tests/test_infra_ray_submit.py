@@ -50,7 +50,12 @@ def start_head(tmpdir: str, num_cpus: int = 2) -> tuple[subprocess.Popen, str]:
     gcs_port, dashboard_port = free_port(), free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--port", str(gcs_port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats"],
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats",
+         # the agents' default ports (52365, ...) may be held by another Ray on this machine (the test session's
+         # embedded one): then the head's job agent never registers. Give every agent a port of its own.
+         *[arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                            "--runtime-env-agent-port", "--ray-client-server-port")
+           for arg in (flag, str(free_port()))]],
         env=ray_env(tmpdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard_port}"
