@@ -49,7 +49,8 @@ def test_tiny_cpu_recipe_validates():
 
 
 def test_config_error_names_the_key(tmp_path, capsys, monkeypatch):
-    code, err = _run(["--config", TINY, "--set", "stage2.guidance_per_generator=0", "--output", str(tmp_path)], capsys, monkeypatch)
+    argv = ["--config", TINY, "--set", "stage2.guidance_per_generator=0", "--output", str(tmp_path)]
+    code, err = _run(argv, capsys, monkeypatch)
     assert code == 2 and "stage2.guidance_per_generator" in err
     code, err = _run(["--config", TINY, "--set", "stage2.no_such_key=1"], capsys, monkeypatch)
     assert code == 2 and "stage2.no_such_key" in err
