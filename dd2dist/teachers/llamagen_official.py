@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VQ16Config
+from dd2dist.teachers.layout import conv, norm, resnet
 from dd2dist.teachers.llamagen import LlamaGenTeacher, ffn_hidden_dim
 
 MODEL_IGNORED = re.compile(r"^(freqs_cis|causal_mask)$|(^|\.)kv_cache\.")
@@ -60,70 +61,51 @@ def official_gpt_layout(cfg: LlamaGenConfig) -> OrderedDict[str, tuple[int, ...]
     return out
 
 
-def _conv(out: OrderedDict, name: str, c_out: int, c_in: int, k: int) -> None:
-    out[f"{name}.weight"] = (c_out, c_in, k, k)
-    out[f"{name}.bias"] = (c_out,)
-
-
-def _norm(out: OrderedDict, name: str, c: int) -> None:
-    out[f"{name}.weight"] = (c,)
-    out[f"{name}.bias"] = (c,)
-
-
-def _res(out: OrderedDict, name: str, c_in: int, c_out: int) -> None:
-    _norm(out, f"{name}.norm1", c_in)
-    _conv(out, f"{name}.conv1", c_out, c_in, 3)
-    _norm(out, f"{name}.norm2", c_out)
-    _conv(out, f"{name}.conv2", c_out, c_out, 3)
-    if c_in != c_out:
-        _conv(out, f"{name}.nin_shortcut", c_out, c_in, 1)
-
-
 def _attn(out: OrderedDict, name: str, c: int) -> None:
-    _norm(out, f"{name}.norm", c)
+    norm(out, f"{name}.norm", c)
     for part in ("q", "k", "v", "proj_out"):
-        _conv(out, f"{name}.{part}", c, c, 1)
+        conv(out, f"{name}.{part}", c, c, 1)
 
 
 def official_vq16_layout(cfg: VQ16Config) -> OrderedDict[str, tuple[int, ...]]:
     """Official VQ-16 key -> shape (without the ignorable ``quantize.codebook_used``): 343 keys at true size."""
     out: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     mults, levels = tuple(cfg.ch_mult), len(cfg.ch_mult)
-    _conv(out, "encoder.conv_in", cfg.ch, cfg.in_channels, 3)
+    conv(out, "encoder.conv_in", cfg.ch, cfg.in_channels, 3)
     c = cfg.ch
     for level, mult in enumerate(mults):
         for i in range(cfg.num_res_blocks):
-            _res(out, f"encoder.conv_blocks.{level}.res.{i}", c, cfg.ch * mult)
+            resnet(out, f"encoder.conv_blocks.{level}.res.{i}", c, cfg.ch * mult)
             c = cfg.ch * mult
         if level == levels - 1:
             for i in range(cfg.num_res_blocks):
                 _attn(out, f"encoder.conv_blocks.{level}.attn.{i}", c)
         else:
-            _conv(out, f"encoder.conv_blocks.{level}.downsample.conv", c, c, 3)
-    _res(out, "encoder.mid.0", c, c)
+            conv(out, f"encoder.conv_blocks.{level}.downsample.conv", c, c, 3)
+    resnet(out, "encoder.mid.0", c, c)
     _attn(out, "encoder.mid.1", c)
-    _res(out, "encoder.mid.2", c, c)
-    _norm(out, "encoder.norm_out", c)
-    _conv(out, "encoder.conv_out", cfg.z_channels, c, 3)
+    resnet(out, "encoder.mid.2", c, c)
+    norm(out, "encoder.norm_out", c)
+    conv(out, "encoder.conv_out", cfg.z_channels, c, 3)
     c = cfg.ch * mults[-1]
-    _conv(out, "decoder.conv_in", c, cfg.z_channels, 3)
-    _res(out, "decoder.mid.0", c, c)
+    conv(out, "decoder.conv_in", c, cfg.z_channels, 3)
+    resnet(out, "decoder.mid.0", c, c)
     _attn(out, "decoder.mid.1", c)
-    _res(out, "decoder.mid.2", c, c)
+    resnet(out, "decoder.mid.2", c, c)
     for j, mult in enumerate(mults[::-1]):  # j = 0 is the lowest resolution
         for i in range(cfg.num_res_blocks + 1):
-            _res(out, f"decoder.conv_blocks.{j}.res.{i}", c, cfg.ch * mult)
+            resnet(out, f"decoder.conv_blocks.{j}.res.{i}", c, cfg.ch * mult)
             c = cfg.ch * mult
         if j == 0:
             for i in range(cfg.num_res_blocks + 1):
                 _attn(out, f"decoder.conv_blocks.{j}.attn.{i}", c)
         if j != levels - 1:
-            _conv(out, f"decoder.conv_blocks.{j}.upsample.conv", c, c, 3)
-    _norm(out, "decoder.norm_out", c)
-    _conv(out, "decoder.conv_out", cfg.in_channels, c, 3)
+            conv(out, f"decoder.conv_blocks.{j}.upsample.conv", c, c, 3)
+    norm(out, "decoder.norm_out", c)
+    conv(out, "decoder.conv_out", cfg.in_channels, c, 3)
     out["quantize.embedding.weight"] = (cfg.vocab_size, cfg.embed_dim)
-    _conv(out, "quant_conv", cfg.embed_dim, cfg.z_channels, 1)
-    _conv(out, "post_quant_conv", cfg.z_channels, cfg.embed_dim, 1)
+    conv(out, "quant_conv", cfg.embed_dim, cfg.z_channels, 1)
+    conv(out, "post_quant_conv", cfg.z_channels, cfg.embed_dim, 1)
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig, VARVQConfig
+from dd2dist.teachers.layout import conv, norm, resnet
 from dd2dist.teachers.var import VARTeacher, scale_index_per_token
 
 MODEL_DERIVED_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
@@ -65,35 +66,16 @@ def official_model_layout(cfg: VARConfig) -> OrderedDict[str, tuple[int, ...]]:
     return out
 
 
-def _conv(out: OrderedDict, name: str, c_out: int, c_in: int, k: int) -> None:
-    out[f"{name}.weight"] = (c_out, c_in, k, k)
-    out[f"{name}.bias"] = (c_out,)
-
-
-def _norm(out: OrderedDict, name: str, c: int) -> None:
-    out[f"{name}.weight"] = (c,)
-    out[f"{name}.bias"] = (c,)
-
-
-def _resnet(out: OrderedDict, name: str, c_in: int, c_out: int) -> None:
-    _norm(out, f"{name}.norm1", c_in)
-    _conv(out, f"{name}.conv1", c_out, c_in, 3)
-    _norm(out, f"{name}.norm2", c_out)
-    _conv(out, f"{name}.conv2", c_out, c_out, 3)
-    if c_in != c_out:
-        _conv(out, f"{name}.nin_shortcut", c_out, c_in, 1)
-
-
 def _attn(out: OrderedDict, name: str, c: int) -> None:
-    _norm(out, f"{name}.norm", c)
-    _conv(out, f"{name}.qkv", 3 * c, c, 1)
-    _conv(out, f"{name}.proj_out", c, c, 1)
+    norm(out, f"{name}.norm", c)
+    conv(out, f"{name}.qkv", 3 * c, c, 1)
+    conv(out, f"{name}.proj_out", c, c, 1)
 
 
 def _mid(out: OrderedDict, name: str, c: int) -> None:
-    _resnet(out, f"{name}.block_1", c, c)
+    resnet(out, f"{name}.block_1", c, c)
     _attn(out, f"{name}.attn_1", c)
-    _resnet(out, f"{name}.block_2", c, c)
+    resnet(out, f"{name}.block_2", c, c)
 
 
 def official_vae_layout(cfg: VARVQConfig, num_scales: int) -> OrderedDict[str, tuple[int, ...]]:
@@ -101,44 +83,44 @@ def official_vae_layout(cfg: VARVQConfig, num_scales: int) -> OrderedDict[str, t
     out: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     mults, levels, ch, z = tuple(cfg.ch_mult), len(cfg.ch_mult), cfg.ch, cfg.embed_dim
     # encoder
-    _conv(out, "encoder.conv_in", ch, cfg.in_channels, 3)
+    conv(out, "encoder.conv_in", ch, cfg.in_channels, 3)
     c_in = ch
     for lvl in range(levels):
         c_out = ch * mults[lvl]
         for b in range(cfg.num_res_blocks):
-            _resnet(out, f"encoder.down.{lvl}.block.{b}", c_in, c_out)
+            resnet(out, f"encoder.down.{lvl}.block.{b}", c_in, c_out)
             c_in = c_out
         if lvl == levels - 1:
             for b in range(cfg.num_res_blocks):
                 _attn(out, f"encoder.down.{lvl}.attn.{b}", c_in)
         else:
-            _conv(out, f"encoder.down.{lvl}.downsample.conv", c_in, c_in, 3)
+            conv(out, f"encoder.down.{lvl}.downsample.conv", c_in, c_in, 3)
     _mid(out, "encoder.mid", c_in)
-    _norm(out, "encoder.norm_out", c_in)
-    _conv(out, "encoder.conv_out", z, c_in, 3)
+    norm(out, "encoder.norm_out", c_in)
+    conv(out, "encoder.conv_out", z, c_in, 3)
     # decoder
     c_in = ch * mults[-1]
-    _conv(out, "decoder.conv_in", c_in, z, 3)
+    conv(out, "decoder.conv_in", c_in, z, 3)
     _mid(out, "decoder.mid", c_in)
     for lvl in reversed(range(levels)):
         c_out = ch * mults[lvl]
         for b in range(cfg.num_res_blocks + 1):
-            _resnet(out, f"decoder.up.{lvl}.block.{b}", c_in, c_out)
+            resnet(out, f"decoder.up.{lvl}.block.{b}", c_in, c_out)
             c_in = c_out
         if lvl == levels - 1:
             for b in range(cfg.num_res_blocks + 1):
                 _attn(out, f"decoder.up.{lvl}.attn.{b}", c_in)
         if lvl != 0:
-            _conv(out, f"decoder.up.{lvl}.upsample.conv", c_in, c_in, 3)
-    _norm(out, "decoder.norm_out", c_in)
-    _conv(out, "decoder.conv_out", cfg.in_channels, c_in, 3)
+            conv(out, f"decoder.up.{lvl}.upsample.conv", c_in, c_in, 3)
+    norm(out, "decoder.norm_out", c_in)
+    conv(out, "decoder.conv_out", cfg.in_channels, c_in, 3)
     # quantizer and the 3x3 convs around it
     out["quantize.ema_vocab_hit_SV"] = (num_scales, cfg.vocab_size)
     for i in range(cfg.num_phi):
-        _conv(out, f"quantize.quant_resi.qresi_ls.{i}", z, z, 3)
+        conv(out, f"quantize.quant_resi.qresi_ls.{i}", z, z, 3)
     out["quantize.embedding.weight"] = (cfg.vocab_size, z)
-    _conv(out, "quant_conv", z, z, 3)
-    _conv(out, "post_quant_conv", z, z, 3)
+    conv(out, "quant_conv", z, z, 3)
+    conv(out, "post_quant_conv", z, z, 3)
     return out
 
 
