@@ -25,3 +25,23 @@ def resnet(out: OrderedDict, name: str, c_in: int, c_out: int) -> None:
     conv(out, f"{name}.conv2", c_out, c_out, 3)
     if c_in != c_out:
         conv(out, f"{name}.nin_shortcut", c_out, c_in, 1)
+
+
+def _names(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def require_layout(state: dict, layout: dict[str, tuple[int, ...]], source: str, what: str = "official") -> None:
+    """Raise one ValueError naming every missing, unexpected and mis-shaped key of ``state`` against ``layout``."""
+    missing = [k for k in layout if k not in state]
+    unexpected = [k for k in state if k not in layout]
+    misshaped = [
+        f"{k}: file {tuple(state[k].shape)} vs expected {layout[k]}"
+        for k in layout
+        if k in state and tuple(state[k].shape) != layout[k]
+    ]
+    parts = [f"{label} keys: {_names(keys)}" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    if parts:
+        raise ValueError(f"{source} does not match the {what} layout; " + "; ".join(parts))

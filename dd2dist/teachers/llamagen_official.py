@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VQ16Config
-from dd2dist.teachers.layout import conv, norm, resnet
+from dd2dist.teachers.layout import conv, norm, require_layout, resnet
 from dd2dist.teachers.llamagen import LlamaGenTeacher, ffn_hidden_dim
 
 MODEL_IGNORED = re.compile(r"^(freqs_cis|causal_mask)$|(^|\.)kv_cache\.")
@@ -139,22 +139,7 @@ def check_layout(
     """Drop ignorable keys, then require exactly ``layout``'s keys and shapes; the error names every offender."""
     is_ignored = ignored.search if hasattr(ignored, "search") else (lambda k: k in ignored)
     kept = {k: v for k, v in state.items() if not is_ignored(k)}
-    missing = [k for k in layout if k not in kept]
-    unexpected = [k for k in kept if k not in layout]
-    misshaped = [
-        f"{k}: file {tuple(kept[k].shape)} vs expected {layout[k]}"
-        for k in layout
-        if k in kept and tuple(kept[k].shape) != layout[k]
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if misshaped:
-            parts.append(f"mis-shaped keys {misshaped}")
-        raise ValueError(f"{source} does not match the official layout: " + "; ".join(parts))
+    require_layout(kept, layout, source, "official LlamaGen")
     return kept
 
 

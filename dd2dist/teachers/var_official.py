@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig, VARVQConfig
-from dd2dist.teachers.layout import conv, norm, resnet
+from dd2dist.teachers.layout import conv, norm, require_layout, resnet
 from dd2dist.teachers.var import VARTeacher, scale_index_per_token
 
 MODEL_DERIVED_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
@@ -212,31 +212,11 @@ def _check_derived(model_sd: dict[str, Tensor], cfg: VARConfig, source: str) -> 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _names(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def check_layout(sd: dict[str, Tensor], layout: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise one ValueError naming every missing, unexpected and mis-shaped key of ``sd`` against ``layout``."""
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{source}: expected a raw state_dict (name -> tensor), got {type(sd).__name__}")
-    missing = [k for k in layout if k not in sd]
-    unexpected = [k for k in sd if k not in layout]
-    misshaped = [
-        f"{k} {tuple(sd[k].shape)} != expected {layout[k]}"
-        for k in layout
-        if k in sd and tuple(sd[k].shape) != layout[k]
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
-        if misshaped:
-            parts.append(f"mis-shaped keys: {_names(misshaped)}")
-        raise ValueError(f"{source} does not match the official VAR layout; " + "; ".join(parts))
+    require_layout(sd, layout, source, "official VAR")
 
 
 def var_teacher_from_official(
