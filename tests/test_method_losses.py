@@ -142,12 +142,12 @@ def test_csd_reaches_generator_parameters_at_every_position(setup):
     assert gen.backbone.transformer.blocks[0].ffn.fc1.weight.grad.abs().sum() > 0
 
 
-def _reference_x0s(q, teacher, gui, cond, seed, t_min=0.02, t_max=0.96):
+def _reference_x0s(q, teacher, gui, cond, seed, t_min=0.02, t_max=0.96, teacher_prefix=None):
     g = _g(seed)
     t = t_min + (t_max - t_min) * torch.rand(q.shape[:2], generator=g)
     eps = torch.randn(q.shape, generator=g)
     xt = (1 - t[..., None]) * q + t[..., None] * eps
-    lp = teacher.log_probs(q.detach(), cond, SAMPLING)
+    lp = teacher.log_probs(q.detach() if teacher_prefix is None else teacher_prefix, cond, SAMPLING)
     x0_real = posterior(lp, teacher.codebook(), xt, t).x0
     x0_fake = xt - t[..., None] * gui.velocity(xt, t, gui.features(q.detach(), cond))
     return x0_real, x0_fake
@@ -164,6 +164,23 @@ def test_csd_sid_value_matches_formula(setup):
         w = (q - xr).abs().mean(dim=(1, 2))
         ref = (((xr - xf) * ((xr - q) - alpha * (xr - xf))).sum(-1) / w[:, None]).mean()
         assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_csd_snap_conditions_only_the_teacher_on_nearest_codes(setup):
+    teacher, _, gui = setup
+    _frozen(gui)
+    cond = Cond(labels=torch.tensor([1, 3]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    snapped = teacher.codebook()[teacher.quantize(q)]
+    loss, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), teacher_prefix="snap")
+    xr, xf = _reference_x0s(q, teacher, gui, cond, 13, teacher_prefix=snapped)  # psi still sees q itself
+    w = (q - xr).abs().mean(dim=(1, 2))
+    ref = (((xr - xf) * (xf - q)).sum(-1) / w[:, None]).mean()
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7)
+    continuous, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13))
+    assert not torch.allclose(loss, continuous)  # the option changes the teacher's prefix, so the value
+    with pytest.raises(ValueError, match="teacher_prefix"):
+        csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), teacher_prefix="round")
 
 
 def test_csd_dmd_gradient_is_score_difference(setup):

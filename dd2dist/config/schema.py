@@ -176,6 +176,9 @@ class Stage2Config:
     csd_alpha: float = _f(1.0, ge=0.0)  # SiD alpha
     csd_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # CSD t ~ U(csd_t_min, csd_t_max)
     csd_t_max: float = _f(0.96, gt=0.0, lt=1.0)
+    # What the teacher is conditioned on in CSD: the generator's continuous prefix (method.md §4.3 [I, strong]) or
+    # its nearest codes ("snap"): the teacher is only trained on codes, and quantised samples are what is scored
+    teacher_prefix: Literal["continuous", "snap"] = "continuous"
     fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
     ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+10))

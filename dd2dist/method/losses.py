@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dd2dist.latent import add_noise, posterior, velocity_to_x0
+from dd2dist.latent import add_noise, nearest_code, posterior, velocity_to_x0
 from dd2dist.teachers.base import ARTeacher, Cond, Sampling
 
 
@@ -113,6 +113,7 @@ def csd_loss(
     alpha: float = 1.0,
     t_min: float = 0.02,
     t_max: float = 0.96,
+    teacher_prefix: Literal["continuous", "snap"] = "continuous",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Conditional Score Distillation loss of the generator (method.md §5.3, §12).
 
@@ -127,14 +128,24 @@ def csd_loss(
     averaged over tokens (α=1 gives ``(x̂0_Φ - x̂0_ψ)ᵀ(x̂0_ψ - q) / w``).
     ``kind="dmd"`` [PROP fallback]: ``0.5 ||q - sg(q - (x̂0_ψ - x̂0_Φ) / w)||²``, the DMD/KL gradient without
     backpropagating through either score model.
+
+    ``teacher_prefix="snap"`` conditions the teacher on the nearest codes of sg(q) instead of sg(q) itself (an
+    option beside method.md §4.3, whose default feeds the continuous outputs): the teacher's conditionals are only
+    trained on code prefixes, and what is finally scored is the quantised sequence. ψ always sees sg(q): it models
+    the generator as it is. The gradient path is unchanged (the prefix is stop-gradient either way).
     """
     if kind not in ("sid", "dmd"):
         raise ValueError(f"stage2.csd_loss must be 'sid' or 'dmd', got {kind!r}")
+    if teacher_prefix not in ("continuous", "snap"):
+        raise ValueError(f"stage2.teacher_prefix must be 'continuous' or 'snap', got {teacher_prefix!r}")
     B, N, _ = q.shape
     qf = q.float()
     q_sg = qf.detach()
     with torch.no_grad():
-        lp = teacher.log_probs(q_sg, cond, sampling)
+        prefix = q_sg
+        if teacher_prefix == "snap":  # the given codebook: a ZeRO-3 teacher's own may be partitioned
+            prefix = codebook[nearest_code(q_sg, codebook, normalized=teacher.family == "llamagen")].to(q_sg.dtype)
+        lp = teacher.log_probs(prefix, cond, sampling)
         feats = guidance.features(q_sg, cond)
     t = uniform_times((B, N), t_min, t_max, gen, q.device)
     eps = gaussian(qf, gen)

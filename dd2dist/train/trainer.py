@@ -257,7 +257,8 @@ class Trainer:
             return loss, m, eps.shape[0]
         q = generator.generate(eps, cond)
         loss, m = csd_loss(q, teacher, guidance, self.codebook, cond, self.sampling, self._gen(f"csd/{micro}"),
-                           kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max)
+                           kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max,
+                           teacher_prefix=s2.teacher_prefix)
         return loss, m, eps.shape[0]
 
     def _autocast(self):
