@@ -6,6 +6,7 @@ import torch
 from dd2dist.config.schema import StudentConfig
 from dd2dist.latent import posterior
 from dd2dist.method import csd_loss, fcs_loss, gts_loss
+from dd2dist.method.losses import snap_to_codes
 from dd2dist.nets import StudentNet
 from dd2dist.teachers import VARConfig, build_family
 from dd2dist.teachers.base import Cond, Sampling
@@ -142,14 +143,15 @@ def test_csd_reaches_generator_parameters_at_every_position(setup):
     assert gen.backbone.transformer.blocks[0].ffn.fc1.weight.grad.abs().sum() > 0
 
 
-def _reference_x0s(q, teacher, gui, cond, seed, t_min=0.02, t_max=0.96, teacher_prefix=None):
+def _reference_x0s(q, teacher, gui, cond, seed, t_min=0.02, t_max=0.96, teacher_prefix=None, guidance_prefix=None):
     g = _g(seed)
     t = t_min + (t_max - t_min) * torch.rand(q.shape[:2], generator=g)
     eps = torch.randn(q.shape, generator=g)
     xt = (1 - t[..., None]) * q + t[..., None] * eps
     lp = teacher.log_probs(q.detach() if teacher_prefix is None else teacher_prefix, cond, SAMPLING)
     x0_real = posterior(lp, teacher.codebook(), xt, t).x0
-    x0_fake = xt - t[..., None] * gui.velocity(xt, t, gui.features(q.detach(), cond))
+    gui_prefix = q.detach() if guidance_prefix is None else guidance_prefix
+    x0_fake = xt - t[..., None] * gui.velocity(xt, t, gui.features(gui_prefix, cond))
     return x0_real, x0_fake
 
 
@@ -181,6 +183,26 @@ def test_csd_snap_conditions_only_the_teacher_on_nearest_codes(setup):
     assert not torch.allclose(loss, continuous)  # the option changes the teacher's prefix, so the value
     with pytest.raises(ValueError, match="teacher_prefix"):
         csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), teacher_prefix="round")
+    both, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), teacher_prefix="snap",
+                       guidance_prefix="snap")
+    xr, xf = _reference_x0s(q, teacher, gui, cond, 13, teacher_prefix=snapped, guidance_prefix=snapped)
+    w = (q - xr).abs().mean(dim=(1, 2))
+    assert torch.allclose(both, (((xr - xf) * (xf - q)).sum(-1) / w[:, None]).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_fcs_prefix_replaces_only_the_backbone_input(setup):
+    teacher, _, gui = setup
+    cond = Cond(labels=torch.tensor([0, 2]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    snapped = snap_to_codes(q, teacher.codebook(), teacher.family)
+    assert torch.equal(snapped, teacher.codebook()[teacher.quantize(q)])
+    loss, _ = fcs_loss(gui, q, cond, _g(3), num_samples=1, prefix=snapped)
+    g = _g(3)
+    t = 0.02 + 0.98 * torch.rand(q.shape[:2], generator=g)
+    eps = torch.randn((1, *q.shape), generator=g)[0]
+    xt = (1 - t[..., None]) * q + t[..., None] * eps
+    v = gui.velocity(xt, t, gui.features(snapped, cond))  # the noisy token stays continuous
+    assert torch.allclose(loss, (v - (eps - q)).pow(2).mean(), rtol=1e-5, atol=1e-7)
 
 
 def test_csd_dmd_gradient_is_score_difference(setup):

@@ -179,6 +179,9 @@ class Stage2Config:
     # What the teacher is conditioned on in CSD: the generator's continuous prefix (method.md §4.3 [I, strong]) or
     # its nearest codes ("snap"): the teacher is only trained on codes, and quantised samples are what is scored
     teacher_prefix: Literal["continuous", "snap"] = "continuous"
+    # What ψ's backbone is teacher-forced on (FCS and CSD): sg(q) itself, or its nearest codes ("snap": ψ then
+    # models the generator given the quantised prefix, the quantity the quantised joint is made of)
+    guidance_prefix: Literal["continuous", "snap"] = "continuous"
     fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
     ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+10))

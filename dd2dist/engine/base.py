@@ -3,13 +3,13 @@
 An engine owns one network and, when trainable, its optimizer, LR scheduler and step counter. Two
 implementations share this interface: ``TorchEngine`` (plain torch, one process; unit tests and single-process
 runs) and ``DeepSpeedEngine`` / ``DeepSpeedFrozenEngine`` (ZeRO, inside Ray Train workers). Method code
-(``dd2dist/method``) only ever calls ``engine.module`` for forwards and never imports DeepSpeed.
+(``dd2dist/method``) receives ``engine.callable_module()`` for forwards and never imports DeepSpeed.
 
 Rules that keep every rank in lock-step (ZeRO-3 gathers hang otherwise):
   * every rank runs the same number of forwards through each engine per iteration;
   * in each phase exactly one engine is trainable (``set_trainable(True)``), the others are frozen
     (``requires_grad=False``, eval mode) and a forward that must carry gradients *through* a frozen engine
-    goes through ``engine.module(...)``;
+    goes through ``engine.callable_module()`` (never the DeepSpeed engine's own ``__call__``);
   * a non-finite loss is detected collectively (``all_finite``) so that every rank skips the same step.
 """
 
@@ -49,6 +49,15 @@ class Engine(abc.ABC):
 
         Frozen engines without an optimizer (the teacher) only accept False.
         """
+
+    def callable_module(self):
+        """What method code calls for forwards (``features`` / ``velocity`` / ``generate`` ...).
+
+        The module itself by default; a ZeRO-3 trainable engine returns a proxy with the same API whose calls run
+        through the DeepSpeed root forward (so its hooks gather what the call reads). ``module`` stays the place
+        for modes, parameters and weights.
+        """
+        return self.module
 
     def assert_mode(self, trainable: bool) -> None:
         """Phase-switch check: module mode and requires_grad agree with ``trainable``."""

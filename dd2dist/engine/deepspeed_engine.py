@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO engines behind the :class:`~dd2dist.engine.base.Engine` interface (inside Ray Train workers).
 
 * :class:`DeepSpeedEngine`: a trainable network (generator, guidance, stage-1 student) with its own
-  ``torch.optim.AdamW`` (passed to DeepSpeed with ``zero_allow_untested_optimizer``), ZeRO stage 0/1/2 from the
+  ``torch.optim.AdamW`` (passed to DeepSpeed with ``zero_allow_untested_optimizer``), ZeRO stage 0/1/2/3 from the
   config, DeepSpeed's gradient clipping, and an LR schedule evaluated on the engine's *own* optimizer-step counter
   (DeepSpeed gets no scheduler, so the schedule never ticks on a skipped step).
 * :class:`DeepSpeedFrozenEngine`: the teacher. ZeRO-3, no optimizer, eval mode, forward only. Its parameters are
@@ -14,10 +14,13 @@
 * :class:`DeepSpeedEngineFactory`: the ``EngineFactory`` the trainer uses (``teacher``, ``trainable``,
   ``barrier``) when ``engine.kind=deepspeed``.
 
-Why trainable engines stop at ZeRO-2: the student's API (``features``, ``velocity``, ``generate``) is made of
-method calls, not one ``forward``, and ZeRO-3 only gathers parameters inside module forwards; gradients of
-tensors read outside a forward would be computed against released partitions. The frozen teacher has no
-backward, so gathering its directly-read tensors around each call is safe there.
+Trainable engines at ZeRO-3: the student's API (``features``, ``velocity``, ``generate``) is made of method
+calls, not one ``forward``, and ZeRO-3 only gathers parameters inside module forwards. So at stage 3 every API call
+is routed through the root module's forward (:mod:`dd2dist.engine.zero3_calls`): DeepSpeed's hooks then gather
+block parameters per sub-module, discover the directly-read ones, and re-gather both for the backward pass. Method
+code must call the nets through :meth:`DeepSpeedEngine.callable_module` (a proxy with the same API), never
+``engine.module.features(...)``. The frozen teacher has no backward, so it gathers its directly-read tensors
+around each call instead.
 
 The torch process group is created by Ray Train (gloo on CPU, NCCL on GPU); ``deepspeed.init_distributed``
 reuses it. Single-process use (tests) sets up a one-rank gloo group first (:func:`ensure_distributed`).
@@ -38,6 +41,14 @@ import torch
 from torch import Tensor, nn
 
 from dd2dist.engine.base import Engine, StepStats
+from dd2dist.engine.zero3_calls import (
+    STUDENT_API_METHODS,
+    ForwardRoutedModule,
+    consolidated_state_dict,
+    is_partitioned,
+    local_partitions,
+    route_calls_through_forward,
+)
 
 # Teacher API methods run with the directly-read (non-block) parameters gathered.
 TEACHER_API_METHODS = (
@@ -90,20 +101,30 @@ def _device(use_gpu: bool) -> torch.device:
 def trainable_ds_config(
     *, zero_stage: int, precision: str, grad_clip: float, micro_batch: int = 1, grad_accum: int = 1
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a trainable engine (optimizer passed in; no scheduler: we own the LR)."""
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(
-            f"engine.zero_stage_<trainable>={zero_stage}: trainable engines support ZeRO 0, 1 or 2 (the student "
-            "is called through several methods, which ZeRO-3's forward hooks cannot gather)"
-        )
+    """The DeepSpeed config of a trainable engine (optimizer passed in; no scheduler: we own the LR).
+
+    ZeRO-3 partitions every parameter (no persistent small ones, so a rank holds exactly 1/world at rest) and
+    does not prefetch: the call pattern changes between phases (generate / features / velocity), so a recorded
+    trace would keep being invalidated.
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.zero_stage_<trainable>={zero_stage}: trainable engines take ZeRO 0, 1, 2 or 3")
     if precision not in PRECISIONS:
         raise ValueError(f"engine.precision must be one of {PRECISIONS}, got {precision!r}")
+    zero: dict[str, Any] = {"stage": int(zero_stage)}
+    if zero_stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=0,
+            stage3_model_persistence_threshold=0,
+            stage3_prefetch_bucket_size=0,
+            stage3_max_reuse_distance=0,
+        )
     return {
         "train_micro_batch_size_per_gpu": int(micro_batch),
         "gradient_accumulation_steps": int(grad_accum),
         "gradient_clipping": float(grad_clip),
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": int(zero_stage)},
+        "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -162,14 +183,15 @@ def _optim_field(optim: Any, name: str, default: Any) -> Any:
 
 
 class DeepSpeedEngine(Engine):
-    """A trainable network under DeepSpeed (ZeRO 0/1/2), with its own AdamW and LR schedule.
+    """A trainable network under DeepSpeed (ZeRO 0/1/2/3), with its own AdamW and LR schedule.
 
     Args:
         name: "generator" | "guidance" | "student".
         module: the network (moved to the worker's device here).
         optim: the optimiser spec (``lr``, ``betas``, ``weight_decay``, ``grad_clip`` and a schedule; see
             :func:`lr_at`).
-        zero_stage: 0, 1 or 2.
+        zero_stage: 0, 1, 2 or 3. At 3 the module's API methods (``features``/``velocity``/``generate``) are
+            routed through its forward; call them through :meth:`callable_module`.
         precision: "fp32" or "bf16" (DeepSpeed keeps fp32 master weights for bf16).
         use_gpu: put the module on this worker's GPU.
         grad_accum: micro-steps (``backward`` calls) per optimizer step, default ``optim.grad_accum``;
@@ -201,6 +223,8 @@ class DeepSpeedEngine(Engine):
         module = module.to(self.device)
         module.requires_grad_(True)  # ZeRO registers its reduce hooks on parameters that require grad now
         module.train()
+        # ZeRO-3: API calls must run inside the root forward (see the module docstring); names are unchanged
+        self._routed = route_calls_through_forward(module, STUDENT_API_METHODS) if self.zero_stage == 3 else None
         self._ds_config = trainable_ds_config(
             zero_stage=zero_stage,
             precision=precision,
@@ -219,10 +243,16 @@ class DeepSpeedEngine(Engine):
             model=module, optimizer=optimizer, config=self._ds_config
         )
         self.module = self._ds.module
+        self._callable = ForwardRoutedModule(self.module, self._routed) if self._routed is not None else self.module
         self._steps = 0
         self._micro = 0
         self._set_lr(lr_at(optim, 0))
         self.set_trainable(False)
+
+    def callable_module(self):
+        """What method code calls: the module (ZeRO 0-2), or at ZeRO-3 a proxy whose ``features`` / ``velocity``
+        / ``generate`` run through the module's forward so that DeepSpeed gathers what they read."""
+        return self._callable
 
     # ---- mode -----------------------------------------------------------------------------------------------
     @property
@@ -252,7 +282,7 @@ class DeepSpeedEngine(Engine):
         lr = self.lr
         refresh = getattr(self._optimizer, "refresh_fp32_params", None)
         if self.precision == "fp32" and callable(refresh):
-            # ZeRO-1/2 keep a separate fp32 master partition; in fp32 it equals the module weights exactly, so
+            # ZeRO-1/2/3 keep a separate fp32 master partition; in fp32 it equals the module weights exactly, so
             # refreshing it is lossless and picks up writes into local_param_tensors() (EMA -> generator).
             refresh()
         norm = None if self.zero_stage or self.precision != "fp32" else self._grad_norm()
@@ -301,13 +331,24 @@ class DeepSpeedEngine(Engine):
 
     # ---- weights and state -------------------------------------------------------------------------------------
     def local_param_tensors(self) -> list[Tensor]:
-        return [p.data for p in self.module.parameters()]
+        """Full tensors (ZeRO 0-2) or this rank's flat partitions (ZeRO-3); writes reach the module weights and,
+        through the fp32 refresh in :meth:`step`, the master weights."""
+        return local_partitions(self.module)
+
+    def local_param_bytes(self) -> int:
+        """Parameter bytes this rank holds at rest."""
+        return local_param_bytes(self.module)
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                for k, v in self.module.state_dict().items()}
+        """Consolidated fp32 weights on CPU (collective at ZeRO-3: gathered one sub-module at a time)."""
+        return consolidated_state_dict(self.module, to_float=True)
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load consolidated weights (collective at ZeRO-3, where rank 0's values are scattered)."""
+        if self.zero_stage == 3:
+            load_state_module_by_module(self.module, state, source=f"{self.name} state dict", what=self.name)
+            self._optimizer.refresh_fp32_params()
+            return
         own = self.module.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -344,10 +385,6 @@ class DeepSpeedEngine(Engine):
 # ---- frozen teacher ---------------------------------------------------------------------------------------
 
 
-def _is_partitioned(param: Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
 # Sub-trees entered only through their own forward, whose code never reads a child's parameter without calling
 # that child: DeepSpeed's hooks gather them module by module (the tokenizers' encoder / decoder).
 SEALED_SUBMODULES = ("encoder", "decoder")
@@ -370,7 +407,7 @@ def local_param_bytes(module: nn.Module) -> int:
     """Bytes of parameter storage this rank holds for ``module`` at rest (ZeRO-3 partitions count their share)."""
     total = 0
     for p in module.parameters():
-        if _is_partitioned(p):
+        if is_partitioned(p):
             total += p.ds_tensor.numel() * p.ds_tensor.element_size()
         else:
             total += p.numel() * p.element_size()
@@ -379,7 +416,7 @@ def local_param_bytes(module: nn.Module) -> int:
 
 def full_param_bytes(module: nn.Module) -> int:
     """Bytes of the full (unpartitioned) parameters of ``module``."""
-    return sum((p.ds_numel if _is_partitioned(p) else p.numel()) * p.element_size() for p in module.parameters())
+    return sum((p.ds_numel if is_partitioned(p) else p.numel()) * p.element_size() for p in module.parameters())
 
 
 class _LooseParamGatherer:
@@ -460,7 +497,7 @@ class DeepSpeedFrozenEngine(Engine):
 
         ensure_distributed()
         config = frozen_ds_config(zero_stage=3, precision=precision)
-        if not all(_is_partitioned(p) for p in module.parameters()):
+        if not all(is_partitioned(p) for p in module.parameters()):
             module = module.to(device=self.device, dtype=_dtype(precision))  # floating tensors only
             deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=None)
         self._ds, _, _, _ = deepspeed.initialize(model=module, config=config)
@@ -523,20 +560,7 @@ class DeepSpeedFrozenEngine(Engine):
     def full_state_dict(self) -> dict[str, Tensor]:
         if self._ds is None:
             return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        import deepspeed
-
-        out: dict[str, Tensor] = {}
-        for prefix, sub in self.module.named_modules():
-            dot = f"{prefix}." if prefix else ""
-            own = [p for p in sub._parameters.values() if p is not None]
-            with deepspeed.zero.GatheredParameters(own, modifier_rank=None, enabled=bool(own)):
-                for name, p in sub._parameters.items():
-                    if p is not None:
-                        out[dot + name] = p.data.detach().cpu().clone()
-            for name, buf in sub._buffers.items():
-                if buf is not None and name not in sub._non_persistent_buffers_set:
-                    out[dot + name] = buf.detach().cpu().clone()
-        return out
+        return consolidated_state_dict(self.module)
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
         load_state_module_by_module(self.module, state)
@@ -582,11 +606,14 @@ class _LazyState(Mapping):
         return len(self._keys)
 
 
-def load_state_module_by_module(module: nn.Module, state: Mapping[str, Tensor], source: str = "state dict") -> None:
+def load_state_module_by_module(
+    module: nn.Module, state: Mapping[str, Tensor], source: str = "state dict", what: str = "teacher"
+) -> None:
     """Copy ``state`` into ``module`` one sub-module at a time (collective for ZeRO-3-partitioned modules).
 
     Only one sub-module's own parameters are ever gathered at once. Strict: every persistent key must be
-    present and every key of ``state`` used; shapes must match (errors name the key and ``source``).
+    present and every key of ``state`` used; shapes must match (errors name the key, ``source`` and ``what`` the
+    module is: "teacher", "generator", ...).
     """
     import deepspeed
 
@@ -602,7 +629,7 @@ def load_state_module_by_module(module: nn.Module, state: Mapping[str, Tensor], 
     missing, unexpected = sorted(expected - keys), sorted(keys - expected)
     if missing or unexpected:
         raise ValueError(
-            f"{source} does not match the configured teacher architecture: missing keys {missing[:8]}"
+            f"{source} does not match the configured {what} architecture: missing keys {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
             f"{'...' if len(unexpected) > 8 else ''}"
         )
@@ -610,18 +637,18 @@ def load_state_module_by_module(module: nn.Module, state: Mapping[str, Tensor], 
         for prefix, sub in module.named_modules():
             dot = f"{prefix}." if prefix else ""
             own = [p for p in sub._parameters.values() if p is not None]
-            partitioned = [p for p in own if _is_partitioned(p)]
+            partitioned = [p for p in own if is_partitioned(p)]
             with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
                 for name, p in sub._parameters.items():
                     if p is None:
                         continue
                     value = state[dot + name]
-                    if tuple(value.shape) != tuple(p.ds_shape if _is_partitioned(p) else p.shape):
+                    if tuple(value.shape) != tuple(p.ds_shape if is_partitioned(p) else p.shape):
                         raise ValueError(
-                            f"{source}: {dot + name} has shape {tuple(value.shape)}, the configured teacher "
-                            f"expects {tuple(p.ds_shape if _is_partitioned(p) else p.shape)}"
+                            f"{source}: {dot + name} has shape {tuple(value.shape)}, the configured {what} "
+                            f"expects {tuple(p.ds_shape if is_partitioned(p) else p.shape)}"
                         )
-                    if rank == 0 or not _is_partitioned(p):
+                    if rank == 0 or not is_partitioned(p):
                         p.data.copy_(value.to(device=p.device, dtype=p.dtype))
             for name, buf in sub._buffers.items():
                 if buf is not None and name not in sub._non_persistent_buffers_set:

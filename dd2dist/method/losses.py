@@ -72,6 +72,12 @@ def gts_loss(
     return loss, {"loss": loss.detach(), "target_v_rms": target.pow(2).mean().sqrt()}
 
 
+def snap_to_codes(x: Tensor, codebook: Tensor, family: str) -> Tensor:
+    """Each token replaced by its nearest code vector (the family's metric), same dtype; no gradient."""
+    with torch.no_grad():
+        return codebook[nearest_code(x.float(), codebook, normalized=family == "llamagen")].to(x.dtype)
+
+
 def fcs_loss(
     guidance,
     q: Tensor,
@@ -79,18 +85,20 @@ def fcs_loss(
     gen: torch.Generator,
     num_samples: int = 4,
     t_min: float = 0.02,
+    prefix: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Guidance (fake-score) loss on detached generator samples (method.md §5.2, velocity form [PROP]).
 
-    One teacher-forced backbone pass on sg(q), then ``num_samples`` independent (t, eps) draws per position
-    through the head (MAR's multi-sample trick, m=4 [PROP]); target velocity ``eps - q``; t ~ U(t_min, 1).
+    One teacher-forced backbone pass on sg(q) (or on ``prefix``, e.g. its nearest codes, see
+    ``stage2.guidance_prefix``), then ``num_samples`` independent (t, eps) draws per position through the head
+    (MAR's multi-sample trick, m=4 [PROP]); target velocity ``eps - q``; t ~ U(t_min, 1).
     """
     q = q.detach().float()
     B, N, Ce = q.shape
     m = int(num_samples)
     if m < 1:
         raise ValueError(f"stage2.fcs_samples must be >= 1, got {m}")
-    feats = guidance.features(q, cond)
+    feats = guidance.features(q if prefix is None else prefix.detach(), cond)
     t = uniform_times((m, B, N), t_min, 1.0, gen, q.device)
     eps = torch.randn((m, B, N, Ce), generator=gen, device=q.device, dtype=torch.float32)
     qm = q.unsqueeze(0).expand(m, B, N, Ce)
@@ -114,6 +122,7 @@ def csd_loss(
     t_min: float = 0.02,
     t_max: float = 0.96,
     teacher_prefix: Literal["continuous", "snap"] = "continuous",
+    guidance_prefix: Literal["continuous", "snap"] = "continuous",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Conditional Score Distillation loss of the generator (method.md §5.3, §12).
 
@@ -131,22 +140,24 @@ def csd_loss(
 
     ``teacher_prefix="snap"`` conditions the teacher on the nearest codes of sg(q) instead of sg(q) itself (an
     option beside method.md §4.3, whose default feeds the continuous outputs): the teacher's conditionals are only
-    trained on code prefixes, and what is finally scored is the quantised sequence. ψ always sees sg(q): it models
-    the generator as it is. The gradient path is unchanged (the prefix is stop-gradient either way).
+    trained on code prefixes, and what is finally scored is the quantised sequence. ``guidance_prefix="snap"``
+    does the same for ψ's backbone (it must match how ψ is trained, :func:`fcs_loss` ``prefix``); with both
+    snapped, CSD compares the two conditionals given the quantised prefix, whose product is the quantised joint.
+    The gradient path is unchanged (the prefix is stop-gradient either way).
     """
     if kind not in ("sid", "dmd"):
         raise ValueError(f"stage2.csd_loss must be 'sid' or 'dmd', got {kind!r}")
-    if teacher_prefix not in ("continuous", "snap"):
-        raise ValueError(f"stage2.teacher_prefix must be 'continuous' or 'snap', got {teacher_prefix!r}")
+    for key, val in (("teacher_prefix", teacher_prefix), ("guidance_prefix", guidance_prefix)):
+        if val not in ("continuous", "snap"):
+            raise ValueError(f"stage2.{key} must be 'continuous' or 'snap', got {val!r}")
     B, N, _ = q.shape
     qf = q.float()
     q_sg = qf.detach()
     with torch.no_grad():
-        prefix = q_sg
-        if teacher_prefix == "snap":  # the given codebook: a ZeRO-3 teacher's own may be partitioned
-            prefix = codebook[nearest_code(q_sg, codebook, normalized=teacher.family == "llamagen")].to(q_sg.dtype)
-        lp = teacher.log_probs(prefix, cond, sampling)
-        feats = guidance.features(q_sg, cond)
+        # the given codebook: a ZeRO-3 teacher's own may be partitioned
+        snapped = snap_to_codes(q_sg, codebook, teacher.family) if "snap" in (teacher_prefix, guidance_prefix) else q_sg
+        lp = teacher.log_probs(snapped if teacher_prefix == "snap" else q_sg, cond, sampling)
+        feats = guidance.features(snapped if guidance_prefix == "snap" else q_sg, cond)
     t = uniform_times((B, N), t_min, t_max, gen, q.device)
     eps = gaussian(qf, gen)
     with torch.set_grad_enabled(kind == "sid" and torch.is_grad_enabled()):

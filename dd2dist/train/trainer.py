@@ -27,7 +27,7 @@ from torch import Tensor
 from dd2dist.engine.base import Engine, all_finite
 from dd2dist.engine.factory import EngineFactory, OptimSpec
 from dd2dist.method.ema import EMA
-from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss
+from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
 from dd2dist.method.schedule import Phase, Role, Schedule, build_schedule, generator_warmup_steps
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
@@ -252,13 +252,14 @@ class Trainer:
         if role == "guidance":
             with torch.no_grad():
                 q = generator.generate(eps, cond)
+            prefix = snap_to_codes(q, self.codebook, teacher.family) if s2.guidance_prefix == "snap" else None
             loss, m = fcs_loss(guidance, q, cond, self._gen(f"fcs/{micro}"), num_samples=s2.fcs_samples,
-                               t_min=s2.fcs_t_min)
+                               t_min=s2.fcs_t_min, prefix=prefix)
             return loss, m, eps.shape[0]
         q = generator.generate(eps, cond)
         loss, m = csd_loss(q, teacher, guidance, self.codebook, cond, self.sampling, self._gen(f"csd/{micro}"),
                            kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max,
-                           teacher_prefix=s2.teacher_prefix)
+                           teacher_prefix=s2.teacher_prefix, guidance_prefix=s2.guidance_prefix)
         return loss, m, eps.shape[0]
 
     def _autocast(self):
