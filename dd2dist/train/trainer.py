@@ -242,12 +242,12 @@ class Trainer:
         teacher = self.teacher_engine.module
         if role in ("student_head", "student"):
             x0, cond, lp = self.batches.stage1(self.state.iteration, micro)
-            net = self._head_net if role == "student_head" else self.engines["student"].module
+            net = self._head_net if role == "student_head" else self.engines["student"].callable_module()
             loss, m = gts_loss(net, teacher, self.codebook, x0, cond, self.sampling, self._gen(f"gts/{micro}"),
                                t_min=cfg.stage1.t_min, teacher_log_probs=lp)
             return loss, m, x0.shape[0]
-        generator = self.engines["generator"].module
-        guidance = self.engines["guidance"].module
+        generator = self.engines["generator"].callable_module()  # ZeRO-3: calls routed through forward
+        guidance = self.engines["guidance"].callable_module()
         eps, cond = self.batches.stage2(self.state.iteration, micro, role)
         if role == "guidance":
             with torch.no_grad():
