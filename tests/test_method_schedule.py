@@ -25,6 +25,16 @@ def test_ema_progressive_decay_exact_over_steps():
     assert ema_decay(0, 0.9999, "none") == 0.9999
 
 
+def test_ema_rampup_sets_the_progressive_horizon():
+    assert ema_decay(0, 1.0, rampup=2.0) == pytest.approx(0.5)
+    assert ema_decay(98, 1.0, rampup=2.0) == pytest.approx(0.99)  # (n+1)/(n+2): averages about the last half
+    assert ema_decay(98, 1.0) == pytest.approx(99 / 108)  # the paper's (n+1)/(n+10)
+    ema = EMA([torch.zeros(1)], ema_max=1.0, rampup=3.0)
+    assert [ema.update([torch.ones(1)]) for _ in range(3)] == pytest.approx([1 / 3, 2 / 4, 3 / 5])
+    with pytest.raises(ValueError, match="ema_rampup"):
+        EMA([torch.zeros(1)], ema_max=0.9, rampup=1.0)
+
+
 def test_ema_copy_to_and_state_round_trip():
     a, b = torch.randn(3), torch.randn(2, 2)
     ema = EMA([a, b], 0.9999)

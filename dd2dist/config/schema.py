@@ -185,6 +185,7 @@ class Stage2Config:
     fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
     ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+10))
+    ema_rampup: float = _f(10.0, gt=1.0)  # progressive: (n+1)/(n+ema_rampup); paper 10; smaller = longer horizon
     batch_size: int = _f(8, gt=0)  # sequences per rank per micro-step (global = x workers x grad_accum)
 
     def __post_init__(self) -> None:

@@ -118,6 +118,10 @@ def trainable_ds_config(
             stage3_model_persistence_threshold=0,
             stage3_prefetch_bucket_size=0,
             stage3_max_reuse_distance=0,
+            # DeepSpeed would otherwise replace torch.nn.functional.linear process-wide (for every module, ZeRO or
+            # not) with its own autograd function: other engines' arithmetic would depend on whether a ZeRO-3
+            # engine was built first. Module hooks already re-gather weights for backward.
+            memory_efficient_linear=False,
         )
     return {
         "train_micro_batch_size_per_gpu": int(micro_batch),

@@ -12,14 +12,19 @@ import torch
 from torch import Tensor
 
 
-def ema_decay(updates: int, ema_max: float, warmup: Literal["progressive", "none"] = "progressive") -> float:
+def ema_decay(updates: int, ema_max: float, warmup: Literal["progressive", "none"] = "progressive",
+              rampup: float = 10.0) -> float:
     """Decay used for the EMA update number ``updates`` (0-based).
 
-    ``progressive``: min(ema_max, (n + 1) / (n + 10)) — 0.1 at the first update, reaching 0.9999 after ~90k
-    (method.md §6.4, "very important for stability"). ``none``: ema_max from the start.
+    ``progressive``: min(ema_max, (n + 1) / (n + rampup)) — with the paper's rampup = 10, 0.1 at the first update,
+    reaching 0.9999 after ~90k (method.md §6.4, "very important for stability"). Its averaging horizon is about
+    (n + rampup) / (rampup - 1) updates: a smaller ``rampup`` averages over a larger fraction of the run (2: about
+    the last half), which suits short runs. ``none``: ema_max from the start.
     """
+    if rampup <= 1.0:
+        raise ValueError(f"stage2.ema_rampup must be > 1, got {rampup}")
     if warmup == "progressive":
-        return min(ema_max, (updates + 1) / (updates + 10))
+        return min(ema_max, (updates + 1) / (updates + rampup))
     if warmup == "none":
         return ema_max
     raise ValueError(f"stage2.ema_warmup must be 'progressive' or 'none', got {warmup!r}")
@@ -28,11 +33,12 @@ def ema_decay(updates: int, ema_max: float, warmup: Literal["progressive", "none
 class EMA:
     """EMA copies of a fixed, ordered list of tensors; ``updates`` counts the updates applied."""
 
-    def __init__(self, tensors: list[Tensor], ema_max: float, warmup: Literal["progressive", "none"] = "progressive"):
+    def __init__(self, tensors: list[Tensor], ema_max: float, warmup: Literal["progressive", "none"] = "progressive",
+                 rampup: float = 10.0):
         if not 0.0 <= ema_max <= 1.0:
             raise ValueError(f"stage2.ema_max must be in [0, 1], got {ema_max}")
-        ema_decay(0, ema_max, warmup)  # validates ``warmup``
-        self.ema_max, self.warmup = float(ema_max), warmup
+        ema_decay(0, ema_max, warmup, rampup)  # validates ``warmup`` and ``rampup``
+        self.ema_max, self.warmup, self.rampup = float(ema_max), warmup, float(rampup)
         # fp32 shadows whatever the weights' dtype: a 0.9999 decay is below bf16's resolution
         self.shadow = [t.detach().float().clone() for t in tensors]
         self.updates = 0
@@ -41,7 +47,7 @@ class EMA:
     def update(self, tensors: list[Tensor]) -> float:
         """shadow = d * shadow + (1 - d) * current; returns the decay d used."""
         self._check(tensors)
-        d = ema_decay(self.updates, self.ema_max, self.warmup)
+        d = ema_decay(self.updates, self.ema_max, self.warmup, self.rampup)
         for s, t in zip(self.shadow, tensors):
             s.lerp_(t.detach().float(), 1.0 - d)
         self.updates += 1
@@ -57,7 +63,7 @@ class EMA:
     def state_dict(self) -> dict:
         """Shadows (on CPU) and the update count, for this rank's checkpoint file."""
         return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates,
-                "ema_max": self.ema_max, "warmup": self.warmup}
+                "ema_max": self.ema_max, "warmup": self.warmup, "rampup": self.rampup}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output (same tensor list as this EMA was built on)."""

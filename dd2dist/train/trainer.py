@@ -199,7 +199,8 @@ class Trainer:
             self.engines["generator"] = self.factory.trainable("generator", self._new_student(init), gen_spec)
             self.engines["guidance"] = self.factory.trainable("guidance", self._new_student(init), gui_spec)
             s2 = self.cfg.stage2
-            self.ema = EMA(self.engines["generator"].local_param_tensors(), s2.ema_max, s2.ema_warmup)
+            self.ema = EMA(self.engines["generator"].local_param_tensors(), s2.ema_max, s2.ema_warmup,
+                           s2.ema_rampup)
         for engine in self.engines.values():
             engine.set_trainable(False)
         self.engine_group = group
