@@ -286,9 +286,24 @@ def _run_direct_reads(rank: int, stage: int) -> dict:
     return out
 
 
+def _fresh_load(rank: int, stage: int, tmp: str) -> tuple[bool, int]:
+    """Save while trainable, load into a freshly built engine (frozen, as the trainer's resume builds them)."""
+    from dd2dist.engine.deepspeed_engine import DeepSpeedEngine
+
+    engines = [DeepSpeedEngine(name, DirectReadNet(), _spec(), zero_stage=stage) for name in ("generator", "guidance")]
+    _direct_read_step(rank, 1, *engines, [])
+    saved = engines[0].full_state_dict()
+    engines[0].save(f"{tmp}/fresh{stage}")
+    fresh = DeepSpeedEngine("generator", DirectReadNet(), _spec(), zero_stage=stage)
+    fresh.load(f"{tmp}/fresh{stage}")
+    fresh.assert_mode(False)  # loading left the mode alone
+    return _equal(fresh.full_state_dict(), saved), fresh.optimizer_steps
+
+
 def _worker(rank: int, world: int, tmp: str) -> dict:
     out = {(family, stage): _run(rank, family, stage, tmp) for family in FAMILIES for stage in (0, 3)}
     out.update({("direct_reads", stage): _run_direct_reads(rank, stage) for stage in (0, 3)})
+    out["fresh_load"] = {stage: _fresh_load(rank, stage, tmp) for stage in (2, 3)}
     return out
 
 
@@ -328,6 +343,7 @@ def test_zero3_generator_and_guidance_equal_zero0(tmp_path):
             for ratio in (*z3.get("ratio_start", ()), *z3["ratio_end"]):
                 assert ratio <= 0.55 and math.isclose(ratio, 0.5, abs_tol=0.01), (family, ratio)
     for results in per_rank:
+        assert results["fresh_load"] == {2: (True, 1), 3: (True, 1)}
         z3 = results[("var", 3)]
         assert z3["zero_to_fp32_equal"] and z3["restored"] == (True, STEPS // 2) and z3["replayed"]
         assert z3["loaded_full"]

@@ -366,21 +366,40 @@ class DeepSpeedEngine(Engine):
         if callable(refresh):
             refresh()
 
+    @contextlib.contextmanager
+    def _as_optimized(self):
+        """All parameters require grad for the duration (the mode flags are restored after).
+
+        ZeRO-2/3 checkpoints treat a parameter that does not require grad *now* as "not owned by the optimizer":
+        save writes it to a separate table, and load expects it there. Our engines toggle requires_grad per phase,
+        so a checkpoint saved while trainable and loaded into a freshly built (frozen) engine would miss it.
+        Every parameter is owned by the optimizer, so both run as if trainable.
+        """
+        flags = [p.requires_grad for p in self.module.parameters()]
+        self.module.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p, flag in zip(self.module.parameters(), flags):
+                p.requires_grad_(flag)
+
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._ds.save_checkpoint(
-            str(directory), tag="engine", client_state={"optimizer_steps": self._steps}, save_latest=False
-        )
+        with self._as_optimized():
+            self._ds.save_checkpoint(
+                str(directory), tag="engine", client_state={"optimizer_steps": self._steps}, save_latest=False
+            )
         (directory / "engine.json").write_text(json.dumps({"name": self.name, "optimizer_steps": self._steps}))
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         if not (directory / "engine").is_dir():
             raise FileNotFoundError(f"{self.name}: no DeepSpeed checkpoint under {directory} (expected engine/)")
-        _, client = self._ds.load_checkpoint(
-            str(directory), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with self._as_optimized():
+            _, client = self._ds.load_checkpoint(
+                str(directory), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         self._steps = int((client or {}).get("optimizer_steps", 0))
         self._micro = 0
         self._set_lr(lr_at(self.optim_spec, self._steps))
