@@ -272,6 +272,13 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: Tensor) -> None:
         if not self._trainable:
             raise AssertionError(f"{self.name}: backward() on a frozen engine (call set_trainable(True) first)")
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self._ds.optimizer, ZeROOptimizer):
+            # DeepSpeed's own engine forward starts each micro-step this way; our forwards go through the module,
+            # never the DeepSpeed engine. ZeRO-3 advances its micro-step id here (overwrite vs accumulate into the
+            # gradient partitions): without it, only the last micro-batch of a grad_accum step would count.
+            self._ds.optimizer.clear_backward_seen_flag()
         self._ds.backward(loss)
         self._micro += 1
         if self._micro % self.grad_accum:
