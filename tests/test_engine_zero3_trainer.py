@@ -95,11 +95,11 @@ def test_tiny_cpu_with_zero3_students_resumes_and_equals_zero0(tmp_path):
     for rank, out in enumerate(per_rank):
         z0, z3 = out[0], out[3]
         assert z0["iteration"] == z3["iteration"] == 32 and z0["skipped"] == z3["skipped"] == {}
-        # Adam moves every weight by ~lr (<= 1e-3 here) per step; equal gradients up to fp32 summation order agree
-        # far inside 5% of one step (see test_engine_zero3.py for the gradients themselves at rel 1e-5).
-        _assert_close(out["student3"], out["student0"], 5e-5, "stage-1 student")
+        # measured: <= 1.2e-7 apart after 32 iterations (fp32 summation order); the gradients themselves are
+        # compared at rel 1e-5 in test_engine_zero3.py
+        _assert_close(out["student3"], out["student0"], 1e-6, "stage-1 student")
         for net in ("generator", "ema", "guidance"):
-            _assert_close(z3[net], z0[net], 5e-5, net)
+            _assert_close(z3[net], z0[net], 1e-6, net)
         assert z0["ratios"] == [1.0, 1.0]
         for ratio in (*z3["ratios"], out["student3_ratio"]):
             assert ratio <= 0.55 and math.isclose(ratio, 0.5, abs_tol=0.01)
