@@ -1,10 +1,13 @@
-"""Student nets: zero-init head, what is copied/dropped/frozen, generator causality, the LlamaGen mlp adapter."""
+"""Student nets: zero-init head, what is copied/dropped/frozen, generator causality, the LlamaGen input rule."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from dd2dist.config.schema import StudentConfig
 from dd2dist.nets import MLPHead, StudentNet
+from dd2dist.nets.student import sharp_soft_tau
 from dd2dist.teachers import LlamaGenConfig, VARConfig, build_family
 from dd2dist.teachers.base import Cond
 
@@ -56,8 +59,7 @@ def test_student_drops_head_and_tokenizer_and_freezes_codebook(family):
     net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
     names = {n for n, _ in net.named_parameters()}
     assert not any(".tokenizer." in n for n in names), "tokenizer weights must not be trainable parameters"
-    assert not any(n.startswith(("backbone.transformer.head.", "backbone.gpt.output.", "backbone.gpt.tok_emb"))
-                   for n in names)
+    assert not any(n.startswith(("backbone.transformer.head.", "backbone.gpt.output.")) for n in names)
     buffers = dict(net.named_buffers())
     assert not any(k.startswith(("backbone.tokenizer.encoder", "backbone.tokenizer.decoder")) for k in buffers)
     # the latent space (codebook) is the teacher's, kept as a frozen buffer
@@ -75,17 +77,73 @@ def test_var_student_backbone_equals_teacher_features():
     assert torch.allclose(net.features(x, cond), teacher.features(x, cond), atol=1e-6)
 
 
-def test_llamagen_student_mlp_adapter_regressed_onto_teacher_embeddings():
+def test_llamagen_student_reads_vectors_through_the_teachers_soft_rule():
     teacher = _teacher("llamagen")
     assert teacher.cfg.input_adapter == "snap"
     net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
-    assert net.backbone.cfg.input_adapter == "mlp"
+    assert net.backbone.cfg.input_adapter == "soft"
+    assert net.backbone.cfg.soft_tau == pytest.approx(sharp_soft_tau(teacher.codebook()))
+    assert teacher.cfg.input_adapter == "snap"  # the teacher's own config is untouched
+    # the embedding table stays, trainable (it is the soft rule's table); the classifier head is gone
+    names = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert "backbone.gpt.tok_embeddings.weight" in names
     ids = torch.randint(teacher.vocab_size, (2, teacher.num_tokens))
     cond = Cond(labels=torch.tensor([0, 1]))
     # on code vectors the student's features reproduce the teacher's (snap reads ids exactly)
     ref = teacher.features(ids, cond)
     got = net.features(teacher.embed(ids), cond)
     assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+def test_sharp_soft_tau_keeps_each_code_its_own_weight():
+    """The derived temperature gives every code >= 99% of its own soft weight, and not much more (it is the
+    largest such tau up to the union bound), checked against the softmax itself."""
+    torch.manual_seed(3)
+    codebook = torch.nn.functional.normalize(torch.randn(40, 4), dim=-1)
+    tau = sharp_soft_tau(codebook)
+    self_weight = torch.softmax(codebook @ codebook.T / tau, dim=-1).diagonal()
+    assert self_weight.min() >= 0.99 - 1e-6
+    loose = torch.softmax(codebook @ codebook.T / (3 * tau), dim=-1).diagonal()
+    assert loose.min() < 0.99
+    # exact duplicates are ignored rather than forcing tau to the floor
+    dup = torch.cat([codebook, codebook[:1]])
+    assert sharp_soft_tau(dup) == pytest.approx(tau, rel=0.01)  # one more code: a slightly different log term
+    with pytest.raises(ValueError, match="self_weight"):
+        sharp_soft_tau(codebook, self_weight=1.0)
+
+
+def test_llamagen_student_input_embeddings_stay_bounded_on_noise():
+    """The issue-7 failure: an adapter fitted on the codes alone returned embeddings hundreds of times larger on
+    N(0, I) noise than on codes, so the generator's noise rows drowned the class prefix. The student's input
+    embedding of any vector is a convex mix of table rows, and its features keep the class at every position."""
+    teacher = _teacher("llamagen")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    gpt = net.backbone.gpt
+    eps = torch.randn(64, teacher.embed_dim) * 3
+    with torch.no_grad():
+        emb = gpt.embed_inputs(eps[None], net.backbone.codebook())[0]
+    assert emb.norm(dim=-1).max() <= gpt.tok_embeddings.weight.norm(dim=-1).max() + 1e-6
+    noise = torch.randn(8, teacher.num_tokens, teacher.embed_dim)
+    with torch.no_grad():
+        f0 = net.features(noise, Cond(labels=torch.zeros(8, dtype=torch.long)))
+        f1 = net.features(noise, Cond(labels=torch.ones(8, dtype=torch.long)))
+        t0 = teacher.features(noise, Cond(labels=torch.zeros(8, dtype=torch.long)))
+        t1 = teacher.features(noise, Cond(labels=torch.ones(8, dtype=torch.long)))
+    student_change = (f0 - f1)[:, 1:].norm(dim=-1).mean()
+    teacher_change = (t0 - t1)[:, 1:].norm(dim=-1).mean()
+    assert student_change > 0.5 * teacher_change
+
+
+def test_llamagen_student_copies_an_mlp_adapted_teacher():
+    """A stage-0 adapted teacher (trained input_mlp) is copied as it is: its adapter reads every input."""
+    torch.manual_seed(0)
+    teacher = build_family("llamagen", llamagen=replace(SMALL_LG, input_adapter="mlp")).freeze()
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    assert net.backbone.cfg.input_adapter == "mlp"
+    assert net.backbone.gpt.tok_embeddings is None and net.backbone.gpt.output is None
+    x = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    cond = Cond(labels=torch.tensor([0, 3]))
+    assert torch.equal(net.features(x, cond), teacher.features(x, cond))
 
 
 @pytest.mark.parametrize("family", ["var", "llamagen"])

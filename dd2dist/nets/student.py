@@ -13,29 +13,42 @@ that is exactly ``VARTeacher.features`` on the noise sequence. We chose it over 
 reuses the teacher's input path unchanged and keeps the same causal dependency.
 
 What is dropped from the copied teacher: the classifier head (VAR ``head``/``head_nm``, LlamaGen ``output``), the
-tokenizer's encoder/decoder and quant convs, and LlamaGen's ``tok_embeddings`` (the student's inputs are
-continuous, see below). What stays frozen: the parts of the tokenizer that define the latent space (the codebook
-and VAR's φ convs) become buffers, so they are saved with the student but never trained, and every *parameter*
-of a StudentNet is trainable (``Engine.assert_mode`` checks all of them together).
+tokenizer's encoder/decoder and quant convs, and LlamaGen's ``tok_embeddings`` when a trained ``input_mlp`` reads
+every input instead (see below). What stays frozen: the parts of the tokenizer that define the latent space (the
+codebook and VAR's φ convs) become buffers, so they are saved with the student but never trained, and every
+*parameter* of a StudentNet is trainable (``Engine.assert_mode`` checks all of them together).
 
-LlamaGen: the student's inputs are continuous (generator noise, the generator's continuous outputs), so it always
-uses the ``mlp`` input adapter. When the teacher already uses ``mlp`` (a stage-0 adapted teacher) it is copied;
-otherwise a fresh ``input_mlp`` is initialised by regressing it onto the teacher's ``tok_embeddings`` over all
-normalised codes (``dd2dist.teachers.adapt.regress_input_mlp``), so the student starts equal to the teacher on
-code vectors.
+LlamaGen: the student's inputs are continuous (generator noise, the generator's continuous outputs). A teacher that
+already reads vectors through a trained ``mlp`` adapter (a stage-0 adapted teacher) is copied as it is. Otherwise
+the student reads vectors through the teacher's own ``soft`` rule, ``softmax(x·Cᵀ/τ) @ tok_embeddings``, with a
+sharp τ (:func:`sharp_soft_tau`): on code vectors it equals the teacher's ``snap`` lookup to within 1% of the
+weight, elsewhere it is a convex mix of embedding rows, so an input can never outweigh the class prefix in the
+residual stream; ``tok_embeddings`` stays a trainable table. Issue #7 measured why not a fresh ``input_mlp``
+regressed onto ``tok_embeddings`` over the 64 codes of the digits teacher: exact on codes (norm 0.27) it returned
+norm 359 on N(0, I) noise, so the generator's token rows swamped the class (class-driven feature change 0.01 at
+positions >= 1 against 9.1 for the teacher on the same noise), and trained, it blew up to norm 609 on codes within
+50 stage-1 steps: stage 1 lost the class (AR-diffusion class consistency 0.12 against 0.57 with this rule).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
+from dataclasses import replace
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dd2dist.nets.head import MLPHead
 from dd2dist.teachers.base import ARTeacher, Cond
 
 log = logging.getLogger("dd2dist.nets")
+
+SOFT_SELF_WEIGHT = 0.99  # each code keeps >= 99% of its own soft-adapter weight: the student equals the teacher
+SOFT_TAU_MIN = 1e-4  # floor for degenerate codebooks (near-duplicate codes would otherwise ask for tau -> 0)
+DUPLICATE_MARGIN = 1e-6  # cosines above 1 - this count as the same code
 
 
 def params_to_buffers(module: nn.Module) -> None:
@@ -54,28 +67,55 @@ def _drop(module: nn.Module, *names: str) -> None:
             setattr(module, name, None)
 
 
-def _llamagen_mlp_backbone(teacher: ARTeacher, regress_steps: int, regress_lr: float) -> ARTeacher:
-    """A LlamaGen copy with the ``mlp`` input adapter (see the module docstring)."""
-    if teacher.cfg.input_adapter == "mlp":
-        return copy.deepcopy(teacher)
-    from dd2dist.teachers.adapt import regress_input_mlp, with_mlp_adapter
+def sharp_soft_tau(codebook: Tensor, self_weight: float = SOFT_SELF_WEIGHT, chunk: int = 1024) -> float:
+    """The largest softmax temperature at which every code keeps at least ``self_weight`` of its own soft weight.
 
-    backbone = with_mlp_adapter(teacher)
-    backbone.requires_grad_(True)
-    if regress_steps > 0:  # 0: weights are about to be loaded from a checkpoint anyway
-        rel_err = regress_input_mlp(backbone, steps=regress_steps, lr=regress_lr)
-        log.info("student: LlamaGen input_mlp regressed onto tok_embeddings, relative error %.3g", rel_err)
+    For unit codes, code j's own weight is ``1 / (1 + sum_i exp(-(1 - c_i·c_j) / τ))``
+    >= ``1 / (1 + (V - 1) exp(-m / τ))`` with m the smallest margin ``1 - c_i·c_j`` over distinct codes, so
+    τ = m / ln((V - 1) s / (1 - s)). Exact duplicate codes (margin ~0) are ignored; τ is floored at
+    ``SOFT_TAU_MIN``.
+    """
+    if not 0.0 < self_weight < 1.0:
+        raise ValueError(f"self_weight must lie in (0, 1), got {self_weight}")
+    cb = F.normalize(codebook.detach().float(), dim=-1)
+    V = cb.shape[0]
+    if V < 2:
+        return 1.0
+    best = torch.full((V,), -2.0, device=cb.device)
+    for s in range(0, V, chunk):  # (chunk, V) cosines at a time: a 16384-code Gram matrix would be 1 GiB
+        cos = cb[s : s + chunk] @ cb.T
+        cos[cos > 1.0 - DUPLICATE_MARGIN] = -2.0  # the code itself and exact duplicates
+        best[s : s + chunk] = cos.max(-1).values
+    margin = float((1.0 - best).min())
+    tau = margin / math.log((V - 1) * self_weight / (1.0 - self_weight))
+    return max(tau, SOFT_TAU_MIN)
+
+
+def _llamagen_backbone(teacher: ARTeacher) -> ARTeacher:
+    """A LlamaGen copy that reads continuous inputs (see the module docstring): the teacher's own ``mlp`` adapter,
+    or its ``soft`` rule at :func:`sharp_soft_tau`."""
+    backbone = copy.deepcopy(teacher)
+    if teacher.cfg.input_adapter == "mlp":
+        return backbone
+    tau = sharp_soft_tau(teacher.codebook())
+    # same weights, only the vector-input rule differs; gpt.embed_inputs reads it from the config
+    soft_cfg = replace(teacher.cfg, input_adapter="soft", soft_tau=tau)
+    backbone.cfg = soft_cfg
+    backbone.gpt.cfg = soft_cfg
+    log.info("student: LlamaGen inputs through the teacher's soft rule at tau %.3g", tau)
     return backbone
 
 
-def student_backbone(teacher: ARTeacher, regress_steps: int = 200, regress_lr: float = 1e-3) -> ARTeacher:
+def student_backbone(teacher: ARTeacher) -> ARTeacher:
     """A pruned, trainable copy of the teacher that still implements ``features`` (see the module docstring)."""
     if teacher.family == "var":
         backbone = copy.deepcopy(teacher)
         _drop(backbone.transformer, "head", "head_nm")
     elif teacher.family == "llamagen":
-        backbone = _llamagen_mlp_backbone(teacher, regress_steps, regress_lr)
-        _drop(backbone.gpt, "output", "tok_embeddings")
+        backbone = _llamagen_backbone(teacher)
+        _drop(backbone.gpt, "output")
+        if backbone.cfg.input_adapter == "mlp":
+            _drop(backbone.gpt, "tok_embeddings")  # unused: ids and vectors both go through input_mlp
     else:
         raise ValueError(f"unknown teacher family {teacher.family!r}")
     _drop(backbone.tokenizer, "encoder", "decoder", "quant_conv", "post_quant_conv")
@@ -91,17 +131,14 @@ class StudentNet(nn.Module):
     Args:
         teacher: the (unpartitioned) teacher to copy; it is not modified.
         student_cfg: a :class:`dd2dist.config.schema.StudentConfig` (head_width, head_depth, time_embed_dim,
-            generator_time, and the LlamaGen adapter-regression settings when present).
-        init_adapter: False skips the LlamaGen input-MLP regression (when weights are loaded right after).
+            generator_time).
+        init_adapter: kept for callers that load weights right after construction; the backbone no longer
+            fits anything at construction, so it changes nothing.
     """
 
     def __init__(self, teacher: ARTeacher, student_cfg, init_adapter: bool = True):
         super().__init__()
-        self.backbone = student_backbone(
-            teacher,
-            regress_steps=student_cfg.adapter_regress_steps if init_adapter else 0,
-            regress_lr=student_cfg.adapter_regress_lr,
-        )
+        self.backbone = student_backbone(teacher)
         self.head = MLPHead(
             token_dim=teacher.embed_dim,
             cond_dim=teacher.hidden_dim,
