@@ -1,19 +1,22 @@
 """ZeRO-3 for trainable nets whose API is several methods (``features`` / ``velocity`` / ``generate``).
 
 ZeRO-3 keeps 1/world of every parameter on each rank and gathers a module's own parameters in DeepSpeed's
-forward hooks. A student's method call is not a module forward, so two things go wrong when it is called
-directly: the parameters the nets read outside their owning module's forward (VAR's ``pos_1LC``, LlamaGen's
-``input_mlp`` weights read for their dtype, ...) are never gathered, and DeepSpeed's discovery of such
-"external" parameters only runs while the engine's root module is inside its forward.
+forward hooks. A student's method call is not a module forward: a parameter read outside the forward of the
+module that owns it (an embedding table indexed, a weight passed to ``F.linear``) would be an empty partition,
+and DeepSpeed's discovery of such "external" parameters only runs while the engine's root module is inside its
+forward. Today's VAR / LlamaGen students read every parameter inside its owner's forward, apart from reads of a
+weight's dtype (harmless); the routing below makes any direct read correct, so a change to the nets cannot
+silently break ZeRO-3 (tests/test_engine_zero3.py has a net that reads parameters directly, which fails without
+it).
 
-The fix here keeps the nets DeepSpeed-free:
+The nets stay DeepSpeed-free:
 
 * :func:`route_calls_through_forward` gives the DeepSpeed root module (the net itself, so parameter names and
   checkpoint keys stay exactly those of the net) an instance ``forward`` that dispatches on a keyword to one of
   its API methods. Every API call then runs inside the root forward: DeepSpeed's prologue switches on external
   parameter discovery (a parameter read while partitioned is gathered and registered on the module whose forward
-  is running), and the root's pre-/post-backward hooks re-gather those parameters for the backward pass and
-  release them after it.
+  is running), the root's pre-/post-backward hooks re-gather those parameters for the backward pass and release
+  them after it, and the root's pre-forward hook restarts DeepSpeed's fetch trace per call.
 * :class:`ForwardRoutedModule` is what method code receives instead of the module: the same API methods, each
   calling ``module(*args, _dd2_call=name)``; every other attribute is the module's own.
 
