@@ -1,10 +1,12 @@
-"""ZeRO-3 trainable engines (generator, guidance) on 2 gloo ranks against ZeRO-0.
+"""ZeRO-3 trainable engines (generator, guidance) on 2 gloo ranks against ZeRO-0 (and ZeRO-2 for accumulation).
 
 The nets are real students (VAR and LlamaGen backbones + MLP head) trained with the real DD2 losses (FCS for the
-guidance, CSD through the frozen guidance for the generator), so every kind of parameter access the nets make is
-exercised: block parameters inside their forwards, and the ones read directly (VAR ``pos_1LC`` / ``pos_start``,
-LlamaGen ``input_mlp`` read for its dtype, ...). Equal weights after a few steps prove their gradients are
-gathered and reduced correctly; the parameter bytes per rank prove the partitioning.
+guidance, CSD through the frozen guidance for the generator), so every parameter access the nets make is
+exercised: sub-module calls, parameters used as tensors by their owner's forward (VAR ``pos_1LC``, embedding
+tables), weights read for their dtype outside any forward (LlamaGen ``input_mlp``). ``DirectReadNet`` adds reads
+outside the owner's forward (which only the routing through the root forward makes correct). The gradients are
+compared at every step (rel 1e-5 per tensor), then the weights; the parameter bytes per rank prove the
+partitioning; save/load, zero_to_fp32 consolidation and the EMA on local partitions are checked on the way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ FAMILIES = {
     "llamagen": ["teacher.family=llamagen", "teacher.sampling.cfg_schedule=constant", "student.head_width=32",
                  "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10"],
 }
-# parameters the nets read outside their owning module's forward (they must move, identically at ZeRO-0 and 3)
+# parameters used as tensors rather than through a sub-module call (they must move, identically at ZeRO-0 and 3)
 DIRECT_READS = {
     "var": ["backbone.transformer.pos_1LC", "backbone.transformer.pos_start"],
     "llamagen": ["backbone.gpt.input_mlp.0.weight", "backbone.gpt.cls_embedding.embedding_table.weight"],
@@ -355,7 +357,7 @@ def test_zero3_generator_and_guidance_equal_zero0(tmp_path):
                     torch.testing.assert_close(z3[net][key], zero0[net][key], rtol=1e-5, atol=ADAM_ATOL)
             if "ema" in z0:
                 assert _equal(z3["after_ema_view"], z3["generator"])
-            for key in DIRECT_READS.get(family, ()):  # read outside their module's forward, yet trained
+            for key in DIRECT_READS.get(family, ()):  # used as tensors, not through a module call: trained too
                 moved = (z3["generator"][key] - z3["init"][key].float()).abs().max()
                 assert moved > 1e-4, (family, key)
                 assert not torch.equal(z3["ema"][key], z3["generator"][key])
