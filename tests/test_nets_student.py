@@ -167,3 +167,25 @@ def test_generator_is_causal_in_ar_steps(family):
         assert depends[i], f"q_{i} must depend on its own noise"
         if step[i] > 0:
             assert depends[step < step[i]].any(), f"q_{i} must see the noise of earlier steps"
+
+
+def test_llamagen_soft_tau_follows_the_loaded_codebook():
+    """An exported student is loaded into a build from a randomly initialised teacher: after loading, the soft
+    rule's tau must be the one of the loaded codebook (what training used), not of the random one."""
+    trained = StudentNet(_teacher("llamagen"), StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    torch.manual_seed(7)
+    other_teacher = build_family("llamagen", llamagen=SMALL_LG).freeze()
+    fresh = StudentNet(other_teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    assert fresh.backbone.cfg.soft_tau != pytest.approx(trained.backbone.cfg.soft_tau)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.backbone.cfg.soft_tau == pytest.approx(trained.backbone.cfg.soft_tau)
+    x = torch.randn(2, other_teacher.num_tokens, other_teacher.embed_dim)
+    cond = Cond(labels=torch.tensor([0, 2]))
+    assert torch.equal(fresh.features(x, cond), trained.features(x, cond))
+
+
+def test_llamagen_student_builds_on_the_meta_device():
+    with torch.device("meta"):
+        teacher = build_family("llamagen", llamagen=SMALL_LG)
+        net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    assert net.backbone.cfg.input_adapter == "soft"

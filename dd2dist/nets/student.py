@@ -91,18 +91,30 @@ def sharp_soft_tau(codebook: Tensor, self_weight: float = SOFT_SELF_WEIGHT, chun
     return max(tau, SOFT_TAU_MIN)
 
 
+def refresh_soft_tau(backbone: ARTeacher) -> None:
+    """Set a soft-rule LlamaGen backbone's τ from its own codebook buffer (no-op for other backbones, and on the
+    meta device, where there is no codebook to read yet)."""
+    if backbone.family != "llamagen" or backbone.cfg.input_adapter != "soft":
+        return
+    codebook = backbone.codebook()
+    if codebook.is_meta:
+        return
+    # same weights, only the vector-input rule differs; gpt.embed_inputs reads it from the config
+    soft_cfg = replace(backbone.cfg, soft_tau=sharp_soft_tau(codebook))
+    backbone.cfg = soft_cfg
+    backbone.gpt.cfg = soft_cfg
+
+
 def _llamagen_backbone(teacher: ARTeacher) -> ARTeacher:
     """A LlamaGen copy that reads continuous inputs (see the module docstring): the teacher's own ``mlp`` adapter,
     or its ``soft`` rule at :func:`sharp_soft_tau`."""
     backbone = copy.deepcopy(teacher)
     if teacher.cfg.input_adapter == "mlp":
         return backbone
-    tau = sharp_soft_tau(teacher.codebook())
-    # same weights, only the vector-input rule differs; gpt.embed_inputs reads it from the config
-    soft_cfg = replace(teacher.cfg, input_adapter="soft", soft_tau=tau)
-    backbone.cfg = soft_cfg
-    backbone.gpt.cfg = soft_cfg
-    log.info("student: LlamaGen inputs through the teacher's soft rule at tau %.3g", tau)
+    backbone.cfg = replace(teacher.cfg, input_adapter="soft")
+    backbone.gpt.cfg = backbone.cfg
+    refresh_soft_tau(backbone)
+    log.info("student: LlamaGen inputs through the teacher's soft rule at tau %.3g", backbone.cfg.soft_tau)
     return backbone
 
 
@@ -139,6 +151,9 @@ class StudentNet(nn.Module):
     def __init__(self, teacher: ARTeacher, student_cfg, init_adapter: bool = True):
         super().__init__()
         self.backbone = student_backbone(teacher)
+        # τ is a function of the codebook, which loading weights may replace (an exported student is loaded into a
+        # randomly initialised build): recompute it after every load so training and sampling read alike
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: refresh_soft_tau(module.backbone))
         self.head = MLPHead(
             token_dim=teacher.embed_dim,
             cond_dim=teacher.hidden_dim,
