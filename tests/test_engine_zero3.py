@@ -3,10 +3,10 @@
 The nets are real students (VAR and LlamaGen backbones + MLP head) trained with the real DD2 losses (FCS for the
 guidance, CSD through the frozen guidance for the generator), so every parameter access the nets make is
 exercised: sub-module calls, parameters used as tensors by their owner's forward (VAR ``pos_1LC``, embedding
-tables), weights read for their dtype outside any forward (LlamaGen ``input_mlp``). ``DirectReadNet`` adds reads
-outside the owner's forward (which only the routing through the root forward makes correct). The gradients are
-compared at every step (rel 1e-5 per tensor), then the weights; the parameter bytes per rank prove the
-partitioning; save/load, zero_to_fp32 consolidation and the EMA on local partitions are checked on the way.
+tables), LlamaGen's ``tok_embeddings.weight`` multiplied outside that embedding's forward (its soft input rule).
+``DirectReadNet`` adds more reads outside the owner's forward; both need the routing through the root forward.
+The gradients are compared at every step (rel 1e-5 per tensor), then the weights; the parameter bytes per rank
+prove the partitioning; save/load, zero_to_fp32 consolidation and the EMA on local partitions are checked too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ FAMILIES = {
 # parameters used as tensors rather than through a sub-module call (they must move, identically at ZeRO-0 and 3)
 DIRECT_READS = {
     "var": ["backbone.transformer.pos_1LC", "backbone.transformer.pos_start"],
-    "llamagen": ["backbone.gpt.input_mlp.0.weight", "backbone.gpt.cls_embedding.embedding_table.weight"],
+    "llamagen": ["backbone.gpt.tok_embeddings.weight", "backbone.gpt.cls_embedding.embedding_table.weight"],
 }
 
 

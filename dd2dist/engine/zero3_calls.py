@@ -4,10 +4,10 @@ ZeRO-3 keeps 1/world of every parameter on each rank and gathers a module's own 
 forward hooks. A student's method call is not a module forward: a parameter read outside the forward of the
 module that owns it (an embedding table indexed, a weight passed to ``F.linear``) would be an empty partition,
 and DeepSpeed's discovery of such "external" parameters only runs while the engine's root module is inside its
-forward. Today's VAR / LlamaGen students read every parameter inside its owner's forward, apart from reads of a
-weight's dtype (harmless); the routing below makes any direct read correct, so a change to the nets cannot
-silently break ZeRO-3 (tests/test_engine_zero3.py has a net that reads parameters directly, which fails without
-it).
+forward. The LlamaGen student does this (its ``soft`` input rule multiplies by ``tok_embeddings.weight`` outside
+that embedding's forward); the VAR student reads every parameter inside its owner's forward apart from dtype
+reads. The routing below makes any such read correct (tests/test_engine_zero3.py: LlamaGen and a net built to
+read parameters directly both fail without it).
 
 The nets stay DeepSpeed-free:
 
