@@ -123,7 +123,8 @@ def engine_state_bytes(engine) -> int:
         inner = getattr(optimizer, "optimizer", optimizer)
         for state in inner.state.values():
             total += sum(add(v) for v in state.values())
-        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):  # ZeRO-1/2, bf16 masters
+        # fp32 master partitions: ZeRO-1/2 (and bf16), ZeRO-3
+        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
             total += sum(add(t) for t in getattr(optimizer, name, None) or [])
     return total
 
@@ -244,7 +245,7 @@ def run_train_benchmark(args: argparse.Namespace) -> dict:
         t = args.teacher_zero
         runs = {"workers1": _run(_bench_config(args, 1, t, 0), args)}
         runs["workers2"] = runs[f"zero_t{t}_g0"] = _run(_bench_config(args, 2, t, 0), args)
-        for teacher_stage, train_stage in ((0, 0), (3, 0), (3, 2)):  # memory per rank, 2 workers
+        for teacher_stage, train_stage in ((0, 0), (3, 0), (3, 2), (3, 3)):  # memory per rank, 2 workers
             if f"zero_t{teacher_stage}_g{train_stage}" not in runs:
                 runs[f"zero_t{teacher_stage}_g{train_stage}"] = _run(
                     _bench_config(args, 2, teacher_stage, train_stage), args)

@@ -154,6 +154,9 @@ def frozen_ds_config(*, zero_stage: int = 3, precision: str = "fp32") -> dict[st
             "stage3_prefetch_bucket_size": 0,
             "stage3_max_live_parameters": 1 << 40,
             "stage3_max_reuse_distance": 0,
+            # no backward through the teacher, and DeepSpeed's version would replace F.linear process-wide (the
+            # students' arithmetic would depend on whether a teacher engine was built)
+            "memory_efficient_linear": False,
         },
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 1 << 30,

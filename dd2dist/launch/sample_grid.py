@@ -61,7 +61,7 @@ def grid_callback(every: int, folder: Path, logger, rank: int):
         generator = trainer.engines.get("generator")
         if every <= 0 or step % every or generator is None:
             return
-        grid = generator_grid(generator.module, trainer.teacher_engine.module, trainer.num_classes)
+        grid = generator_grid(generator.callable_module(), trainer.teacher_engine.module, trainer.num_classes)
         if rank == 0:
             path = save_png(grid, Path(folder) / f"grid_{step:08d}.png")
             if logger is not None:

@@ -24,13 +24,6 @@ def validate_launch(cfg) -> None:
             "needs engine.kind=deepspeed",
         )
     if eng.kind == "deepspeed":
-        for key in ("zero_stage_generator", "zero_stage_guidance"):
-            if getattr(eng, key) == 3:
-                raise ConfigError(
-                    f"engine.{key}",
-                    "ZeRO-3 is supported for the frozen teacher only; trainable engines take 0, 1 or 2 (the student "
-                    "is called through several methods, which ZeRO-3's forward hooks cannot gather)",
-                )
         if eng.zero_stage_teacher not in (0, 3):
             raise ConfigError(
                 "engine.zero_stage_teacher", f"must be 0 or 3 (no optimizer), got {eng.zero_stage_teacher}"

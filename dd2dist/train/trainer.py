@@ -322,8 +322,10 @@ class Trainer:
         self._ensure_engines(phase)
         if not self.state.phase_entered:
             if phase.ema_to_generator_on_entry:
-                # performance alignment (i): the generator continues from its EMA weights
-                self.ema.copy_to(self.engines["generator"].local_param_tensors())
+                # performance alignment (i): the generator continues from its EMA weights. Loaded as a state dict
+                # (collective under ZeRO-3) so the engine also refreshes DeepSpeed's fp32 master copy: in bf16 a
+                # write into the module weights alone would be overwritten from the old master at the next step.
+                self.engines["generator"].load_full_state_dict(self.generator_state_dict(use_ema=True))
             self.state.phase_entered = True
             self.logger.set_tags({"phase": phase.name, "stage": phase.stage})
         if self._checked_phase != self.state.phase_index:
