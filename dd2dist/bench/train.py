@@ -342,7 +342,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmark.py train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write the JSON result here")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per worker per iteration")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="sequences per worker per iteration (64: the paper's micro-batches are 32-128 per GPU)")
     parser.add_argument("--k", type=int, default=2, help="guidance steps per generator step")
     parser.add_argument("--width", type=int, default=128, help="tiny VAR teacher width (CPU runs)")
     parser.add_argument("--depth", type=int, default=4, help="tiny VAR teacher depth (CPU runs)")
