@@ -101,6 +101,8 @@ class StudentConfig:
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
     generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
     # LlamaGen students take continuous inputs through an MLP adapter regressed onto the teacher's table first
+    # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
+    # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
     adapter_regress_lr: float = _f(1e-3, gt=0.0)
 
