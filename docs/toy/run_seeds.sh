@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The exact one-step check for several seeds at once, one process (one thread) per run, on a many-core host.
 # Used on the lent GPU machine's CPU cores (16) to add seeds beside the 2-core runs; the GPU is not used.
-#   bash docs/toy/run_seeds.sh            (writes toy_<family>_s<seed>.json / .log into $OUT)
+#   bash docs/toy/run_seeds.sh            (writes $OUT/toy_seeds.tar.gz: toy_<family>_s<seed>.json / .log)
 set -u
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/toy_seeds}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp}
+OUT=$(mktemp -d)  # the runs write here; one archive goes to $FINAL (the device returns few files)
 { nproc; lscpu | grep -m1 'Model name'; python3 -c "import torch; print('torch', torch.__version__)"; } > "$OUT/host.txt"
 run() {  # family seed train-budget-seconds max-generator-steps [extra flags]
   local fam=$1 seed=$2 budget=$3 steps=$4; shift 4
@@ -18,3 +18,4 @@ run llamagen 0 400 3000 & run llamagen 1 400 3000 & run llamagen 2 400 3000 &
 run llamagen 0 400 3000 --vocab 8 &
 wait
 for f in "$OUT"/toy_*.log; do echo "== $f"; grep -A3 "^toy " "$f" | head -4; grep "curve" "$f" | tail -1; done
+tar -czf "$FINAL/toy_seeds.tar.gz" -C "$OUT" .
