@@ -11,11 +11,11 @@ run() {  # family seed train-budget-seconds max-generator-steps [extra flags]
   local fam=$1 seed=$2 budget=$3 steps=$4; shift 4
   local tag=${fam}_s${seed}${1:+_v8}
   python3 jobs/benchmark.py toy --family "$fam" --seed "$seed" --budget-seconds "$budget" --generator-steps "$steps" \
-    --eval-every 120 --curve-samples 25000 --threads 1 "$@" --out "$OUT/toy_$tag.json" > "$OUT/toy_$tag.log" 2>&1
+    --eval-every 120 --curve-samples 25000 --samples 500000 --multistep-samples 10000 --threads 1 "$@" --out "$OUT/toy_$tag.json" > "$OUT/toy_$tag.log" 2>&1
 }
-run var 0 330 1200 & run var 1 330 1200 & run var 2 330 1200 &
-run llamagen 0 400 3000 & run llamagen 1 400 3000 & run llamagen 2 400 3000 &
-run llamagen 0 400 3000 --vocab 8 &
+run var 0 300 1200 & run var 1 300 1200 & run var 2 300 1200 &
+run llamagen 0 340 3000 & run llamagen 1 340 3000 & run llamagen 2 340 3000 &
+run llamagen 0 340 3000 --vocab 8 &
 wait
 for f in "$OUT"/toy_*.log; do echo "== $f"; grep -A3 "^toy " "$f" | head -4; grep "curve" "$f" | tail -1; done
 tar -czf "$FINAL/toy_seeds.tar.gz" -C "$OUT" .
