@@ -718,6 +718,42 @@ def build_partitioned_teacher(teacher_cfg, state_path: str, *, precision: str = 
     return teacher.freeze()
 
 
+def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
+    """The initial student (teacher backbone + a fresh MLP head) without ever materialising the teacher.
+
+    The :class:`~dd2dist.nets.StudentNet` is laid out on the meta device, then allocated on the CPU; its backbone
+    tensors are read one at a time from the teacher file (the student keys are the teacher's minus what the
+    student drops, under ``backbone.``), its head is freshly initialised (from the current RNG state, so seed every
+    rank alike), and its non-persistent buffers are rebuilt. With :func:`build_partitioned_teacher` this is how a
+    worker starts without holding the full teacher (``Trainer(student_template=...)``).
+    """
+    from dd2dist.nets import StudentNet
+    from dd2dist.nets.head import MLPHead
+    from dd2dist.teachers import build_family
+
+    state = _LazyState(state_path)
+    with torch.device("meta"):
+        student = StudentNet(build_family(teacher_cfg.family, var=teacher_cfg.var, llamagen=teacher_cfg.llamagen),
+                             student_cfg, init_adapter=False)
+    student = student.to_empty(device="cpu")
+    head = student.head
+    fresh = MLPHead(token_dim=head.token_dim, cond_dim=head.cond_dim, width=student_cfg.head_width,
+                    depth=student_cfg.head_depth, time_embed_dim=student_cfg.time_embed_dim).state_dict()
+    loaded: dict[str, Tensor] = {}
+    names = set(state)
+    for key in student.state_dict():
+        if key.startswith("head."):
+            loaded[key] = fresh[key[len("head."):]]
+        elif key[len("backbone."):] in names:
+            loaded[key] = state[key[len("backbone."):]]
+        else:
+            raise ValueError(f"teacher.checkpoint {state_path} has no {key[len('backbone.'):]!r} for the student")
+    student.load_state_dict(loaded)  # strict; its post-hook re-derives the LlamaGen soft-rule tau
+    if hasattr(student.backbone, "init_buffers"):
+        student.backbone.init_buffers(torch.device("cpu"))
+    return student.float()
+
+
 def _dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 

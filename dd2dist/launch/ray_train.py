@@ -75,6 +75,27 @@ def _make_factory(cfg):
     return TorchEngineFactory("cuda" if cfg.launch.use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def partition_at_build(cfg) -> bool:
+    """Whether the worker builds the teacher already partitioned (ZeRO-3 from a dd2dist teacher file), so that no
+    rank ever holds the whole teacher; a random-init or official teacher is built whole, then partitioned."""
+    t = cfg.teacher
+    return (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage_teacher == 3 and bool(t.checkpoint)
+            and not t.official and not t.tokenizer_checkpoint)
+
+
+def _build_teacher(cfg, factory):
+    """(teacher, student template or None) for the Trainer (see :func:`partition_at_build`)."""
+    if not partition_at_build(cfg):
+        from dd2dist.teachers import build_teacher
+
+        return build_teacher(cfg.teacher), None
+    from dd2dist.engine.deepspeed_engine import build_partitioned_teacher, student_from_teacher_checkpoint
+
+    teacher = build_partitioned_teacher(cfg.teacher, cfg.teacher.checkpoint, precision=factory.teacher_precision,
+                                        use_gpu=cfg.launch.use_gpu)
+    return teacher, student_from_teacher_checkpoint(cfg.teacher, cfg.student, cfg.teacher.checkpoint)
+
+
 def samples_dir(cfg) -> Path:
     return Path(cfg.output_dir) / "samples"
 
@@ -111,7 +132,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from dd2dist.teachers import build_teacher
     from dd2dist.train import Trainer
     from dd2dist.train.metrics import NullLogger
 
@@ -123,8 +143,8 @@ def train_worker(config: dict[str, Any]) -> None:
         _record_start(cfg, rank)
 
     torch.manual_seed(cfg.seed)  # a random-init teacher (no checkpoint) is the same on every rank and restart
-    teacher = build_teacher(cfg.teacher)
     factory = _make_factory(cfg)
+    teacher, student_template = _build_teacher(cfg, factory)
     logger = NullLogger()
     tracker = None
     if rank == 0 and config.get("run_id") and not dry_run:
@@ -158,6 +178,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # each rank reads its own split of the teacher-token shards; the stream's position is checkpointed
         data = stream_from_config(cfg, rank, world, num_tokens=teacher.num_tokens)
     trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
+                      student_template=student_template,
                       checkpoint_hook=None if dry_run else report, callbacks=callbacks)
     if dry_run:
         trainer.fit(max_iterations=1)

@@ -77,6 +77,9 @@ class Trainer:
         callbacks: ``cb(trainer, metrics)`` called on every rank after every iteration (evaluation during
             training, progress bars, early stops via ``trainer.stop = True``); they must not draw from the global
             RNG or touch the engines' weights if exact resume matters.
+        student_template: the initial student (teacher backbone + fresh head) when ``teacher`` is already
+            partitioned (ZeRO-3 built by ``build_partitioned_teacher``), e.g. from
+            ``dd2dist.engine.deepspeed_engine.student_from_teacher_checkpoint``; None copies it from ``teacher``.
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
             for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
             starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
@@ -94,6 +97,7 @@ class Trainer:
         checkpoint_hook: CheckpointHook | None = None,
         callbacks: list[StepCallback] | tuple[StepCallback, ...] = (),
         init_student: dict[str, Tensor] | None = None,
+        student_template: StudentNet | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
@@ -118,9 +122,13 @@ class Trainer:
         teacher.freeze()
         self.num_classes = int(teacher.num_classes)  # public: samplers and sample grids read these
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
-        self.codebook = teacher.codebook().detach().float().clone().to(self.device)
-        # fp32 master weights whatever the teacher's dtype (bf16 runs autocast, or let DeepSpeed cast)
-        self._template = StudentNet(teacher, cfg.student).cpu().float()
+        if student_template is None:
+            self.codebook = teacher.codebook().detach().float().clone().to(self.device)
+            # fp32 master weights whatever the teacher's dtype (bf16 runs autocast, or let DeepSpeed cast)
+            self._template = StudentNet(teacher, cfg.student).cpu().float()
+        else:  # the teacher is already partitioned: its codebook is read from the student's (frozen) copy
+            self._template = student_template.cpu().float()
+            self.codebook = self._template.backbone.codebook().detach().float().clone().to(self.device)
         self.teacher_engine = engine_factory.teacher(teacher)
         self.batches = BatchSource(cfg, self.rank, self.world_size, self.device, teacher, self.teacher_engine,
                                    self.codebook, self.data)
