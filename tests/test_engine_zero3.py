@@ -207,15 +207,8 @@ def _step(rank: int, step: int, teacher, cfg, gen_engine, gui_engine, grads: lis
 
 
 def _ema_weights(engine, ema) -> dict[str, torch.Tensor]:
-    local = engine.local_param_tensors()
-    raw = [t.clone() for t in local]
-    ema.copy_to(local)
-    try:
+    with ema.swapped_into(engine.local_param_tensors()):
         return engine.full_state_dict()
-    finally:
-        with torch.no_grad():
-            for t, r in zip(local, raw):
-                t.copy_(r)
 
 
 def _run(rank: int, family: str, stage: int, tmp: str) -> dict:

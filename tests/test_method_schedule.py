@@ -25,6 +25,19 @@ def test_ema_progressive_decay_exact_over_steps():
     assert ema_decay(0, 0.9999, "none") == 0.9999
 
 
+def test_ema_swapped_into_restores_the_raw_values():
+    raw = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    ema = EMA([t.clone() for t in raw], ema_max=0.5)
+    ema.update([torch.tensor([5.0, 6.0]), torch.tensor([[7.0]])])  # decay 0.1 at the first update
+    live = [t.clone() for t in raw]
+    with ema.swapped_into(live):
+        assert torch.allclose(live[0], torch.tensor([4.6, 5.6])) and torch.allclose(live[1], torch.tensor([[6.6]]))
+    assert all(torch.equal(a, b) for a, b in zip(live, raw))
+    with pytest.raises(RuntimeError), ema.swapped_into(live):  # restored even when the body raises
+        raise RuntimeError
+    assert all(torch.equal(a, b) for a, b in zip(live, raw))
+
+
 def test_ema_rampup_sets_the_progressive_horizon():
     assert ema_decay(0, 1.0, rampup=2.0) == pytest.approx(0.5)
     assert ema_decay(98, 1.0, rampup=2.0) == pytest.approx(0.99)  # (n+1)/(n+2): averages about the last half

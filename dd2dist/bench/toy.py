@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=None, help="attention heads (default: var 4, llamagen 2)")
     p.add_argument("--budget-seconds", type=float, default=720.0,
-                   help="stage 1 + stage 2 training wall time (720: with the evaluations, ~15 min on a quiet 2-core CPU)")
+                   help="stage 1 + stage 2 training wall time (720: with evaluations ~15 min on a quiet 2-core CPU)")
     p.add_argument("--generator-steps", type=int, default=0,
                    help="also stop stage 2 after this many generator steps (0 = the time budget alone)")
     p.add_argument("--eval-every", type=float, default=60.0, help="stage-2 seconds between TV-curve points")

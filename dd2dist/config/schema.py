@@ -100,7 +100,6 @@ class StudentConfig:
     head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
     generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
-    # LlamaGen students take continuous inputs through an MLP adapter regressed onto the teacher's table first
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
@@ -186,7 +185,7 @@ class Stage2Config:
     guidance_prefix: Literal["continuous", "snap"] = "continuous"
     fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
-    ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+10))
+    ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+ema_rampup))
     ema_rampup: float = _f(10.0, gt=1.0)  # progressive: (n+1)/(n+ema_rampup); paper 10; smaller = longer horizon
     batch_size: int = _f(8, gt=0)  # sequences per rank per micro-step (global = x workers x grad_accum)
 

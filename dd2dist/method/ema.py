@@ -6,6 +6,7 @@ under ZeRO-3, so it shards exactly like the engine and each rank saves its own s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -59,6 +60,20 @@ class EMA:
         self._check(tensors)
         for s, t in zip(self.shadow, tensors):
             t.copy_(s.to(t.dtype))
+
+    @contextlib.contextmanager
+    def swapped_into(self, tensors: list[Tensor]):
+        """The EMA values written into ``tensors`` for the duration, their own values restored after (e.g. to
+        read out consolidated EMA weights through an engine without disturbing training)."""
+        self._check(tensors)
+        raw = [t.detach().clone() for t in tensors]
+        self.copy_to(tensors)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, r in zip(tensors, raw):
+                    t.copy_(r)
 
     def state_dict(self) -> dict:
         """Shadows (on CPU) and the update count, for this rank's checkpoint file."""

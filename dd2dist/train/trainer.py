@@ -483,15 +483,8 @@ class Trainer:
             raise RuntimeError("no generator yet: stage 2 has not started")
         if not use_ema:
             return engine.full_state_dict()
-        local = engine.local_param_tensors()
-        raw = [t.detach().clone() for t in local]
-        self.ema.copy_to(local)
-        try:
+        with self.ema.swapped_into(engine.local_param_tensors()):
             return engine.full_state_dict()
-        finally:
-            with torch.no_grad():
-                for t, r in zip(local, raw):
-                    t.copy_(r)
 
     def export_generator(self, directory: str | Path, use_ema: bool = True) -> Path:
         """Write ``generator.safetensors`` (EMA weights) + ``config.yaml`` for :func:`dd2dist.eval.load_generator`.
