@@ -41,6 +41,21 @@ def test_head_zero_init_outputs_zero_velocity():
     assert head(x, t, f).abs().sum() > 0
 
 
+def test_head_scalar_time_equals_the_same_time_per_token():
+    # the generator's scalar t is embedded once and broadcast: it must agree with t given for every token
+    torch.manual_seed(0)
+    head = MLPHead(token_dim=5, cond_dim=7, width=16, depth=2, time_embed_dim=8)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    x, f = torch.randn(3, 4, 5), torch.randn(3, 4, 7)
+    per_token = head(x, torch.full((3, 4), 0.7), f)
+    assert per_token.abs().sum() > 0
+    torch.testing.assert_close(head(x, 0.7, f), per_token, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head(x, torch.tensor(0.7), f), per_token, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["var", "llamagen"])
 def test_fresh_student_generates_its_noise_and_predicts_zero_velocity(family):
     teacher = _teacher(family)

@@ -98,7 +98,13 @@ class MLPHead(nn.Module):
                 f"dims, got {tuple(x_t.shape)} and {tuple(feats.shape)}"
             )
         dtype = self.input_proj.weight.dtype
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[:-1])
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t.dim() == 0:
+            # one time for every token (the generator's t=1): embed it once and broadcast, instead of running the
+            # time MLP on B*N identical rows (a tenth of the head's work at the digits size)
+            t = t.reshape(1)
+        else:
+            t = t.expand(x_t.shape[:-1])
         c = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(dtype)) + self.cond_proj(feats.to(dtype))
         h = self.input_proj(x_t.to(dtype))
         for block in self.blocks:
