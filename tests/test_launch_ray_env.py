@@ -7,10 +7,8 @@ from dd2dist.launch.ray_env import QUIET_RAY_LOGGERS
 
 def test_embedded_ray_workers_and_their_detached_actors_are_quiet(ray_session):
     ray = ray_session
-    # everything shipped to the workers imports from dd2dist only (the test module is not importable there)
 
-    @ray.remote(num_cpus=0)
-    def task_levels():
+    def levels():  # defined in the test so that Ray ships it by value: the test module is not importable there
         import logging
 
         from dd2dist.launch.ray_env import QUIET_RAY_LOGGERS
@@ -18,27 +16,21 @@ def test_embedded_ray_workers_and_their_detached_actors_are_quiet(ray_session):
         return [logging.getLogger(name).getEffectiveLevel() for name in QUIET_RAY_LOGGERS]
 
     @ray.remote(num_cpus=0)
+    class Leaf:
+        def levels(self):
+            return levels()
+
+    @ray.remote(num_cpus=0)
     class Parent:  # Ray Train's controller starts the cleaner as a detached actor like this
         def child_levels(self):
             import ray as worker_ray
 
-            leaf = worker_ray.remote(num_cpus=0)(task_levels_actor()).options(lifetime="detached").remote()
+            leaf = Leaf.options(lifetime="detached").remote()
             try:
                 return worker_ray.get(leaf.levels.remote())
             finally:
                 worker_ray.kill(leaf)
 
-    def task_levels_actor():
-        class Leaf:
-            def levels(self):
-                import logging
-
-                from dd2dist.launch.ray_env import QUIET_RAY_LOGGERS
-
-                return [logging.getLogger(name).getEffectiveLevel() for name in QUIET_RAY_LOGGERS]
-
-        return Leaf
-
     quiet = [logging.ERROR] * len(QUIET_RAY_LOGGERS)
-    assert ray.get(task_levels.remote()) == quiet
+    assert ray.get(ray.remote(num_cpus=0)(levels).remote()) == quiet
     assert ray.get(Parent.remote().child_levels.remote()) == quiet

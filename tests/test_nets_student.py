@@ -22,11 +22,11 @@ def _teacher(family: str):
     return build_family("llamagen", llamagen=SMALL_LG).freeze()
 
 
-def _randomize_head(net: StudentNet) -> None:
+def _randomize_head(head: MLPHead) -> None:
     """Give the zero-initialised parts random values so every input dependency shows."""
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in net.head.parameters():
+        for p in head.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.3)
 
@@ -43,12 +43,8 @@ def test_head_zero_init_outputs_zero_velocity():
 
 def test_head_scalar_time_equals_the_same_time_per_token():
     # the generator's scalar t is embedded once and broadcast: it must agree with t given for every token
-    torch.manual_seed(0)
     head = MLPHead(token_dim=5, cond_dim=7, width=16, depth=2, time_embed_dim=8)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.3)
+    _randomize_head(head)
     x, f = torch.randn(3, 4, 5), torch.randn(3, 4, 7)
     per_token = head(x, torch.full((3, 4), 0.7), f)
     assert per_token.abs().sum() > 0
@@ -166,7 +162,7 @@ def test_generator_is_causal_in_ar_steps(family):
     """q_i depends on eps of earlier AR steps and on its own eps_i only (never on later steps or same-step peers)."""
     teacher = _teacher(family)
     net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
-    _randomize_head(net)
+    _randomize_head(net.head)
     step = teacher.step_of_token
     cond = Cond(labels=torch.tensor([2]))
     eps = torch.randn(1, teacher.num_tokens, teacher.embed_dim, requires_grad=True)
