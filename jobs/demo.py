@@ -227,22 +227,29 @@ def trained_students(cfg, run_dir: Path) -> dict:
 # ---- evaluation ----------------------------------------------------------------------------------------------
 
 
-def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int):
-    """Product of per-position, class-conditional marginals counted over the teacher-token shards."""
+def shard_token_counts(tokens_dir: Path, num_classes: int, vocab_size: int):
+    """Per-(class, position) code counts over the teacher-token shards (``class_position_counts``)."""
     import torch
 
     from dd2dist.data import DataStats, list_shards
     from dd2dist.data.tario import iter_shard_samples
+    from dd2dist.eval.token_marginals import class_position_counts
 
-    counts = None
+    ids, labels = [], []
     for shard in list_shards(str(tokens_dir)):
         for s in iter_shard_samples(shard, DataStats()):
-            ids = torch.as_tensor(s.tokens, dtype=torch.long).flatten()
-            if counts is None:
-                counts = torch.zeros(num_classes, ids.shape[0], vocab_size)
-            counts[int(s.label), torch.arange(ids.shape[0]), ids] += 1
-    if counts is None:
+            ids.append(torch.as_tensor(s.tokens, dtype=torch.long).flatten())
+            labels.append(int(s.label))
+    if not ids:
         raise RuntimeError(f"{tokens_dir}: no teacher-token samples for the marginals baseline")
+    return class_position_counts(torch.stack(ids), torch.tensor(labels), num_classes, vocab_size)
+
+
+def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int):
+    """Product of per-position, class-conditional marginals counted over the teacher-token shards."""
+    import torch
+
+    counts = shard_token_counts(tokens_dir, num_classes, vocab_size).float()
     probs = (counts + 1e-6) / (counts + 1e-6).sum(-1, keepdim=True)
 
     def sample(labels, generator):
@@ -253,8 +260,9 @@ def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int):
     return sample
 
 
-def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path) -> dict:
-    """The product-of-marginals baseline, measured exactly like the samplers of ``evaluate_run``."""
+def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path, reference=None) -> dict:
+    """The product-of-marginals baseline, measured exactly like the samplers of ``evaluate_run`` (with
+    ``reference`` counts, its token-marginal TV too)."""
     import torch
 
     from dd2dist.digits.data import digits_split, to_uint8
@@ -262,6 +270,7 @@ def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path) -> dict:
     from dd2dist.eval.features import digits_feature_space
     from dd2dist.eval.metrics import class_consistency, compute_metrics
     from dd2dist.eval.run_eval import balanced_labels, save_grid
+    from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
 
     classifier, _, clf_path = cached_classifier()
     n = cfg.eval.num_samples
@@ -269,8 +278,9 @@ def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path) -> dict:
     sample = marginal_sampler(tokens_dir, teacher.num_classes, teacher.vocab_size)
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919)
     t0 = time.perf_counter()
+    ids = torch.cat([sample(labels[i : i + cfg.eval.batch_size], gen) for i in range(0, n, cfg.eval.batch_size)])
     with torch.no_grad():
-        images = torch.cat([to_uint8(teacher.decode(sample(labels[i : i + cfg.eval.batch_size], gen)))
+        images = torch.cat([to_uint8(teacher.decode(ids[i : i + cfg.eval.batch_size]))
                             for i in range(0, n, cfg.eval.batch_size)])
     settings = {"method": "marginals", "num_samples": n, "labels": "balanced (i mod num_classes)",
                 "tokens": f"independent per position from the class-conditional marginals of {tokens_dir}",
@@ -278,6 +288,9 @@ def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path) -> dict:
     res = compute_metrics(images, digits_split("heldout").uint8(), digits_feature_space(clf_path),
                           sampling=settings, batch_size=64)
     res.update(class_consistency(images, labels, classifier, teacher.num_classes))
+    if reference is not None:  # drawn from the very marginals it is compared with: the finite-sample floor
+        res["token_marginal_tv"] = marginal_tv(
+            class_position_counts(ids, labels, teacher.num_classes, teacher.vocab_size), reference)
     res["grid"] = str(save_grid(images, out_dir / "grid_marginals.png"))
     return res
 
@@ -302,13 +315,18 @@ def evaluate_family(cfg, teacher, run_dir: Path, log_fn=log) -> dict:
     from dd2dist.eval.run_eval import evaluate_run
 
     out_dir = run_dir / "eval"
-    report = evaluate_run(cfg, log=lambda m: log_fn(f"[{cfg.teacher.family}] {m}"), out_dir=out_dir)
+    tokens_dir = run_dir / "tokens"
+    # the teacher-token shards are the teacher's marginals: every sampler's token-marginal TV is measured from them
+    reference = None
+    if tokens_dir.is_dir():
+        reference = shard_token_counts(tokens_dir, teacher.num_classes, teacher.vocab_size)
+    report = evaluate_run(cfg, log=lambda m: log_fn(f"[{cfg.teacher.family}] {m}"), out_dir=out_dir,
+                          token_reference=reference)
     for needed in ("teacher", "stage1", "one_step"):
         if needed not in report["results"]:
             raise RuntimeError(f"evaluation of {run_dir} has no {needed!r} result (missing weights?)")
-    tokens_dir = run_dir / "tokens"
     if tokens_dir.is_dir():
-        report["results"]["marginals"] = res = evaluate_marginals(cfg, teacher, tokens_dir, out_dir)
+        report["results"]["marginals"] = res = evaluate_marginals(cfg, teacher, tokens_dir, out_dir, reference)
         log_fn(f"[{cfg.teacher.family}]   marginals: FID {res['fid']:.3f} class consistency "
                f"{res['class_consistency']:.3f}")
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -405,6 +423,8 @@ def family_summary(evaluation: dict, train: dict, teacher_report: dict, cfg, sec
         out[f"recall_{name}"] = m["recall"]
         out[f"isc_{name}"] = m["isc_mean"]
         out[f"class_consistency_{name}"] = m["class_consistency"]
+        if "token_marginal_tv" in m:
+            out[f"token_marginal_tv_{name}"] = m["token_marginal_tv"]["mean"]
     out["fid_train_vs_heldout"] = evaluation["floor"]["fid"]
     out["fid_ratio_one_step"] = methods["one_step"]["fid"] / max(methods["teacher"]["fid"], 1e-12)
     out["class_consistency_gap"] = abs(methods["one_step"]["class_consistency"]
@@ -443,17 +463,18 @@ def _fmt(value, digits: int = 3) -> str:
 
 def markdown_tables(results: dict) -> str:
     """The quality table (one block per family) and the per-step timings, as Markdown."""
-    lines = ["| family | sampler | FID | precision | recall | IS | class consistency |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| family | sampler | FID | precision | recall | IS | class consistency | token-marginal TV |",
+             "|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
         if family not in results:
             continue
         r = results[family]
         for name, m in r["metrics"].items():
             lines.append(f"| {family} | {GRID_TITLES.get(name, name)} | {_fmt(m['fid'])} | {_fmt(m['precision'])} | "
-                         f"{_fmt(m['recall'])} | {_fmt(m['isc_mean'], 2)} | {_fmt(m['class_consistency'])} |")
+                         f"{_fmt(m['recall'])} | {_fmt(m['isc_mean'], 2)} | {_fmt(m['class_consistency'])} | "
+                         f"{_fmt(m.get('token_marginal_tv', {}).get('mean'))} |")
         lines.append(f"| {family} | *train digits vs held-out (floor)* | {_fmt(r['fid_train_vs_heldout'])} "
-                     "| | | | |")
+                     "| | | | | |")
     lines += ["", "| family | teacher | teacher tokens | stage 1 | stage 2 | evaluation | total (s) |",
               "|---|---|---|---|---|---|---|"]
     for family in FAMILIES:

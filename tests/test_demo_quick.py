@@ -48,7 +48,8 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         for key, value in r.items():
             if key.startswith("fid_"):
                 assert _finite(value) and value >= 0, (family, key, value)
-            if key.startswith(("precision_", "recall_", "class_consistency_")) and key != "class_consistency_gap":
+            if key.startswith(("precision_", "recall_", "class_consistency_", "token_marginal_tv_")) and \
+                    key != "class_consistency_gap":
                 assert _finite(value) and 0.0 <= value <= 1.0, (family, key, value)
         assert r["seconds"] > 0 and r["seconds"] >= sum(r["seconds_by_step"].values()) - 1e-6
         assert r["classifier_heldout_accuracy"] > 0.9  # the feature space is a working digits classifier
@@ -60,6 +61,8 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         assert r["sampling"]["teacher"]["cfg"] > 0
         assert r["sampling"]["num_samples"] == r["metrics"]["teacher"]["num_generated"]
         assert set(r["metrics"]) >= {"teacher", "stage1", "one_step", "one_step_snapped", "refined_2", "marginals"}
+        # the token-marginal diagnostic is measured for every sampler against the teacher-token shards
+        assert all(f"token_marginal_tv_{m}" in r for m in r["metrics"]), sorted(r)
     assert results["settings"]["quick"] is True
 
 
@@ -92,6 +95,8 @@ def test_mlflow_run_holds_training_and_evaluation(quick_demo):
         run = client.get_run(info["run_id"])
         assert run.info.status == "FINISHED"
         assert run.data.metrics["eval/one_step/fid"] == pytest.approx(results[family]["fid_one_step"])
+        assert run.data.metrics["eval/one_step/token_marginal_tv"] == pytest.approx(
+            results[family]["token_marginal_tv_one_step"])
         assert run.data.params["teacher.family"] == family
         generator_loss = client.get_metric_history(info["run_id"], "generator/loss")
         assert len(generator_loss) >= 1 and all(math.isfinite(m.value) for m in generator_loss)

@@ -20,7 +20,7 @@ from dd2dist.config.schema import (
 from dd2dist.data.identity import build_seeded_teacher
 from dd2dist.digits.data import to_uint8
 from dd2dist.engine.factory import TorchEngineFactory
-from dd2dist.eval.run_eval import _generate, evaluate_run, log_to_mlflow, per_sample_noise
+from dd2dist.eval.run_eval import _generate, balanced_labels, evaluate_run, log_to_mlflow, per_sample_noise
 from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.train import Trainer
 
@@ -76,15 +76,40 @@ def test_one_step_images_follow_per_sample_seeds(run):
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
     net, _ = load_generator(Path(cfg.output_dir) / "export")
     labels = torch.arange(12) % 10
-    a = _generate("one_step", 12, labels, teacher, {"one_step": net}, cfg, 5, batch_size=12)
-    b = _generate("one_step", 12, labels, teacher, {"one_step": net}, cfg, 5, batch_size=5)
-    assert torch.equal(a, b)  # independent of the batch size
+    a, a_ids = _generate("one_step", 12, labels, teacher, {"one_step": net}, cfg, 5, batch_size=12)
+    b, b_ids = _generate("one_step", 12, labels, teacher, {"one_step": net}, cfg, 5, batch_size=5)
+    assert torch.equal(a, b) and torch.equal(a_ids, b_ids)  # independent of the batch size
     # sample 7, recomputed by hand from its own seed
     eps = torch.randn((teacher.num_tokens, teacher.embed_dim), generator=torch.Generator().manual_seed(5 + 7))
     assert torch.equal(per_sample_noise(1, eps.shape, 5, 7)[0], eps)
     with torch.no_grad():
         img = to_uint8(teacher.decode(net.generate(eps[None], Cond(labels=labels[7:8])).float()))
     assert (img[0].int() - a[7].int()).abs().max() <= 1
+
+
+def test_token_marginal_tv_is_measured_on_the_evaluated_tokens(run):
+    """With a reference, every method reports the TV of the very tokens it was scored on: the teacher against
+    counts of its own evaluation tokens gives exactly 0, the one-step generator what its snapped ids give."""
+    cfg, _ = run
+    from dd2dist.eval.sampling import load_generator
+    from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
+
+    teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
+    net, _ = load_generator(Path(cfg.output_dir) / "export")
+    n, seed_base = cfg.eval.num_samples, int(cfg.seed) * 1_000_003 + 7919
+    labels = balanced_labels(n, teacher.num_classes)
+    nets = {"one_step": net}
+    _, teacher_ids = _generate("teacher", n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size)
+    _, one_step_ids = _generate("one_step", n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size)
+    reference = class_position_counts(teacher_ids, labels, teacher.num_classes, teacher.vocab_size)
+    report = evaluate_run(cfg, methods=("teacher", "one_step"), log=lambda s: None, token_reference=reference,
+                          out_dir=Path(cfg.output_dir) / "eval_tv")
+    res = report["results"]
+    assert res["teacher"]["token_marginal_tv"]["mean"] == 0.0
+    expected = marginal_tv(class_position_counts(one_step_ids, labels, teacher.num_classes, teacher.vocab_size),
+                           reference)
+    assert res["one_step"]["token_marginal_tv"] == expected
+    assert len(expected["per_position"]) == teacher.num_tokens
 
 
 def test_metrics_are_logged_to_mlflow(run):

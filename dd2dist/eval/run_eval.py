@@ -94,18 +94,20 @@ def find_stage1_weights(run_dir: Path) -> Path | None:
 
 @torch.no_grad()
 def _generate(method: str, n: int, labels: Tensor, teacher: ARTeacher, nets: dict, cfg, seed_base: int,
-              batch_size: int, k: int = 0) -> Tensor:
-    """uint8 images (n, 3, H, W) of one method, in batches."""
+              batch_size: int, k: int = 0) -> tuple[Tensor, Tensor]:
+    """(uint8 images (n, 3, H, W), token ids (n, N)) of one method, in batches; the ids of a continuous sampler
+    are the nearest codes of its output (what ``one_step_snapped`` decodes)."""
     from dd2dist.eval.sampling import teacher_refined
 
-    out = []
+    images, tokens = [], []
     for start in range(0, n, batch_size):
         y = labels[start : start + batch_size]
         cond = Cond(labels=y)
         b = y.shape[0]
         if method == "teacher":
             gen = torch.Generator().manual_seed(seed_base + start)
-            x = teacher.decode(teacher.sample(cond, cfg.teacher.sampling, generator=gen))
+            ids = teacher.sample(cond, cfg.teacher.sampling, generator=gen)
+            x = teacher.decode(ids)
         elif method == "refined":
             eps_gen = torch.Generator().manual_seed(seed_base + start)
             _, ids = teacher_refined(nets["one_step"], teacher, cond, k, cfg.teacher.sampling, eps_gen)
@@ -114,9 +116,11 @@ def _generate(method: str, n: int, labels: Tensor, teacher: ARTeacher, nets: dic
             net = nets["stage1" if method == "stage1" else "one_step"]
             eps = per_sample_noise(b, (teacher.num_tokens, teacher.embed_dim), seed_base, start)
             q = net.generate(eps, cond).float()
-            x = teacher.decode(teacher.quantize(q) if method == "one_step_snapped" else q)
-        out.append(to_uint8(x))
-    return torch.cat(out)
+            ids = teacher.quantize(q)
+            x = teacher.decode(ids if method == "one_step_snapped" else q)
+        images.append(to_uint8(x))
+        tokens.append(ids.cpu())
+    return torch.cat(images), torch.cat(tokens)
 
 
 def save_grid(images: Tensor, path: Path, nrow: int = 10) -> Path:
@@ -136,11 +140,18 @@ def evaluate_run(
     space_kind: str = "auto",
     out_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    token_reference: Tensor | None = None,
 ) -> dict:
     """Evaluate the run of ``cfg`` (its ``output_dir``); returns the JSON-ready report (also written to
-    ``<out_dir>/report.json`` with sample grids next to it)."""
+    ``<out_dir>/report.json`` with sample grids next to it).
+
+    ``token_reference``: per-(class, position) code counts of the teacher's tokens
+    (:func:`dd2dist.eval.token_marginals.class_position_counts`, e.g. over the teacher-token shards); with it every
+    method also gets ``token_marginal_tv``, the total variation of its token marginals from those.
+    """
     from dd2dist.data.identity import build_seeded_teacher
     from dd2dist.eval.metrics import class_consistency, compute_metrics
+    from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
     from dd2dist.nets.student import StudentNet
 
     run_dir = Path(cfg.output_dir)
@@ -182,7 +193,7 @@ def evaluate_run(
     for method, k in jobs:
         name = f"refined_{k}" if method == "refined" else method
         t0 = time.perf_counter()
-        images = _generate(method, n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size, k)
+        images, ids = _generate(method, n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size, k)
         seconds = time.perf_counter() - t0
         settings = {"method": name, "num_samples": n, "labels": "balanced (i mod num_classes)",
                     "seed_range": [seed_base, seed_base + n], "batch_size": cfg.eval.batch_size,
@@ -198,10 +209,14 @@ def evaluate_run(
         res = compute_metrics(images, reference, space, sampling=settings, batch_size=64)
         if classifier is not None:
             res.update(class_consistency(images, labels, classifier, teacher.num_classes))
+        if token_reference is not None:
+            counts = class_position_counts(ids, labels, teacher.num_classes, teacher.vocab_size)
+            res["token_marginal_tv"] = marginal_tv(counts, token_reference)
         res["grid"] = str(save_grid(images, out / f"grid_{name}.png"))
         results[name] = res
         log(f"  {name}: FID {res['fid']:.3f}" + (f" class consistency {res['class_consistency']:.3f}"
                                                  if "class_consistency" in res else "")
+            + (f" token-marginal TV {res['token_marginal_tv']['mean']:.3f}" if "token_marginal_tv" in res else "")
             + f" ({seconds:.1f} s to generate {n})")
     report = {"run_dir": str(run_dir), "teacher": cfg.teacher.official or f"{cfg.teacher.family}(own)",
               "feature_space": space.describe(), "results": results}
@@ -263,6 +278,8 @@ def log_to_mlflow(cfg, report: dict) -> str | None:
                 value = res.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     metrics[f"eval/{method}/{key}"] = float(value)
+            if "token_marginal_tv" in res:
+                metrics[f"eval/{method}/token_marginal_tv"] = float(res["token_marginal_tv"]["mean"])
         tracker.log_metrics(metrics, step=_run_iteration(Path(cfg.output_dir)))
         tracker.log_artifact(report["report_path"], "eval")
         for res in report["results"].values():
