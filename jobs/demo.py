@@ -227,27 +227,11 @@ def trained_students(cfg, run_dir: Path) -> dict:
 # ---- evaluation ----------------------------------------------------------------------------------------------
 
 
-def shard_token_counts(tokens_dir: Path, num_classes: int, vocab_size: int):
-    """Per-(class, position) code counts over the teacher-token shards (``class_position_counts``)."""
-    import torch
-
-    from dd2dist.data import DataStats, list_shards
-    from dd2dist.data.tario import iter_shard_samples
-    from dd2dist.eval.token_marginals import class_position_counts
-
-    ids, labels = [], []
-    for shard in list_shards(str(tokens_dir)):
-        for s in iter_shard_samples(shard, DataStats()):
-            ids.append(torch.as_tensor(s.tokens, dtype=torch.long).flatten())
-            labels.append(int(s.label))
-    if not ids:
-        raise RuntimeError(f"{tokens_dir}: no teacher-token samples for the marginals baseline")
-    return class_position_counts(torch.stack(ids), torch.tensor(labels), num_classes, vocab_size)
-
-
 def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int):
     """Product of per-position, class-conditional marginals counted over the teacher-token shards."""
     import torch
+
+    from dd2dist.eval.token_marginals import shard_token_counts
 
     counts = shard_token_counts(tokens_dir, num_classes, vocab_size).float()
     probs = (counts + 1e-6) / (counts + 1e-6).sum(-1, keepdim=True)
@@ -317,6 +301,8 @@ def evaluate_family(cfg, teacher, run_dir: Path, log_fn=log) -> dict:
     out_dir = run_dir / "eval"
     tokens_dir = run_dir / "tokens"
     # the teacher-token shards are the teacher's marginals: every sampler's token-marginal TV is measured from them
+    from dd2dist.eval.token_marginals import shard_token_counts
+
     reference = None
     if tokens_dir.is_dir():
         reference = shard_token_counts(tokens_dir, teacher.num_classes, teacher.vocab_size)

@@ -2,10 +2,12 @@
 
     python jobs/evaluate.py --config configs/experiments/X.yaml [--set eval.num_samples=500] [--methods one_step]
     python jobs/evaluate.py --config runs/teachers/teacher-<key>.yaml --methods teacher       # a teacher alone
+    python jobs/evaluate.py --config runs/demo/llamagen/config.yaml --tokens runs/demo/llamagen/tokens  # + token TV
 
 The run directory is the config's ``output_dir``. FID / IS / precision / recall go through torch-fidelity: the
 digits-classifier space for 16x16 10-class teachers, else InceptionV3 with ``eval.inception_weights`` against
-``eval.reference_npz``. Writes ``<run>/eval/report.json`` + sample grids and logs them to the run's MLflow run.
+``eval.reference_npz``. With ``--tokens`` (teacher-token shards) every method also gets its token-marginal TV
+against them. Writes ``<run>/eval/report.json`` + sample grids and logs them to the run's MLflow run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1", default=None, help="stage-1 student weights (file or checkpoint step dir)")
     parser.add_argument("--space", default="auto", choices=("auto", "digits", "inception"))
     parser.add_argument("--out", default=None, help="output directory (default: <run>/eval)")
+    parser.add_argument("--tokens", default=None,
+                        help="teacher-token shard directory: also report each method's token-marginal TV against it")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args, cfg = parse_config_args(parser, argv)
 
@@ -37,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
     try:
-        report = evaluate_run(cfg, methods, args.num_samples, args.stage1, args.space, args.out)
+        reference = None
+        if args.tokens:
+            from dd2dist.eval.token_marginals import shard_token_counts
+
+            arch = cfg.teacher.arch
+            reference = shard_token_counts(args.tokens, arch.num_classes, arch.tokenizer.vocab_size)
+        report = evaluate_run(cfg, methods, args.num_samples, args.stage1, args.space, args.out,
+                              token_reference=reference)
     except (FileNotFoundError, ValueError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2

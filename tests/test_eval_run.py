@@ -131,6 +131,23 @@ def test_job_cli(run, tmp_path):
     assert job.main(["--config", config, "--methods", "teacher", "--num-samples", "10", "--no-tracking",
                      "--out", str(tmp_path / "e")]) == 0
     assert json.loads((tmp_path / "e" / "report.json").read_text())["results"].keys() == {"teacher"}
+    # --tokens: the token-marginal TV against teacher-token shards (here: shards of the teacher's own samples)
+    from dd2dist.data import ShardSpec, TokenSample, TokenShardWriter
+
+    teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
+    labels = balanced_labels(40, teacher.num_classes)
+    ids = teacher.sample(Cond(labels=labels), cfg.teacher.sampling, generator=torch.Generator().manual_seed(1))
+    spec = ShardSpec(teacher_id="test", family=teacher.family, vocab_size=teacher.vocab_size,
+                     token_shape=(teacher.num_tokens,), num_classes=teacher.num_classes)
+    with TokenShardWriter(tmp_path / "tokens", spec, maxcount=25) as writer:
+        for i, (row, y) in enumerate(zip(ids.numpy(), labels.tolist())):
+            writer.write_sample(TokenSample(key=f"s{i:09d}", tokens=row, spec=spec, label=int(y)))
+    assert job.main(["--config", config, "--methods", "teacher,one_step", "--num-samples", "10", "--no-tracking",
+                     "--out", str(tmp_path / "tv"), "--tokens", str(tmp_path / "tokens")]) == 0
+    res = json.loads((tmp_path / "tv" / "report.json").read_text())["results"]
+    assert all(0.0 <= res[m]["token_marginal_tv"]["mean"] <= 1.0 for m in ("teacher", "one_step"))
+    assert job.main(["--config", config, "--methods", "teacher", "--no-tracking", "--tokens",
+                     str(tmp_path / "no_shards")]) == 2  # no shards there: a clear error, not a crash
     # a run without an export: asking for the one-step generator is a clear error (exit 2)
     assert job.main(["--config", config, "--set", f"output_dir={tmp_path / 'empty'}", "--methods", "one_step",
                      "--no-tracking"]) == 2

@@ -13,7 +13,8 @@ What is evaluated (each only when its weights exist, unless asked for explicitly
 
 Metrics: FID / IS / precision / recall through torch-fidelity (:mod:`dd2dist.eval.metrics`) in the digits
 classifier space against the held-out digits, or in InceptionV3 space against ``eval.reference_npz``, plus class
-consistency (held-out classifier, digits only). Labels are class-balanced; sample i of a method uses seed
+consistency (held-out classifier, digits only), and with a ``token_reference`` the token-marginal TV
+(:mod:`dd2dist.eval.token_marginals`). Labels are class-balanced; sample i of a method uses seed
 ``seed_base + i`` for its noise (one-step: exact per sample; teacher sampling: one generator per batch, seeded by
 its first index). Every number is stored with its sampling settings.
 """

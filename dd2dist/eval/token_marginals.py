@@ -9,6 +9,8 @@ samples measured the same way give the finite-sample floor of the number.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,22 @@ def class_position_counts(ids: Tensor, labels: Tensor, num_classes: int, vocab_s
     counts.index_put_((labels[:, None].expand(B, N), torch.arange(N)[None].expand(B, N), ids),
                       torch.ones(B, N, dtype=torch.float64), accumulate=True)
     return counts
+
+
+def shard_token_counts(tokens_dir: str | os.PathLike, num_classes: int, vocab_size: int) -> Tensor:
+    """:func:`class_position_counts` over every sample of the teacher-token shards under ``tokens_dir`` (corrupt
+    shards are skipped and counted by the reader, as in training)."""
+    from dd2dist.data import DataStats, list_shards
+    from dd2dist.data.tario import iter_shard_samples
+
+    ids, labels = [], []
+    for shard in list_shards(str(tokens_dir)):
+        for sample in iter_shard_samples(shard, DataStats()):
+            ids.append(torch.as_tensor(sample.tokens, dtype=torch.long).flatten())
+            labels.append(int(sample.label))
+    if not ids:
+        raise FileNotFoundError(f"{tokens_dir}: no teacher-token samples to count")
+    return class_position_counts(torch.stack(ids), torch.tensor(labels), num_classes, vocab_size)
 
 
 def marginal_tv(counts: Tensor, reference: Tensor) -> dict:
