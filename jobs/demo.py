@@ -227,13 +227,16 @@ def trained_students(cfg, run_dir: Path) -> dict:
 # ---- evaluation ----------------------------------------------------------------------------------------------
 
 
-def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int):
-    """Product of per-position, class-conditional marginals counted over the teacher-token shards."""
+def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int, counts=None):
+    """Product of per-position, class-conditional marginals counted over the teacher-token shards (``counts``:
+    those counts when the caller already has them, so the shards are read once)."""
     import torch
 
     from dd2dist.eval.token_marginals import shard_token_counts
 
-    counts = shard_token_counts(tokens_dir, num_classes, vocab_size).float()
+    if counts is None:
+        counts = shard_token_counts(tokens_dir, num_classes, vocab_size)
+    counts = counts.float()
     probs = (counts + 1e-6) / (counts + 1e-6).sum(-1, keepdim=True)
 
     def sample(labels, generator):
@@ -259,7 +262,7 @@ def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path, reference=
     classifier, _, clf_path = cached_classifier()
     n = cfg.eval.num_samples
     labels = balanced_labels(n, teacher.num_classes)
-    sample = marginal_sampler(tokens_dir, teacher.num_classes, teacher.vocab_size)
+    sample = marginal_sampler(tokens_dir, teacher.num_classes, teacher.vocab_size, reference)
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919)
     t0 = time.perf_counter()
     ids = torch.cat([sample(labels[i : i + cfg.eval.batch_size], gen) for i in range(0, n, cfg.eval.batch_size)])
@@ -297,12 +300,11 @@ def evaluate_family(cfg, teacher, run_dir: Path, log_fn=log) -> dict:
     """``dd2dist.eval.run_eval.evaluate_run`` (teacher, stage-1, one-step, snapped, teacher-refined) plus the
     product-of-marginals baseline and the real-data floor; returns the report (``results`` per method)."""
     from dd2dist.eval.run_eval import evaluate_run
+    from dd2dist.eval.token_marginals import shard_token_counts
 
     out_dir = run_dir / "eval"
     tokens_dir = run_dir / "tokens"
     # the teacher-token shards are the teacher's marginals: every sampler's token-marginal TV is measured from them
-    from dd2dist.eval.token_marginals import shard_token_counts
-
     reference = None
     if tokens_dir.is_dir():
         reference = shard_token_counts(tokens_dir, teacher.num_classes, teacher.vocab_size)
