@@ -120,13 +120,18 @@ class Posterior:
     t: Tensor  # the clamped times actually used, (B, N)
 
 
-def _posterior_rows(log_probs: Tensor, codebook: Tensor, cb_sq: Tensor, x: Tensor, t: Tensor) -> Tensor:
-    """x0_hat for R flattened rows: log_probs (R, V), x (R, Ce), t (R,) -> (R, Ce)."""
+def mixture_logits(log_probs: Tensor, codebook: Tensor, cb_sq: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """Unnormalised log-weights of each code given x_t, R flattened rows: log_probs (R, V), x (R, Ce), t (R,)
+    -> (R, V); ``cb_sq`` is the codebook's squared norms (V,)."""
     a = (1 - t)[:, None]
     inv2t2 = 1.0 / (2 * t * t)[:, None]
     # -||x - a c||^2 / (2 t^2) up to a per-row constant: (2 a x.c - a^2 ||c||^2) / (2 t^2)
-    logits = log_probs + (2 * a * (x @ codebook.T) - (a * a) * cb_sq[None]) * inv2t2
-    return torch.softmax(logits, dim=-1) @ codebook
+    return log_probs + (2 * a * (x @ codebook.T) - (a * a) * cb_sq[None]) * inv2t2
+
+
+def _posterior_rows(log_probs: Tensor, codebook: Tensor, cb_sq: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """x0_hat for R flattened rows: log_probs (R, V), x (R, Ce), t (R,) -> (R, Ce)."""
+    return torch.softmax(mixture_logits(log_probs, codebook, cb_sq, x, t), dim=-1) @ codebook
 
 
 def posterior(

@@ -144,8 +144,8 @@ def test_nan_guard_skips_the_step(uninterrupted):
     weights, steps = guidance.full_state_dict(), guidance.optimizer_steps
     real_loss = tr._loss
 
-    def poisoned(role, micro):
-        loss, m, b = real_loss(role, micro)
+    def poisoned(role, micro, kind):
+        loss, m, b = real_loss(role, micro, kind)
         return loss * math.nan, m, b
 
     tr._loss = poisoned

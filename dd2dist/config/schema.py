@@ -163,6 +163,10 @@ class Stage1Config:
 class Stage2Config:
     """Main distillation: generator CSD steps and guidance FCS steps (method.md §5.2-5.3, §6; Tab.11)."""
 
+    # Optional start (not in the paper; dd2dist.method.ode_init): generator steps regressing onto the teacher's
+    # PF-ODE noise -> token pairs before the alternation, with the generator's optimizer; 0 = off
+    ode_init_steps: int = _f(0, ge=0)
+    ode_steps: int = _f(8, ge=1)  # Heun steps of the teacher PF-ODE per AR step for those pairs
     generator_steps: int = _f(20, ge=0)  # generator (CSD) updates (paper d16: 8k before alignment)
     guidance_per_generator: int = _f(2, ge=1)  # K guidance updates per generator update (paper: 5; toy best: 2)
     generator_lr: float = _f(2e-4, gt=0.0)  # end LR of the generator warm-up (paper: 2e-4 d16/d20, 1e-4 LG-L)

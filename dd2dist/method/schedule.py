@@ -5,6 +5,7 @@ phase?". One iteration = one optimizer step of one engine. The phases come from 
 
   stage1_head   GTS, head only, backbone frozen (VAR; paper 300k)         role: student_head
   stage1        GTS, the full student                                     role: student
+  stage2_ode_init  optional: generator regression onto teacher PF-ODE pairs role: generator
   stage2        K guidance (FCS) steps, then 1 generator (CSD) step       roles: guidance, generator
   align         performance alignment: EMA -> generator on entry, then guidance-only steps
   stage2_after  alternation again with the post-alignment K (paper: 2)
@@ -20,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-PhaseKind = Literal["gts_head", "gts", "alternate", "guidance_only"]
+PhaseKind = Literal["gts_head", "gts", "regress", "alternate", "guidance_only"]
 Role = Literal["student_head", "student", "guidance", "generator"]
 
 
@@ -43,13 +44,15 @@ class Phase:
             return "student"
         if self.kind == "guidance_only":
             return "guidance"
+        if self.kind == "regress":
+            return "generator"
         return "guidance" if i % (self.guidance_per_generator + 1) < self.guidance_per_generator else "generator"
 
     @property
     def roles(self) -> tuple[Role, ...]:
         """The engines this phase trains (the others are frozen in it)."""
         return {"gts_head": ("student_head",), "gts": ("student",), "guidance_only": ("guidance",),
-                "alternate": ("guidance", "generator")}[self.kind]
+                "regress": ("generator",), "alternate": ("guidance", "generator")}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ def build_schedule(cfg) -> Schedule:
         phases.append(Phase("stage1", "stage1", "gts", cfg.stage1.steps))
     s2, al = cfg.stage2, cfg.alignment
     if "stage2" in cfg.stages:
+        if s2.ode_init_steps > 0:
+            phases.append(Phase("stage2_ode_init", "stage2", "regress", s2.ode_init_steps))
         K = s2.guidance_per_generator
         phases.append(Phase("stage2", "stage2", "alternate", s2.generator_steps * (K + 1), K))
     if "alignment" in cfg.stages:

@@ -11,6 +11,7 @@ networks reuse a teacher's backbone through :meth:`ARTeacher.features`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -18,6 +19,11 @@ import torch
 from torch import Tensor, nn
 
 Family = Literal["var", "llamagen"]
+
+# How a sampler chooses the ids of one AR step: (log-probs (B, n, V) of the step's n tokens after CFG and
+# filtering, the step's slice of the N tokens) -> ids (B, n). The default is a multinomial draw; the PF-ODE
+# pairs of dd2dist.method.ode_init map fixed noise to each token instead.
+TokenPicker = Callable[[Tensor, slice], Tensor]
 
 
 @dataclass(frozen=True)
@@ -162,8 +168,9 @@ class ARTeacher(nn.Module, abc.ABC):
     # ---- sampling and pixels --------------------------------------------------------------------------
     @torch.no_grad()
     @abc.abstractmethod
-    def sample(self, cond: Cond, sampling: Sampling | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """KV-cached reference AR sampler -> ids (B, N)."""
+    def sample(self, cond: Cond, sampling: Sampling | None = None, generator: torch.Generator | None = None,
+               pick: TokenPicker | None = None) -> Tensor:
+        """KV-cached reference AR sampler -> ids (B, N); ``pick`` replaces the multinomial draw per AR step."""
 
     @abc.abstractmethod
     def decode(self, x: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dd2dist.latent import guidance_weights, process_logits
 from dd2dist.teachers.arch import LlamaGenConfig
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
 from dd2dist.teachers.vq16 import VQ16
 
 INPUT_ADAPTERS = ("snap", "soft", "mlp")
@@ -407,6 +407,7 @@ class LlamaGenTeacher(ARTeacher):
         dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
         compile_step: bool = False,
+        pick: TokenPicker | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Static-KV-cache AR sampler -> ids (B, N); with ``return_log_probs`` also the (B, N, V) log-probs each
         token was drawn from (the same CFG / temperature / top-k / top-p rule as :meth:`log_probs`).
@@ -416,6 +417,7 @@ class LlamaGenTeacher(ARTeacher):
         cast copy of the GPT in that precision (logits stay fp32); the copy is cached until a weight changes.
         ``cuda_graph`` (default: on for CUDA) captures the decode step once per call and replays it.
         ``compile_step`` additionally fuses the decode step with ``torch.compile`` (compiled once per batch size).
+        ``pick(lp (B, 1, V), step)`` chooses each token instead of a multinomial draw (see :data:`TokenPicker`).
         """
         sampling = sampling or self.default_sampling
         B = cond.batch_size
@@ -468,7 +470,10 @@ class LlamaGenTeacher(ARTeacher):
                 lp = process_logits(logits[:B], logits[B:], step_weights[i], sampling)
             else:
                 lp = process_logits(logits, None, step_weights[i], sampling)
-            tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]
+            if pick is None:
+                tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]
+            else:
+                tok = pick(lp[:, None], self.steps[i])[:, 0]
             ids[:, i] = tok
             if lps is not None:
                 lps[:, i] = lp

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dd2dist.latent import guidance_weights, process_logits
 from dd2dist.teachers.arch import VARConfig
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
 from dd2dist.teachers.var_vqvae import VARVQVAE
 
 MAX_LOG_SCALE_MUL = math.log(100.0)  # clamp of the per-head attention temperature (log space)
@@ -295,12 +295,14 @@ class VARTeacher(ARTeacher):
         sampling: Sampling | None = None,
         generator: torch.Generator | None = None,
         return_log_probs: bool = False,
+        pick: TokenPicker | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """KV-cached next-scale sampler -> ids (B, N); with ``return_log_probs`` also the (B, N, V) log-probs
         each scale was drawn from (the same CFG / top-k / top-p rule as :meth:`log_probs`).
 
         One forward per scale over that scale's tokens only (2B rows when CFG is on), the past read from
-        preallocated per-block K/V caches.
+        preallocated per-block K/V caches. ``pick(lp (B, n, V), scale slice)`` chooses each scale's ids instead of
+        a multinomial draw (see :data:`TokenPicker`).
         """
         sampling = sampling or self.default_sampling
         tr, tok = self.transformer, self.tokenizer
@@ -330,7 +332,10 @@ class VARTeacher(ARTeacher):
                 lp = process_logits(logits[:B], logits[B:], weights[sl], sampling)
             else:
                 lp = process_logits(logits, None, weights[sl], sampling)
-            ids = torch.multinomial(lp.exp().reshape(-1, V), 1, generator=generator).view(B, -1)
+            if pick is None:
+                ids = torch.multinomial(lp.exp().reshape(-1, V), 1, generator=generator).view(B, -1)
+            else:
+                ids = pick(lp, sl)
             ids_out.append(ids)
             if return_log_probs:
                 lp_out.append(lp)

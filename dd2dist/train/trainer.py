@@ -28,6 +28,7 @@ from dd2dist.engine.base import Engine, all_finite
 from dd2dist.engine.factory import EngineFactory, OptimSpec
 from dd2dist.method.ema import EMA
 from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
+from dd2dist.method.ode_init import regression_loss, teacher_ode_tokens
 from dd2dist.method.schedule import Phase, Role, Schedule, build_schedule, generator_warmup_steps
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
@@ -246,7 +247,7 @@ class Trainer:
     def _gen(self, purpose: str) -> torch.Generator:
         return self.batches.generator(self.state.iteration, purpose)
 
-    def _loss(self, role: Role, micro: int) -> tuple[Tensor, dict[str, Tensor], int]:
+    def _loss(self, role: Role, micro: int, kind: str) -> tuple[Tensor, dict[str, Tensor], int]:
         cfg, s2 = self.cfg, self.cfg.stage2
         teacher = self.teacher_engine.module
         if role in ("student_head", "student"):
@@ -257,6 +258,11 @@ class Trainer:
             return loss, m, x0.shape[0]
         generator = self.engines["generator"].callable_module()  # ZeRO-3: calls routed through forward
         guidance = self.engines["guidance"].callable_module()
+        if kind == "regress":  # the generator's PF-ODE regression start (dd2dist.method.ode_init)
+            eps, cond = self.batches.stage2(self.state.iteration, micro, "ode")
+            ids = teacher_ode_tokens(teacher, eps, cond, self.sampling, self.codebook, s2.ode_steps)
+            loss, m = regression_loss(generator, eps, cond, self.codebook[ids])
+            return loss, m, eps.shape[0]
         eps, cond = self.batches.stage2(self.state.iteration, micro, role)
         if role == "guidance":
             with torch.no_grad():
@@ -287,7 +293,7 @@ class Trainer:
         finite, batch, extras = True, 0, {}
         for micro in range(self.cfg.engine.grad_accum):
             with self._autocast():
-                loss, m, b = self._loss(role, micro)
+                loss, m, b = self._loss(role, micro, phase.kind)
             batch += b
             extras = m  # logged even when non-finite (the skipped step's loss says what went wrong)
             if not all_finite(loss):

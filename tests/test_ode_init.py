@@ -1,0 +1,206 @@
+"""The PF-ODE generator start (dd2dist.method.ode_init): the map carries noise to codes with the teacher's
+probabilities, the samplers' pick hook, the regression loss, and its phase in the schedule and the trainer."""
+
+import math
+
+import pytest
+import torch
+
+from dd2dist.config.schema import (
+    AlignmentConfig,
+    ExperimentConfig,
+    Stage1Config,
+    Stage2Config,
+    StudentConfig,
+    TeacherConfig,
+    TrackingConfig,
+)
+from dd2dist.engine.factory import TorchEngineFactory
+from dd2dist.method import build_schedule
+from dd2dist.method.ode_init import ode_times, pf_ode_codes, regression_loss, teacher_ode_tokens
+from dd2dist.nets.student import StudentNet
+from dd2dist.teachers import LlamaGenConfig, VARConfig, VARVQConfig, build_family
+from dd2dist.teachers.base import Cond, Sampling
+from dd2dist.train import Trainer
+
+VAR_ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
+                     tokenizer=VARVQConfig(vocab_size=16, embed_dim=4))
+LG_ARCH = LlamaGenConfig(n_layer=1, n_head=4, dim=64, grid=2, num_classes=3)
+
+
+def _teacher(family: str):
+    torch.manual_seed(0)
+    teacher = build_family("var", var=VAR_ARCH) if family == "var" else build_family("llamagen", llamagen=LG_ARCH)
+    return teacher.freeze()
+
+
+def _sampling(family: str) -> Sampling:
+    return Sampling(cfg=1.5, cfg_schedule="var_linear") if family == "var" else Sampling(cfg=2.0, top_k=8)
+
+
+# ---- the map ---------------------------------------------------------------------------------------------------
+
+
+def test_ode_times_run_from_one_to_t_min_and_reject_zero_steps():
+    times = ode_times(8, 0.02)
+    assert len(times) == 9 and times[0] == 1.0 and math.isclose(times[-1], 0.02)
+    assert all(a > b for a, b in zip(times[:-1], times[1:]))
+    with pytest.raises(ValueError, match="ode_steps"):
+        ode_times(0)
+
+
+def test_pf_ode_codes_hit_each_code_with_its_probability():
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [0.7, 0.7]])
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # the last code is filtered out (-inf)
+    n = 20000
+    lp = probs.log().expand(n, 1, 5)
+    eps = torch.randn(n, 1, 2, generator=gen)
+    ids = pf_ode_codes(lp, codebook, eps, num_steps=8)
+    freq = torch.bincount(ids.flatten(), minlength=5).float() / n
+    assert freq[4] == 0
+    assert (freq - probs).abs().max() < 0.01, freq  # 20k draws: binomial sd <= 0.0035
+    assert torch.equal(pf_ode_codes(lp, codebook, eps, num_steps=8), ids)  # a deterministic map of eps
+    with pytest.raises(ValueError, match="do not match"):
+        pf_ode_codes(lp[:, :, :4], codebook, eps, num_steps=4)
+
+
+def test_pf_ode_map_sends_nearby_noise_to_the_same_code():
+    """The map is piecewise constant: most small perturbations of eps keep the code (a random map would not)."""
+    gen = torch.Generator().manual_seed(1)
+    codebook = torch.randn(8, 3, generator=gen)
+    lp = torch.log_softmax(torch.randn(8, generator=gen), -1).expand(4000, 1, 8)
+    eps = torch.randn(4000, 1, 3, generator=gen)
+    a = pf_ode_codes(lp, codebook, eps, 8)
+    b = pf_ode_codes(lp, codebook, eps + 0.01 * torch.randn(eps.shape, generator=gen), 8)
+    assert (a == b).float().mean() > 0.97
+
+
+# ---- the samplers' pick hook ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_sampler_pick_hook_sees_each_step_and_its_choices_become_the_prefix(family):
+    teacher = _teacher(family)
+    sampling = _sampling(family)
+    cond = Cond(labels=torch.tensor([0, 1, 2]))
+    seen = []
+
+    def pick(lp, step):
+        seen.append((step, lp.clone()))
+        assert lp.shape == (3, step.stop - step.start, teacher.vocab_size)
+        return lp.argmax(-1)  # greedy
+
+    ids = teacher.sample(cond, sampling, pick=pick)
+    assert [s for s, _ in seen] == list(teacher.steps)
+    # the ids fed back are the picked ones: a teacher-forced pass on them reproduces every step's log-probs
+    forced = teacher.log_probs(teacher.embed(ids), cond, sampling)
+    for step, lp in seen:
+        assert torch.equal(ids[:, step], lp.argmax(-1))
+        finite = torch.isfinite(lp)
+        assert torch.equal(finite, torch.isfinite(forced[:, step]))
+        assert torch.allclose(lp[finite], forced[:, step][finite], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_teacher_ode_tokens_are_distributed_as_the_teacher(family):
+    """First AR step (conditioned on the class only): the ODE tokens' frequencies match the teacher's
+    probabilities; later tokens are the same rule given the prefix (the hook test above)."""
+    teacher = _teacher(family)
+    sampling = _sampling(family)
+    n = 6000
+    cond = Cond(labels=torch.zeros(n, dtype=torch.long))
+    eps = torch.randn(n, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(2))
+    ids = teacher_ode_tokens(teacher, eps, cond, sampling, teacher.codebook(), num_steps=8)
+    assert ids.shape == (n, teacher.num_tokens) and not ids.is_inference()
+    probs = teacher.log_probs(teacher.embed(ids[:1]), Cond(labels=torch.zeros(1, dtype=torch.long)),
+                              sampling)[0, 0].exp()
+    freq = torch.bincount(ids[:, 0], minlength=teacher.vocab_size).float() / n
+    assert 0.5 * (freq - probs).abs().sum() < 0.03  # sampling noise alone: ~0.02 at 6k draws of 16 codes
+    with pytest.raises(ValueError, match="eps must be"):
+        teacher_ode_tokens(teacher, eps[:, :1], cond, sampling, teacher.codebook(), 4)
+
+
+def test_regression_loss_is_the_token_mean_of_squared_errors_and_trains_the_generator():
+    teacher = _teacher("var")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    gen = torch.Generator().manual_seed(3)
+    eps = torch.randn(8, teacher.num_tokens, teacher.embed_dim, generator=gen)
+    cond = Cond(labels=torch.arange(8) % 4)
+    target = teacher.codebook()[torch.randint(teacher.vocab_size, (8, teacher.num_tokens), generator=gen)]
+    loss, m = regression_loss(net, eps, cond, target)
+    with torch.no_grad():
+        manual = (net.generate(eps, cond) - target).pow(2).sum(-1).mean()
+    assert torch.allclose(loss, manual) and torch.equal(m["regression_loss"], loss.detach())
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = float(loss.detach())
+    for _ in range(30):
+        loss, _ = regression_loss(net, eps, cond, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+
+
+# ---- schedule and trainer --------------------------------------------------------------------------------------
+
+
+def _cfg(ode_init_steps: int, family: str = "var") -> ExperimentConfig:
+    teacher = (TeacherConfig(family="var", var=VAR_ARCH, sampling=_sampling("var")) if family == "var"
+               else TeacherConfig(family="llamagen", llamagen=LG_ARCH, sampling=_sampling("llamagen")))
+    return ExperimentConfig(
+        stages=("stage1", "stage2"),
+        teacher=teacher,
+        student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
+        stage1=Stage1Config(head_only_steps=0, steps=2, lr=1e-3, warmup_steps=1, batch_size=4),
+        stage2=Stage2Config(ode_init_steps=ode_init_steps, ode_steps=4, generator_steps=2, guidance_per_generator=2,
+                            generator_lr=1e-3, guidance_lr=1e-3, warmup_guidance_steps=2, fcs_samples=2,
+                            batch_size=4),
+        alignment=AlignmentConfig(),
+        tracking=TrackingConfig(log_every=1),
+    )
+
+
+def test_schedule_puts_the_regression_phase_before_the_alternation():
+    names = [(p.name, p.kind, p.iterations) for p in build_schedule(_cfg(5)).phases]
+    assert names == [("stage1", "gts", 2), ("stage2_ode_init", "regress", 5), ("stage2", "alternate", 6)]
+    phase = build_schedule(_cfg(5)).phases[1]
+    assert phase.roles == ("generator",) and {phase.role_at(i) for i in range(5)} == {"generator"}
+    assert [p.name for p in build_schedule(_cfg(0)).phases] == ["stage1", "stage2"]  # off by default
+
+
+def test_negative_ode_init_steps_are_refused_naming_the_field():
+    from dd2dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="stage2.ode_init_steps"):
+        load_config("configs/base.yaml", ["stage2.ode_init_steps=-1"])
+    with pytest.raises(ConfigError, match="stage2.ode_steps"):
+        load_config("configs/base.yaml", ["stage2.ode_steps=0"])
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_trainer_regresses_the_generator_only_and_resumes_exactly_inside_the_phase(tmp_path, family):
+    from test_train_trainer import _assert_same, _snapshot
+
+    def make():
+        torch.manual_seed(0)
+        return Trainer(_cfg(4, family), _teacher(family), TorchEngineFactory())
+
+    seen = []
+
+    def watch(tr, metrics):
+        if tr.phase is not None and tr.phase.name == "stage2_ode_init":
+            seen.append((metrics, {k: v.clone() for k, v in tr.engines["guidance"].full_state_dict().items()}))
+
+    ref = make()
+    ref.callbacks.append(watch)
+    ref.fit()
+    assert ref.state.iteration == 2 + 4 + 6
+    assert len(seen) == 4 and all("generator/regression_loss" in m for m, _ in seen)
+    _assert_same(seen[0][1], seen[-1][1])  # the guidance net does not move while the generator regresses
+    a = make()
+    a.fit(checkpoint_dir=tmp_path, max_iterations=4)  # two regression steps done
+    b = make()
+    b.resume_latest(tmp_path)
+    b.fit()
+    _assert_same(_snapshot(b), _snapshot(ref))
