@@ -130,6 +130,7 @@ def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
         build_partitioned_teacher,
         param_bytes_ratio,
     )
+    from dd2dist.method.ode_init import teacher_ode_tokens
     from dd2dist.teachers import Cond, build_teacher
 
     cfg = load_config(None, list(overrides))
@@ -153,6 +154,10 @@ def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
     out["codebook"] = (engine.module.codebook(), reference.codebook())
     out["sample"] = (engine.module.sample(cond, sampling, torch.Generator().manual_seed(5)),
                      reference.sample(cond, sampling, torch.Generator().manual_seed(5)))
+    # the PF-ODE pairs of the generator's regression start run the sampler with a pick rule (whole teacher gathered)
+    eps = torch.randn(3, reference.num_tokens, reference.embed_dim, generator=torch.Generator().manual_seed(6))
+    out["ode"] = tuple(teacher_ode_tokens(t, eps, cond, sampling, reference.codebook(), 4)
+                       for t in (engine.module, reference))
     with torch.no_grad():  # the tokenizer: gathered module by module inside its encoder / decoder
         images = reference.decode(ids)
         out["decode"] = (engine.module.decode(ids), images)
@@ -188,7 +193,7 @@ def test_zero3_teacher_is_sharded_and_equals_the_unsharded_teacher(tmp_path):
         assert math.isclose(out["ratio"], 0.5, abs_tol=0.01)
         for key in ("log_probs", "features", "codebook", "decode"):
             torch.testing.assert_close(*out[key], rtol=0, atol=0, msg=key)
-        assert torch.equal(*out["sample"]) and torch.equal(*out["encode"])
+        assert torch.equal(*out["sample"]) and torch.equal(*out["ode"]) and torch.equal(*out["encode"])
         assert out["state_equal"] and out["refused_trainable"]
 
 

@@ -153,7 +153,8 @@ def _cfg(ode_init_steps: int, family: str = "var") -> ExperimentConfig:
         teacher=teacher,
         student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
         stage1=Stage1Config(head_only_steps=0, steps=2, lr=1e-3, warmup_steps=1, batch_size=4),
-        stage2=Stage2Config(ode_init_steps=ode_init_steps, ode_steps=4, generator_steps=2, guidance_per_generator=2,
+        stage2=Stage2Config(ode_init_steps=ode_init_steps, ode_steps=4, ode_pairs_per_call=3, generator_steps=2,
+                            guidance_per_generator=2,
                             generator_lr=1e-3, guidance_lr=1e-3, warmup_guidance_steps=2, fcs_samples=2,
                             batch_size=4),
         alignment=AlignmentConfig(),
@@ -198,9 +199,41 @@ def test_trainer_regresses_the_generator_only_and_resumes_exactly_inside_the_pha
     assert ref.state.iteration == 2 + 4 + 6
     assert len(seen) == 4 and all("generator/regression_loss" in m for m, _ in seen)
     _assert_same(seen[0][1], seen[-1][1])  # the guidance net does not move while the generator regresses
+    # pairs come in blocks of 3 steps: stop after 2 regression steps, inside the first block
     a = make()
-    a.fit(checkpoint_dir=tmp_path, max_iterations=4)  # two regression steps done
+    a.fit(checkpoint_dir=tmp_path, max_iterations=4)
     b = make()
     b.resume_latest(tmp_path)
     b.fit()
     _assert_same(_snapshot(b), _snapshot(ref))
+
+
+def test_pairs_come_in_blocks_of_one_sampler_call_and_resume_inside_a_block():
+    from dd2dist.train.batches import BatchSource
+
+    teacher = _teacher("llamagen")
+    cfg = _cfg(6, "llamagen")  # batch 4, 3 steps per sampler call
+    calls = []
+    real_sample = teacher.sample
+
+    def counting_sample(*args, **kwargs):
+        calls.append(1)
+        return real_sample(*args, **kwargs)
+
+    teacher.sample = counting_sample
+
+    def source():
+        return BatchSource(cfg, 0, 1, torch.device("cpu"), teacher, None, teacher.codebook())
+
+    src = source()
+    # phase iterations 0..5 at global iterations 10..15
+    steps = [src.ode_pairs(10 + k, k, 0, teacher) for k in range(6)]
+    assert len(calls) == 2
+    eps = torch.stack([e for e, _, _ in steps])
+    assert all(not torch.equal(eps[i], eps[j]) for i in range(6) for j in range(i))
+    assert all(e.shape == (4, teacher.num_tokens, teacher.embed_dim) and ids.shape == (4, teacher.num_tokens)
+               for e, _, ids in steps)
+    fresh = source().ode_pairs(14, 4, 0, teacher)  # a run resumed at the middle of the second block
+    for a, b in zip(fresh[::2], steps[4][::2]):
+        assert torch.equal(a, b)
+    assert torch.equal(fresh[1].labels, steps[4][1].labels)

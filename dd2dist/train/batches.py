@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.engine.base import Engine
+from dd2dist.method.ode_init import teacher_ode_tokens
 from dd2dist.method.seeding import make_generator
 from dd2dist.teachers.base import ARTeacher, Cond
 
@@ -33,6 +34,7 @@ class BatchSource:
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
         self.sampler_returns_log_probs = "return_log_probs" in inspect.signature(teacher.sample).parameters
         self._data_iter = None
+        self._ode_block = None  # (key, eps, cond, ids) of the current block of regression pairs
 
     def generator(self, iteration: int, purpose: str) -> torch.Generator:
         """The generator for one purpose of one iteration of this rank."""
@@ -90,6 +92,30 @@ class BatchSource:
         eps = torch.randn((B, self.num_tokens, self.embed_dim), generator=self.generator(iteration,
                           f"{purpose}/{micro}/eps"), device=self.device)
         return eps, cond
+
+    def ode_pairs(self, iteration: int, phase_iter: int, micro: int, teacher: ARTeacher) -> tuple[Tensor, Cond, Tensor]:
+        """Noise (B, N, Ce), condition and the teacher's PF-ODE token ids (B, N) for a regression step.
+
+        One sampler call makes the pairs of ``stage2.ode_pairs_per_call`` consecutive steps of the phase (the AR
+        sampler's cost is mostly per AR step, not per row): the block starting at iteration ``i0`` is drawn from
+        generators seeded by ``i0``, so a run resumed inside a block recomputes exactly the same pairs.
+        """
+        s2 = self.cfg.stage2
+        B, per_call = s2.batch_size, s2.ode_pairs_per_call
+        i0 = iteration - phase_iter % per_call
+        key = (i0, micro)
+        if self._ode_block is None or self._ode_block[0] != key:
+            rows = B * per_call
+            slot = (i0 * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank
+            labels = (torch.arange(rows, device=self.device) + slot * rows) % self.num_classes
+            eps = torch.randn((rows, self.num_tokens, self.embed_dim), device=self.device,
+                              generator=self.generator(i0, f"ode/{micro}/eps"))
+            cond = Cond(labels=labels)
+            ids = teacher_ode_tokens(teacher, eps, cond, self.cfg.teacher.sampling, self.codebook, s2.ode_steps)
+            self._ode_block = (key, eps, cond, ids)
+        _, eps, cond, ids = self._ode_block
+        rows = slice((iteration - i0) * B, (iteration - i0 + 1) * B)
+        return eps[rows], Cond(labels=cond.labels[rows]), ids[rows]
 
     # ---- stream position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:

@@ -28,7 +28,7 @@ from dd2dist.engine.base import Engine, all_finite
 from dd2dist.engine.factory import EngineFactory, OptimSpec
 from dd2dist.method.ema import EMA
 from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
-from dd2dist.method.ode_init import regression_loss, teacher_ode_tokens
+from dd2dist.method.ode_init import regression_loss
 from dd2dist.method.schedule import Phase, Role, Schedule, build_schedule, generator_warmup_steps
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
@@ -259,8 +259,7 @@ class Trainer:
         generator = self.engines["generator"].callable_module()  # ZeRO-3: calls routed through forward
         guidance = self.engines["guidance"].callable_module()
         if kind == "regress":  # the generator's PF-ODE regression start (dd2dist.method.ode_init)
-            eps, cond = self.batches.stage2(self.state.iteration, micro, "ode")
-            ids = teacher_ode_tokens(teacher, eps, cond, self.sampling, self.codebook, s2.ode_steps)
+            eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher)
             loss, m = regression_loss(generator, eps, cond, self.codebook[ids])
             return loss, m, eps.shape[0]
         eps, cond = self.batches.stage2(self.state.iteration, micro, role)
