@@ -358,7 +358,7 @@ def save_sample_figure(results: dict, path: Path, title: str, columns: int = 6) 
     return path
 
 
-LOSS_KEYS = ("student_head/loss", "student/loss", "guidance/loss", "generator/loss")
+LOSS_KEYS = ("student_head/loss", "student/loss", "generator/regression_loss", "guidance/loss", "generator/loss")
 
 
 def loss_histories(run_id: str, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
@@ -375,7 +375,8 @@ def loss_histories(run_id: str, tracking_uri: str) -> dict[str, list[tuple[int, 
 
 
 def save_loss_curves(histories: dict[str, dict], path: Path) -> Path:
-    """One PNG, one panel per family: the stage-1 GTS loss, the guidance FCS loss and the generator CSD loss."""
+    """One PNG, one panel per family: the stage-1 GTS loss, the generator's PF-ODE regression loss (when the recipe
+    has that phase), the guidance FCS loss and the generator CSD loss."""
     import matplotlib
 
     matplotlib.use("Agg")
