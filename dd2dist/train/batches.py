@@ -105,17 +105,14 @@ class BatchSource:
         i0 = iteration - phase_iter % per_call
         key = (i0, micro)
         if self._ode_block is None or self._ode_block[0] != key:
-            rows = B * per_call
-            slot = (i0 * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank
-            labels = (torch.arange(rows, device=self.device) + slot * rows) % self.num_classes
-            eps = torch.randn((rows, self.num_tokens, self.embed_dim), device=self.device,
+            cond = Cond(labels=self.labels(B * per_call, i0, micro, f"ode/{micro}/labels"))
+            eps = torch.randn((B * per_call, self.num_tokens, self.embed_dim), device=self.device,
                               generator=self.generator(i0, f"ode/{micro}/eps"))
-            cond = Cond(labels=labels)
             ids = teacher_ode_tokens(teacher, eps, cond, self.cfg.teacher.sampling, self.codebook, s2.ode_steps)
             self._ode_block = (key, eps, cond, ids)
         _, eps, cond, ids = self._ode_block
-        rows = slice((iteration - i0) * B, (iteration - i0 + 1) * B)
-        return eps[rows], Cond(labels=cond.labels[rows]), ids[rows]
+        own = slice((iteration - i0) * B, (iteration - i0 + 1) * B)  # this step's rows of the block
+        return eps[own], Cond(labels=cond.labels[own]), ids[own]
 
     # ---- stream position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:

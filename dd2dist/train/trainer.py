@@ -29,7 +29,7 @@ from dd2dist.engine.factory import EngineFactory, OptimSpec
 from dd2dist.method.ema import EMA
 from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
 from dd2dist.method.ode_init import regression_loss
-from dd2dist.method.schedule import Phase, Role, Schedule, build_schedule, generator_warmup_steps
+from dd2dist.method.schedule import Phase, PhaseKind, Role, Schedule, build_schedule, generator_warmup_steps
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
 from dd2dist.train import checkpoint as ckpt
@@ -247,7 +247,7 @@ class Trainer:
     def _gen(self, purpose: str) -> torch.Generator:
         return self.batches.generator(self.state.iteration, purpose)
 
-    def _loss(self, role: Role, micro: int, kind: str) -> tuple[Tensor, dict[str, Tensor], int]:
+    def _loss(self, role: Role, micro: int, kind: PhaseKind) -> tuple[Tensor, dict[str, Tensor], int]:
         cfg, s2 = self.cfg, self.cfg.stage2
         teacher = self.teacher_engine.module
         if role in ("student_head", "student"):
