@@ -11,8 +11,8 @@ Per family (``var``, ``llamagen``), with the recipe ``configs/demo/<family>[_qui
 2. teacher-token shards: the teacher sampled with the distillation target across 2 Ray actors
    (``data_pipelines.teacher_tokens``);
 3. stage 1 (GTS) then stage 2 (CSD / FCS) with 2 DeepSpeed workers under Ray Train on one embedded local Ray
-   (``dd2dist.launch.ray_train.launch``). Stage 1 runs as its own launch (stopped at the last stage-1
-   iteration) so that the stage-1 model can be evaluated; the second launch resumes from that checkpoint;
+   (``dd2dist.launch.ray_train.launch``), one launch for both stages; the workers export the stage-1 student
+   when stage 2 takes over, so that it can be evaluated;
 4. evaluation against the held-out digits in the digits-classifier feature space (torch-fidelity FID, IS,
    precision / recall; class consistency): teacher samples, the stage-1 model used as a one-step generator, the
    DD2 one-step generator (continuous tokens decoded as they are, and snapped to the nearest codes), teacher-refined
@@ -146,38 +146,27 @@ def precompute_tokens(cfg, plan: DemoPlan, tokens_dir: Path) -> dict:
 
 
 def train_students(cfg, run_dir: Path) -> dict:
-    """Stage 1 (one launch, stopped at its last iteration), then stage 2 resuming it; returns launch summaries.
+    """Stage 1 then stage 2 in one Ray Train launch; returns the launch summary and the split of its time.
 
-    The stage-1 student is saved from the checkpoint at the end of stage 1 to
-    ``<run>/export/stage1_student.safetensors`` (where ``dd2dist.eval.run_eval`` looks for it): the second
-    launch prunes old checkpoints.
+    The workers export the stage-1 student to ``<run>/export/stage1_student.safetensors`` when stage 2 takes over
+    (``dd2dist.launch.ray_train.stage1_export_hook``; ``dd2dist.eval.run_eval`` evaluates it from there). The
+    stage-1 time is the launch's start to that file's write (start-up included), stage 2 the rest.
     """
-    from safetensors.torch import save_file
-
-    from dd2dist.eval.run_eval import load_student_weights
-    from dd2dist.launch.ray_train import checkpoint_root, export_dir, launch
+    from dd2dist.launch.ray_train import STAGE1_FILE, export_dir, launch
     from dd2dist.launch.validate import validate_run
-    from dd2dist.train import checkpoint as ckpt
 
     validate_run(cfg)
-    n1 = stage1_iterations(cfg)
-    t0 = time.perf_counter()
-    first = launch(cfg, max_iterations=n1)
-    t1 = time.perf_counter()
-    stage1_ckpt = ckpt.step_dir(checkpoint_root(cfg), n1)
-    if not (stage1_ckpt / ckpt.STATE_FILE).is_file():
-        raise RuntimeError(f"stage 1 should have left a complete checkpoint at {stage1_ckpt}")
-    stage1_file = export_dir(cfg) / "stage1_student.safetensors"
-    stage1_file.parent.mkdir(parents=True, exist_ok=True)
-    state = load_student_weights(stage1_ckpt)
-    save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in state.items()}, str(stage1_file))
-    second = launch(cfg)
+    stage1_file = export_dir(cfg) / STAGE1_FILE
+    t0, wall0 = time.perf_counter(), time.time()
+    summary = launch(cfg)
     t2 = time.perf_counter()
-    if not second.get("export"):
+    if not summary.get("export"):
         raise RuntimeError(f"stage 2 finished without an export under {export_dir(cfg)}")
-    return {"stage1": first, "stage2": second, "stage1_file": str(stage1_file),
-            "seconds_stage1": t1 - t0, "seconds_stage2": t2 - t1}
+    if not stage1_file.is_file():
+        raise RuntimeError(f"the run left no stage-1 student at {stage1_file}")
+    seconds_stage1 = min(max(0.0, stage1_file.stat().st_mtime - wall0), t2 - t0)
+    return {"stage2": summary, "stage1_file": str(stage1_file),
+            "seconds_stage1": seconds_stage1, "seconds_stage2": (t2 - t0) - seconds_stage1}
 
 
 def extra_eval_overrides(overrides: tuple[str, ...]) -> list[str]:
@@ -205,7 +194,7 @@ def trained_students(cfg, run_dir: Path) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"--eval-only: {path} is missing (run the demo without --eval-only first)")
     iteration = int(ckpt.read_json(latest / ckpt.STATE_FILE)["iteration"]) if latest else 0
-    record = {"stage1": {}, "stage2": {"export": str(export), "iteration": iteration},
+    record = {"stage2": {"export": str(export), "iteration": iteration},
               "stage1_file": str(stage1_file)}
     previous = run_dir / "eval" / "summary.json"
     if previous.is_file():

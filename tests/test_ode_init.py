@@ -2,6 +2,7 @@
 probabilities, the samplers' pick hook, the regression loss, and its phase in the schedule and the trainer."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -199,13 +200,37 @@ def test_trainer_regresses_the_generator_only_and_resumes_exactly_inside_the_pha
     assert ref.state.iteration == 2 + 4 + 6
     assert len(seen) == 4 and all("generator/regression_loss" in m for m, _ in seen)
     _assert_same(seen[0][1], seen[-1][1])  # the guidance net does not move while the generator regresses
-    # pairs come in blocks of 3 steps: stop after 2 regression steps, inside the first block
-    a = make()
-    a.fit(checkpoint_dir=tmp_path, max_iterations=4)
-    b = make()
-    b.resume_latest(tmp_path)
-    b.fit()
-    _assert_same(_snapshot(b), _snapshot(ref))
+    # pairs come in blocks of 3 steps: stop after 2 regression steps, inside the first block; then at the last
+    # regression step, where the next iteration restarts the generator's optimizer for CSD
+    for stop in (4, 6):
+        a = make()
+        a.fit(checkpoint_dir=tmp_path / str(stop), max_iterations=stop)
+        b = make()
+        b.resume_latest(tmp_path / str(stop))
+        b.fit()
+        _assert_same(_snapshot(b), _snapshot(ref))
+
+
+def test_regression_has_its_own_lr_and_csd_restarts_the_generator_optimizer():
+    cfg = _cfg(4)
+    cfg = replace(cfg, stage2=replace(cfg.stage2, ode_init_lr=5e-3, ode_init_warmup_steps=2, lr_start=1e-6,
+                                      warmup_guidance_steps=4))  # CSD warm-up: 2 generator steps
+    torch.manual_seed(0)
+    tr = Trainer(cfg, _teacher("var"), TorchEngineFactory())
+    gen_steps = []  # (phase, LR of the step, optimizer steps after it)
+
+    def watch(tr, metrics):
+        if "generator/lr" in metrics:
+            gen_steps.append((tr.phase.name, metrics["generator/lr"], metrics["generator/optimizer_steps"]))
+
+    tr.callbacks.append(watch)
+    tr.fit()
+    regress = [(lr, n) for name, lr, n in gen_steps if name == "stage2_ode_init"]
+    csd = [(lr, n) for name, lr, n in gen_steps if name == "stage2"]
+    assert [n for _, n in regress] == [1, 2, 3, 4] and [n for _, n in csd] == [1, 2]
+    assert regress[0][0] == pytest.approx(1e-6 + (5e-3 - 1e-6) / 2) and regress[-1][0] == pytest.approx(5e-3)
+    # the CSD warm-up starts again from lr_start toward generator_lr
+    assert csd[0][0] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2) and csd[1][0] == pytest.approx(1e-3)
 
 
 def test_pairs_come_in_blocks_of_one_sampler_call_and_resume_inside_a_block():

@@ -269,6 +269,31 @@ def test_stage2_only_run_starts_from_given_student():
     _assert_same(s2.ema.shadow, s2.engines["generator"].local_param_tensors(), "ema")
 
 
+def test_stage1_hook_gets_the_stage1_student_once_before_stage2(tmp_path):
+    got = []
+
+    def hook(state):
+        got.append(({k: v.clone() for k, v in state.items()}, tr.state.iteration, tr.engine_group))
+
+    tr = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), stage1_hook=hook)
+    tr.fit(max_iterations=6)  # the end of stage 1 (3 head-only + 3 full steps): the hook has not run yet
+    assert got == []
+    stage1 = tr.student_state_dict()
+    tr.fit()
+    assert len(got) == 1
+    state, iteration, group = got[0]
+    assert iteration == 6 and group == "stage1"  # called before the stage-2 engines replace the student
+    _assert_same(state, stage1)
+    # a run resumed inside stage 2 has exported it already: no second call
+    a = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")))
+    a.fit(checkpoint_dir=tmp_path, max_iterations=8)
+    calls = []
+    b = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), stage1_hook=calls.append)
+    b.resume_latest(tmp_path)
+    b.fit()
+    assert calls == []
+
+
 def test_grad_accum_micro_batches_get_balanced_distinct_labels():
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
     a, b = tr.batches.labels(4, 3, 0, "x"), tr.batches.labels(4, 3, 1, "x")  # iteration 3, micro-batches 0, 1

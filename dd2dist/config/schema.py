@@ -164,8 +164,11 @@ class Stage2Config:
     """Main distillation: generator CSD steps and guidance FCS steps (method.md §5.2-5.3, §6; Tab.11)."""
 
     # Optional start (not in the paper; dd2dist.method.ode_init): generator steps regressing onto the teacher's
-    # PF-ODE noise -> token pairs before the alternation, with the generator's optimizer; 0 = off
+    # PF-ODE noise -> token pairs before the alternation; 0 = off. The regression has its own LR and warm-up; the
+    # generator's AdamW moments and LR clock restart when CSD begins (regression and CSD gradients differ in scale)
     ode_init_steps: int = _f(0, ge=0)
+    ode_init_lr: float = _f(3e-4, gt=0.0)  # end LR of the regression's warm-up (from lr_start)
+    ode_init_warmup_steps: int = _f(20, ge=0)  # its linear warm-up, in regression steps
     ode_steps: int = _f(8, ge=1)  # Heun steps of the teacher PF-ODE per AR step for those pairs
     ode_pairs_per_call: int = _f(8, ge=1)  # regression steps whose pairs one teacher sampler call makes
     generator_steps: int = _f(20, ge=0)  # generator (CSD) updates (paper d16: 8k before alignment)

@@ -9,8 +9,10 @@ and DeepSpeed reuses it. The Trainer writes checkpoints under ``<output>/checkpo
 its shards, then a barrier, then rank 0 finalises); the checkpoint hook then reports it to Ray (rank 0 passes the
 directory, the others ``None``; every rank calls ``report`` so it is also a barrier). A restarted worker group
 (``FailureConfig.max_failures``) and a rerun with the same name and storage resume from the newest checkpoint:
-Ray's ``get_checkpoint()``, else the newest complete one under ``<output>/checkpoints``. At the end the EMA
-generator is exported to ``<output>/export/generator.safetensors`` + ``config.yaml``.
+Ray's ``get_checkpoint()``, else the newest complete one under ``<output>/checkpoints``. When stage 2 takes over
+from stage 1, the stage-1 student is exported to ``<output>/export/stage1_student.safetensors`` (what
+``dd2dist.eval.run_eval`` evaluates as the stage-1 model); at the end the EMA generator is exported to
+``<output>/export/generator.safetensors`` + ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,28 @@ def checkpoint_root(cfg) -> Path:
 
 def export_dir(cfg) -> Path:
     return Path(cfg.output_dir) / "export"
+
+
+STAGE1_FILE = "stage1_student.safetensors"
+
+
+def stage1_export_hook(cfg, rank: int):
+    """Trainer ``stage1_hook``: rank 0 writes the consolidated stage-1 student to ``export/STAGE1_FILE``
+    (atomically: a crash leaves the old file or none, never half of one)."""
+
+    def hook(state) -> None:
+        if rank != 0:
+            return
+        from safetensors.torch import save_file
+
+        path = export_dir(cfg) / STAGE1_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
+
+    return hook
 
 
 # ---- worker ------------------------------------------------------------------------------------------------
@@ -178,8 +202,8 @@ def train_worker(config: dict[str, Any]) -> None:
         # each rank reads its own split of the teacher-token shards; the stream's position is checkpointed
         data = stream_from_config(cfg, rank, world, num_tokens=teacher.num_tokens)
     trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
-                      student_template=student_template,
-                      checkpoint_hook=None if dry_run else report, callbacks=callbacks)
+                      student_template=student_template, checkpoint_hook=None if dry_run else report,
+                      stage1_hook=None if dry_run else stage1_export_hook(cfg, rank), callbacks=callbacks)
     if dry_run:
         trainer.fit(max_iterations=1)
         ray.train.report({"iteration": float(trainer.state.iteration), "dry_run": 1.0})

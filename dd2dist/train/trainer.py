@@ -84,6 +84,9 @@ class Trainer:
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
             for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
             starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
+        stage1_hook: ``hook(state)`` called on every rank with the consolidated stage-1 student weights when stage 2
+            takes over from stage 1 in this run (before any stage-2 step, so a checkpoint of stage 2 implies the
+            hook ran): the Ray layer exports the stage-1 model there for evaluation.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class Trainer:
         callbacks: list[StepCallback] | tuple[StepCallback, ...] = (),
         init_student: dict[str, Tensor] | None = None,
         student_template: StudentNet | None = None,
+        stage1_hook: Callable[[dict[str, Tensor]], None] | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
@@ -109,6 +113,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.stop = False  # a callback may set it: fit() returns after the current iteration
         self._init_student = init_student
+        self.stage1_hook = stage1_hook
         self._last_logged = -1
         self._checked_phase = -1
         self._active_role: Role | None = None
@@ -169,6 +174,13 @@ class Trainer:
         gui = OptimSpec(lr=s2.guidance_lr, warmup_steps=s2.warmup_guidance_steps, **common)
         return gen, gui
 
+    def _regression_spec(self) -> OptimSpec:
+        """The generator's optimizer during the PF-ODE regression phase (its own LR and warm-up)."""
+        s2 = self.cfg.stage2
+        return OptimSpec(lr=s2.ode_init_lr, warmup_steps=s2.ode_init_warmup_steps, betas=tuple(s2.betas),
+                         weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, lr_start=s2.lr_start,
+                         grad_accum=self.cfg.engine.grad_accum)
+
     def student_state_dict(self) -> dict[str, Tensor] | None:
         """Consolidated weights of the stage-1 student as it stands (None outside stage 1); collective."""
         return self._current_student_state()
@@ -187,6 +199,8 @@ class Trainer:
         """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced
         (``loading``: a checkpoint is about to overwrite the weights, so the initial values do not matter)."""
         init = self._current_student_state() if from_previous else None
+        if group == "stage2" and init is not None and self.stage1_hook is not None:
+            self.stage1_hook(init)
         if init is None and self._init_student is not None and not from_previous and not loading:
             init = self._init_student
         if group == "stage2" and init is None and not loading:
@@ -205,6 +219,8 @@ class Trainer:
             self.engines["student"] = self.factory.trainable("student", self._new_student(init), self._stage1_spec())
         else:
             gen_spec, gui_spec = self._stage2_specs()
+            if self.phase is not None and self.phase.kind == "regress":
+                gen_spec = self._regression_spec()  # _enter_phase restarts it with the CSD spec afterwards
             self.engines["generator"] = self.factory.trainable("generator", self._new_student(init), gen_spec)
             self.engines["guidance"] = self.factory.trainable("guidance", self._new_student(init), gui_spec)
             s2 = self.cfg.stage2
@@ -339,6 +355,10 @@ class Trainer:
                 # (collective under ZeRO-3) so the engine also refreshes DeepSpeed's fp32 master copy: in bf16 a
                 # write into the module weights alone would be overwritten from the old master at the next step.
                 self.engines["generator"].load_full_state_dict(self.generator_state_dict(use_ema=True))
+            if phase.kind == "alternate" and self._follows_regression():
+                # CSD after the regression start: fresh AdamW moments and the CSD warm-up from lr_start (the
+                # regression's second moments are of another loss's scale)
+                self.engines["generator"].reset_optimizer(self._stage2_specs()[0])
             self.state.phase_entered = True
             self.logger.set_tags({"phase": phase.name, "stage": phase.stage})
         if self._checked_phase != self.state.phase_index:
@@ -347,6 +367,10 @@ class Trainer:
                 self._set_role(role)
             self._set_role(None)
             self._checked_phase = self.state.phase_index
+
+    def _follows_regression(self) -> bool:
+        i = self.state.phase_index
+        return i > 0 and self.schedule.phases[i - 1].kind == "regress"
 
     def fit(
         self,
