@@ -64,6 +64,9 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         # the token-marginal diagnostic is measured for every sampler against the teacher-token shards
         assert all(f"token_marginal_tv_{m}" in r for m in r["metrics"]), sorted(r)
     assert results["settings"]["quick"] is True
+    # both teachers were trained at once (one Ray task each), before the families' students
+    assert _finite(results["settings"]["seconds_teachers_concurrent"])
+    assert results["settings"]["seconds_teachers_concurrent"] < results["settings"]["seconds_total"]
 
 
 def test_artefacts_exist_and_load(quick_demo):
