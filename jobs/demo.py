@@ -407,6 +407,9 @@ def family_summary(evaluation: dict, train: dict, teacher_report: dict, cfg, sec
     out["fid_ratio_one_step"] = methods["one_step"]["fid"] / max(methods["teacher"]["fid"], 1e-12)
     out["class_consistency_gap"] = abs(methods["one_step"]["class_consistency"]
                                        - methods["teacher"]["class_consistency"])
+    # one standard error of that difference (independent binomial fractions): how much of the gap is sampling noise
+    out["class_consistency_gap_se"] = math.hypot(methods["one_step"].get("class_consistency_se", 0.0),
+                                                 methods["teacher"].get("class_consistency_se", 0.0))
     out["targets"] = {
         "fid_ratio_max": FID_RATIO_TARGET, "fid_ratio_met": out["fid_ratio_one_step"] <= FID_RATIO_TARGET,
         "class_consistency_gap_max": CONSISTENCY_GAP_TARGET,
@@ -461,6 +464,11 @@ def markdown_tables(results: dict) -> str:
             lines.append(f"| {family} | {s['teacher']:.0f}{' (reused)' if results[family]['teacher']['reused'] else ''}"
                          f" | {s['tokens']:.0f} | {s['stage1']:.0f} | {s['stage2']:.0f} | {s['evaluation']:.0f} | "
                          f"{results[family]['seconds']:.0f} |")
+    settings = results.get("settings", {})
+    if settings.get("seconds_teachers_concurrent") is not None:
+        together, total = settings["seconds_teachers_concurrent"], settings["seconds_total"]
+        lines += ["", f"The teachers were trained at once (one CPU each): {together:.0f} s of wall time for the "
+                  f"teacher column together; the whole demo took {total:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -471,7 +479,8 @@ def print_summary(results: dict) -> None:
             continue
         r = results[family]
         print(f"{family}: one-step FID / teacher FID = {r['fid_ratio_one_step']:.2f} (target <= {FID_RATIO_TARGET}); "
-              f"class-consistency gap {r['class_consistency_gap']:.3f} (target <= {CONSISTENCY_GAP_TARGET})")
+              f"class-consistency gap {r['class_consistency_gap']:.3f} +- {r['class_consistency_gap_se']:.3f} "
+              f"(1 s.e.; target <= {CONSISTENCY_GAP_TARGET})")
         print(f"  MLflow run {r['mlflow']['run_id']} in {r['mlflow']['tracking_uri']}")
         print(f"  sample grid {r['grid']}   generator {r['export']}")
     sys.stdout.flush()
@@ -539,6 +548,7 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
     if trained_teacher is not None and not trained_teacher.get("reused"):
         # trained a moment ago alongside the other family's (train_teachers_concurrently): its own time counts here
         steps["teacher"] += trained_teacher["train_seconds"]
+        report = {**report, "reused": False}
     if args.eval_only:
         cfg = trained
     else:

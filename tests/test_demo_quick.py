@@ -57,6 +57,8 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         assert r["fid_ratio_one_step"] == pytest.approx(r["fid_one_step"] / r["fid_teacher"])
         assert r["class_consistency_gap"] == pytest.approx(
             abs(r["class_consistency_one_step"] - r["class_consistency_teacher"]))
+        se = [r["metrics"][m]["class_consistency_se"] for m in ("one_step", "teacher")]
+        assert r["class_consistency_gap_se"] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5)
         # every number comes with its sampling settings
         assert r["sampling"]["teacher"]["cfg"] > 0
         assert r["sampling"]["num_samples"] == r["metrics"]["teacher"]["num_generated"]

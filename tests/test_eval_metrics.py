@@ -144,6 +144,8 @@ def test_class_consistency_against_known_predictions(space, held):
     pred = model.predict(imgs)
     res = class_consistency(imgs, labels, model)
     assert res["class_consistency"] == pytest.approx(float((pred == labels).float().mean()))
+    p, n = res["class_consistency"], len(labels)
+    assert res["class_consistency_se"] == pytest.approx((p * (1 - p) / n) ** 0.5) and res["num_images"] == n
     wrong = (labels + 1) % 10
     assert class_consistency(imgs, wrong, model)["class_consistency"] < 0.2
     only3 = labels == 3

@@ -11,6 +11,7 @@ References: a uint8 image tensor, or an ADM-style ``.npz`` batch (``arr_0`` = NH
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -183,7 +184,9 @@ def class_consistency(images: Tensor, requested: Tensor, classifier, num_classes
     """Fraction of generated images the held-out classifier assigns to the class they were generated for.
 
     ``images``: uint8 or [-1, 1] float (B, 3, H, W); ``requested``: (B,) class ids. Returns the overall
-    fraction and one fraction per requested class (None for classes not requested).
+    fraction, its binomial standard error sqrt(p (1 - p) / n) (at the demo's 360 images about 0.02: two samplers'
+    fractions differ by more than that by chance alone), and one fraction per requested class (None for classes not
+    requested).
     """
     if images.shape[0] != requested.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {requested.shape[0]} requested labels")
@@ -194,4 +197,6 @@ def class_consistency(images: Tensor, requested: Tensor, classifier, num_classes
     for c in range(num_classes):
         sel = requested == c
         per_class.append(float(hit[sel].mean()) if bool(sel.any()) else None)
-    return {"class_consistency": float(hit.mean()), "per_class": per_class, "num_images": int(images.shape[0])}
+    p, n = float(hit.mean()), int(images.shape[0])
+    return {"class_consistency": p, "class_consistency_se": math.sqrt(p * (1.0 - p) / n), "per_class": per_class,
+            "num_images": n}
