@@ -49,6 +49,9 @@ def uninterrupted(tmp_path_factory, ray_session):
     cfg = _cfg(tmp_path_factory.mktemp("ray"), "straight")
     summary = launch(cfg)
     assert summary["iteration"] == TOTAL and summary["export"]
+    # the stage-1 student, exported by the workers when stage 2 took over: a StudentNet like the generator
+    stage1 = load_file(str(Path(cfg.output_dir) / "export" / "stage1_student.safetensors"))
+    assert set(stage1) == set(load_file(summary["export"]))
     return cfg
 
 
