@@ -197,6 +197,32 @@ def test_zero3_teacher_is_sharded_and_equals_the_unsharded_teacher(tmp_path):
         assert out["state_equal"] and out["refused_trainable"]
 
 
+def _dtype_worker(rank: int, world: int, path: str):
+    """The partitioned teacher's dtype when the accelerator reports no fp16 support (AMD EPYC CPUs, for one)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from dd2dist.config import load_config
+    from dd2dist.engine.deepspeed_engine import build_partitioned_teacher
+
+    get_accelerator().is_fp16_supported = lambda: False  # what DeepSpeed's CPU accelerator says on such machines
+    cfg = load_config(None)
+    return {precision: sorted({str(p.dtype) for p in build_partitioned_teacher(cfg.teacher, path,
+                                                                             precision=precision).parameters()})
+            for precision in ("fp32", "bf16")}
+
+
+def test_partitioned_teacher_keeps_the_configured_precision_without_fp16_support(tmp_path):
+    """DeepSpeed's zero.Init ignores its dtype argument where the accelerator has no fp16 and builds in bf16:
+    the precision must come through the config (an fp32 teacher stayed bf16 on this project's AMD machines)."""
+    from dd2dist.config import load_config
+    from dd2dist.teachers import build_teacher
+
+    path = str(tmp_path / "var.pt")
+    torch.save(build_teacher(load_config(None).teacher).state_dict(), path)
+    out = run_ranks(_dtype_worker, 1, path)[0]
+    assert out == {"fp32": ["torch.float32"], "bf16": ["torch.bfloat16"]}
+
+
 def _mismatch_worker(rank: int, world: int, path: str):
     from dd2dist.config import load_config
     from dd2dist.engine.deepspeed_engine import build_partitioned_teacher

@@ -722,8 +722,15 @@ def build_partitioned_teacher(teacher_cfg, state_path: str, *, precision: str = 
     state = _LazyState(state_path)
     config = frozen_ds_config(zero_stage=3, precision=precision)
     device = _device(use_gpu)
-    with deepspeed.zero.Init(config_dict_or_path=config, remote_device=None, dtype=_dtype(precision)):
+    # The dtype comes from the config's bf16 flag, not from Init's dtype argument: DeepSpeed 0.19.8 ignores that
+    # argument wherever the accelerator reports no fp16 support (CPUs without oneDNN fp16, e.g. AMD EPYC) and then
+    # builds in bf16, which made an "fp32" teacher a bf16 one on such machines
+    with deepspeed.zero.Init(config_dict_or_path=config, remote_device=None):
         teacher = build_family(teacher_cfg.family, var=teacher_cfg.var, llamagen=teacher_cfg.llamagen)
+    wrong = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point()} - {str(_dtype(precision))})
+    if wrong:
+        raise RuntimeError(f"the partitioned teacher was built in {wrong}, expected {_dtype(precision)} "
+                           f"(engine.precision={precision!r})")
     teacher.to(device)
     if hasattr(teacher, "init_buffers"):
         teacher.init_buffers(device)
