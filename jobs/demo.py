@@ -497,7 +497,6 @@ def _train_teacher_task(family: str, teachers_dir: str, recipe, evaluate: bool) 
     from dd2dist.digits.teacher_job import train_digits_teacher
 
     torch.set_num_threads(1)
-
     t0 = time.perf_counter()
     report = train_digits_teacher(teacher_config(family), teachers_dir, recipe,
                                   log=lambda m: log(f"[{family}]   {m}"), evaluate=evaluate)
@@ -545,9 +544,11 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
         report = train_digits_teacher(teacher_config(family), args.teachers, plan.teacher_recipe,
                                       log=lambda m: log(f"[{family}]   {m}"), evaluate=not args.quick)
     steps["teacher"] = time.perf_counter() - t0
+    # trained a moment ago alongside the other family's (train_teachers_concurrently): its own time counts here
+    own_teacher_seconds = 0.0
     if trained_teacher is not None and not trained_teacher.get("reused"):
-        # trained a moment ago alongside the other family's (train_teachers_concurrently): its own time counts here
-        steps["teacher"] += trained_teacher["train_seconds"]
+        own_teacher_seconds = trained_teacher["train_seconds"]
+        steps["teacher"] += own_teacher_seconds
         report = {**report, "reused": False}
     if args.eval_only:
         cfg = trained
@@ -595,11 +596,9 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
     tracker = open_run(cfg, progress=False)  # the same run again: the demo's own artefacts, then FINISHED
     mlflow_info = {"run_id": run_id, "tracking_uri": tracker.tracking_uri if tracker else None,
                    "experiment": cfg.tracking.experiment}
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - t_start + own_teacher_seconds
     if args.eval_only:  # the training of the earlier run, read back (trained_students)
         seconds += steps["stage1"] + steps["stage2"]
-    if trained_teacher is not None and not trained_teacher.get("reused"):
-        seconds += trained_teacher["train_seconds"]  # this family's teacher, trained before run_family started
     run = {"timing_source": train.get("timing_source", "measured in this run"), "seconds_by_step": steps,
             "token_shards": token_info, "mlflow": mlflow_info, "grid": str(grid)}
     summary = family_summary(evaluation, train, report, cfg, seconds, run)

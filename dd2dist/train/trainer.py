@@ -163,10 +163,15 @@ class Trainer:
         return OptimSpec(lr=s1.lr, betas=tuple(s1.betas), weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
                          lr_start=0.0, warmup_steps=s1.warmup_steps, grad_accum=self.cfg.engine.grad_accum)
 
+    def _stage2_common(self) -> dict:
+        """The optimizer settings every stage-2 network and phase shares (all but the LR and its warm-up)."""
+        s2 = self.cfg.stage2
+        return dict(betas=tuple(s2.betas), weight_decay=s2.weight_decay, grad_clip=s2.grad_clip,
+                    lr_start=s2.lr_start, grad_accum=self.cfg.engine.grad_accum)
+
     def _stage2_specs(self) -> tuple[OptimSpec, OptimSpec]:
         s2 = self.cfg.stage2
-        common = dict(betas=tuple(s2.betas), weight_decay=s2.weight_decay, grad_clip=s2.grad_clip,
-                      lr_start=s2.lr_start, grad_accum=self.cfg.engine.grad_accum)
+        common = self._stage2_common()
         gen = OptimSpec(lr=s2.generator_lr, warmup_steps=generator_warmup_steps(
             s2.warmup_guidance_steps, s2.guidance_per_generator), **common)
         # The paper gives the guidance net the same 1e-6 -> lr ramp; its length is not stated: we use the
@@ -177,9 +182,7 @@ class Trainer:
     def _regression_spec(self) -> OptimSpec:
         """The generator's optimizer during the PF-ODE regression phase (its own LR and warm-up)."""
         s2 = self.cfg.stage2
-        return OptimSpec(lr=s2.ode_init_lr, warmup_steps=s2.ode_init_warmup_steps, betas=tuple(s2.betas),
-                         weight_decay=s2.weight_decay, grad_clip=s2.grad_clip, lr_start=s2.lr_start,
-                         grad_accum=self.cfg.engine.grad_accum)
+        return OptimSpec(lr=s2.ode_init_lr, warmup_steps=s2.ode_init_warmup_steps, **self._stage2_common())
 
     def student_state_dict(self) -> dict[str, Tensor] | None:
         """Consolidated weights of the stage-1 student as it stands (None outside stage 1); collective."""
