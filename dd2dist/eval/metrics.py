@@ -184,8 +184,8 @@ def class_consistency(images: Tensor, requested: Tensor, classifier, num_classes
     """Fraction of generated images the held-out classifier assigns to the class they were generated for.
 
     ``images``: uint8 or [-1, 1] float (B, 3, H, W); ``requested``: (B,) class ids. Returns the overall
-    fraction, its binomial standard error sqrt(p (1 - p) / n) (at the demo's 360 images about 0.02: two samplers'
-    fractions differ by more than that by chance alone), and one fraction per requested class (None for classes not
+    fraction, its binomial standard error sqrt(p (1 - p) / n) (at a fraction of 0.85: 0.019 over 360 images, 0.008 over
+    the demo's 1,800), and one fraction per requested class (None for classes not
     requested).
     """
     if images.shape[0] != requested.shape[0]:
