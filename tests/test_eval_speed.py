@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from dd2dist.eval.speed import TIMINGS, build_benchmark_teacher, build_parser, run_speed_benchmark, time_call
+from dd2dist.eval.speed import (
+    TIMINGS,
+    build_benchmark_teacher,
+    build_parser,
+    generator_head,
+    run_speed_benchmark,
+    time_call,
+    time_pair,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +62,27 @@ def test_jobs_benchmark_dispatches_to_speed(tmp_path, capsys):
                    "--device", "cpu", "--out", str(out), "--quiet"])
     assert rc == 0 and out.is_file() and out.with_suffix(".png").is_file()
     assert "digits_var" in capsys.readouterr().out
+
+
+def test_time_pair_interleaves_and_reports_the_median_pair_ratio():
+    import torch
+
+    order = []
+    a_s, b_s, ratio = time_pair(lambda: order.append("a"), lambda: order.append("b"), warmup=1, repeats=3,
+                                device=torch.device("cpu"))
+    assert order == ["a", "b"] * 4 and a_s["repeats"] == b_s["repeats"] == 3 and a_s["interleaved"]
+    assert ratio > 0
+
+
+def test_digits_generator_head_is_the_demo_recipes(tmp_path):
+    from dd2dist.config import load_config
+
+    for family in ("var", "llamagen"):
+        recipe = load_config(REPO / "configs" / "demo" / f"{family}.yaml", check_paths=False).student
+        assert generator_head(f"digits_{family}") == recipe
+    out = tmp_path / "s.json"
+    args = build_parser().parse_args(["--models", "digits_llamagen", "--batch-sizes", "1", "--repeats", "1",
+                                      "--warmup", "0", "--device", "cpu", "--head-width", "32", "--quiet",
+                                      "--out", str(out)])
+    (row,) = run_speed_benchmark(args)["results"]
+    assert row["generator_head"]["width"] == 32 and row["generator_head"]["depth"] == recipe.head_depth

@@ -8,7 +8,14 @@ import torch
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig
 from dd2dist.teachers.base import Cond, Sampling
-from dd2dist.teachers.llamagen import LlamaGenTeacher, RMSNorm, apply_rope, rope_2d_cache, text_attention_mask
+from dd2dist.teachers.llamagen import (
+    LlamaGenTeacher,
+    RMSNorm,
+    apply_rope,
+    rope_2d_cache,
+    soft_input_weights,
+    text_attention_mask,
+)
 
 C2I = LlamaGenConfig()  # 2 layers, D 64, 4 heads, grid 4, V 64, Ce 8, 10 classes
 T2I = LlamaGenConfig(num_classes=0, cls_token_num=5, caption_dim=16)
@@ -233,6 +240,23 @@ def test_soft_adapter_tends_to_snap_as_tau_goes_to_zero():
     assert errs[0] > 1e-2
     assert errs[2] < 1e-5
     assert errs[0] > errs[1] > errs[2]
+
+
+def test_soft_adapter_flushes_subnormal_weights_and_nothing_else():
+    """At a sharp τ far codes' softmax weights underflow into fp32 subnormals (slow on x86): the rule zeroes those
+    and keeps every other weight of the plain softmax."""
+    soft = LlamaGenTeacher(replace(C2I, input_adapter="soft", soft_tau=0.01))
+    x = torch.randn(4, soft.num_tokens, soft.embed_dim, generator=torch.Generator().manual_seed(0))
+    codebook = soft.codebook()
+    plain = torch.softmax((x @ codebook.T) / 0.01, dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = (plain > 0) & (plain < tiny)
+    assert subnormal.any()  # the case guarded against does occur at this τ
+    weights = soft_input_weights(x, codebook, 0.01)
+    assert not ((weights > 0) & (weights < tiny)).any() and (weights[subnormal] == 0).all()
+    assert torch.equal(weights[~subnormal], plain[~subnormal])
+    torch.testing.assert_close(soft.gpt.embed_inputs(x, codebook), weights @ soft.gpt.tok_embeddings.weight,
+                               atol=0, rtol=0)
 
 
 # ---- text-to-image ------------------------------------------------------------------------------------

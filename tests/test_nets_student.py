@@ -52,6 +52,26 @@ def test_head_scalar_time_equals_the_same_time_per_token():
     torch.testing.assert_close(head(x, torch.tensor(0.7), f), per_token, rtol=1e-5, atol=1e-6)
 
 
+def test_head_is_the_adaln_formula_with_each_layer_s_own_silu_projection():
+    # the head computes SiLU(c) once for all AdaLN layers; written out with each layer's (SiLU, Linear) module it
+    # must give the same velocity, so checkpoints of either layout mean the same function
+    import torch.nn.functional as F
+
+    from dd2dist.nets.head import LN_EPS, timestep_embedding
+
+    head = MLPHead(token_dim=5, cond_dim=7, width=16, depth=2, time_embed_dim=8)
+    _randomize_head(head)
+    x, f, t = torch.randn(3, 4, 5), torch.randn(3, 4, 7), torch.rand(3, 4)
+    c = head.time_mlp(timestep_embedding(t, 8)) + head.cond_proj(f)
+    h = head.input_proj(x)
+    for block in head.blocks:
+        shift, scale, gate = block.ada(c).chunk(3, dim=-1)
+        h = h + gate * block.mlp(F.layer_norm(h, (16,), eps=LN_EPS) * (1 + scale) + shift)
+    shift, scale = head.final.ada(c).chunk(2, dim=-1)
+    expected = head.final.linear(F.layer_norm(h, (16,), eps=LN_EPS) * (1 + scale) + shift)
+    torch.testing.assert_close(head(x, t, f), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["var", "llamagen"])
 def test_fresh_student_generates_its_noise_and_predicts_zero_velocity(family):
     teacher = _teacher(family)

@@ -272,7 +272,7 @@ class LlamaGenGPT(nn.Module):
         if adapter == "snap":
             return self.tok_embeddings((x.float() @ codebook.T).argmax(-1))
         if adapter == "soft":
-            weights = torch.softmax((x.float() @ codebook.T) / self.cfg.soft_tau, dim=-1)
+            weights = soft_input_weights(x, codebook, self.cfg.soft_tau)
             return weights.to(self.tok_embeddings.weight.dtype) @ self.tok_embeddings.weight
         return self.input_mlp(x.to(self.input_mlp[0].weight.dtype))
 
@@ -290,6 +290,17 @@ class LlamaGenGPT(nn.Module):
         for layer, cache in zip(self.layers, caches):
             h = layer(h, rope, mask, cache, pos)
         return self.output(self.norm(h))[:, 0].float()
+
+
+def soft_input_weights(x: Tensor, codebook: Tensor, tau: float) -> Tensor:
+    """The soft input rule's code weights softmax(x·cᵀ/τ) (..., V), fp32, with subnormal weights set to zero.
+
+    At a sharp τ most far codes' weights underflow into fp32 subnormals, which x86 CPUs multiply several times
+    slower (issue #7: the mix with ``tok_embeddings`` took 1.06 ms instead of 0.18 at batch 64 of the digits
+    generator); zeroing them moves each weight by less than 1.2e-38.
+    """
+    weights = torch.softmax((x.float() @ codebook.T) / tau, dim=-1)
+    return weights.masked_fill(weights < torch.finfo(torch.float32).tiny, 0.0)
 
 
 def text_attention_mask(text_mask: Tensor, length: int) -> Tensor:
