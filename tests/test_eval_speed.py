@@ -86,3 +86,15 @@ def test_digits_generator_head_is_the_demo_recipes(tmp_path):
                                       "--out", str(out)])
     (row,) = run_speed_benchmark(args)["results"]
     assert row["generator_head"]["width"] == 32 and row["generator_head"]["depth"] == recipe.head_depth
+
+
+def test_benchmark_teacher_is_reproducible_and_leaves_the_global_rng_alone():
+    import torch
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first, _ = build_benchmark_teacher("digits_llamagen")
+    assert torch.equal(torch.rand(3), expected)
+    second, _ = build_benchmark_teacher("digits_llamagen")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

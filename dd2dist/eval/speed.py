@@ -65,8 +65,9 @@ def build_benchmark_teacher(model: str) -> tuple[ARTeacher, Sampling]:
                          f"{', '.join(OFFICIAL_ARCHS)}")
     if getattr(arch, "caption_dim", 0):
         raise ValueError(f"{model}: text-to-image teachers are not benchmarked (class-conditional only)")
-    torch.manual_seed(0)
-    teacher = build_family(family, **{family: arch}).freeze()
+    with torch.random.fork_rng(devices=[]):  # reproducible weights without moving the caller's global RNG
+        torch.manual_seed(0)
+        teacher = build_family(family, **{family: arch}).freeze()
     # keep CFG, drop filtering: top-k/top-p cost is the same for both samplers' logits and not what we time
     return teacher, replace(sampling, top_k=0, top_p=1.0)
 
@@ -137,7 +138,7 @@ def _timed_calls(
     cond = Cond(labels=torch.arange(B, device=device) % teacher.num_classes)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = teacher.sample(cond, sampling, generator=gen)
-    eps = torch.randn(B, teacher.num_tokens, teacher.embed_dim, device=device, dtype=dtype)
+    eps = torch.randn(B, teacher.num_tokens, teacher.embed_dim, device=device, dtype=dtype, generator=gen)
     q = generator.generate(eps, cond)
     return {
         "teacher_ar": lambda: teacher.sample(cond, sampling, generator=gen),
