@@ -111,8 +111,8 @@ def test_nearest_code_l2_and_normalised():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_conversions_round_trip(seed):
-    # seeded: unseeded draws made this depend on which tests ran before it (it once failed by 1.4e-5 after a new
-    # test moved the global RNG); the score divides by t >= 0.05, which scales fp32 rounding by up to 20x
+    # seeded: the score divides by t >= 0.05, which scales fp32 rounding by up to 20x, so about 3% of random draws
+    # miss the default tolerance; unseeded, the test depended on which tests had moved the global RNG before it
     g = torch.Generator().manual_seed(seed)
     x0, eps = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
     t = torch.rand(2, 3, generator=g) * 0.9 + 0.05
@@ -120,7 +120,7 @@ def test_conversions_round_trip(seed):
     v = latent.x0_to_velocity(xt, x0, t)
     torch.testing.assert_close(v, eps - x0)  # rectified-flow velocity
     s = latent.velocity_to_score(xt, v, t)
-    torch.testing.assert_close(s, latent.x0_to_score(xt, x0, t), rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(s, latent.x0_to_score(xt, x0, t))
     torch.testing.assert_close(latent.score_to_velocity(xt, s, t), v, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s, -eps / t[..., None], rtol=1e-4, atol=1e-4)  # the noise-conditional score
 

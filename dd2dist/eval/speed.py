@@ -88,8 +88,12 @@ def time_call(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.de
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    return _summary(times, warmup)
+
+
+def _summary(times: list[float], warmup: int, **extra: Any) -> dict:
     return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
-            "repeats": repeats, "warmup": warmup}
+            "repeats": len(times), "warmup": warmup, **extra}
 
 
 def time_pair(
@@ -111,13 +115,8 @@ def time_pair(
             fn()
             _sync(device)
             times.append(time.perf_counter() - t0)
-
-    def summary(times: list[float]) -> dict:
-        return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
-                "repeats": repeats, "warmup": warmup, "interleaved": True}
-
     ratio = statistics.median(a / b for a, b in zip(times_a, times_b))
-    return summary(times_a), summary(times_b), ratio
+    return _summary(times_a, warmup, interleaved=True), _summary(times_b, warmup, interleaved=True), ratio
 
 
 def generator_head(model: str) -> StudentConfig:
@@ -172,15 +171,10 @@ def benchmark_model(
     for B in batch_sizes:
         calls = _timed_calls(teacher, generator, sampling, B, device, dtype)
         timings = {}
+        timings["one_step"], timings["teacher_forced"], floor_ratio = time_pair(
+            calls["one_step"], calls["teacher_forced"], warmup, repeats, device)
         for name in TIMINGS:
-            if name == "teacher_forced":
-                continue  # timed with one_step, interleaved
-            if name == "one_step":
-                timings["one_step"], timings["teacher_forced"], floor_ratio = time_pair(
-                    calls["one_step"], calls["teacher_forced"], warmup, repeats, device)
-                log(f"  {model} B={B} teacher_forced: {timings['teacher_forced']['median_s'] * 1e3:.1f} ms "
-                    f"(median of {repeats}, interleaved with one_step)")
-            else:
+            if name not in timings:
                 timings[name] = time_call(calls[name], warmup, repeats, device)
             log(f"  {model} B={B} {name}: {timings[name]['median_s'] * 1e3:.1f} ms (median of {repeats})")
         med = {k: v["median_s"] for k, v in timings.items()}

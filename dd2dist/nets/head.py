@@ -111,7 +111,7 @@ class MLPHead(nn.Module):
         else:
             t = t.expand(x_t.shape[:-1])
         c = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(dtype)) + self.cond_proj(feats.to(dtype))
-        # one SiLU(c) for every AdaLN layer: SiLU is the dearest elementwise op on a CPU (issue #7 speed)
+        # one SiLU(c) for every AdaLN layer instead of one each (depth + 1 full-size SiLUs; issue #7 speed)
         c_act = F.silu(c)
         h = self.input_proj(x_t.to(dtype))
         for block in self.blocks:
