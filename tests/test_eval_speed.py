@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dd2dist.eval.speed import (
     TIMINGS,
@@ -39,6 +40,7 @@ def test_speed_benchmark_smoke(tmp_path):
         assert r["s_per_image"]["one_step"] == pytest.approx(med["one_step"] / r["batch_size"])
         assert r["sampling"]["cfg_rows"] == 2 * r["batch_size"]  # both digits configs sample with CFG
         assert r["ar_steps"] == (3 if r["family"] == "var" else 16)
+        assert r["generator_head"]["form"] == "sampling"  # timed as evaluation samples it
 
 
 def test_time_call_excludes_warmup():
@@ -98,3 +100,13 @@ def test_benchmark_teacher_is_reproducible_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
     second, _ = build_benchmark_teacher("digits_llamagen")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_training_head_form_is_timed_on_request(tmp_path):
+    from dd2dist.eval.speed import benchmark_model
+
+    rows = benchmark_model("digits_var", [1], 0, 1, torch.device("cpu"), torch.float32, log=lambda _: None,
+                           head_form="training")
+    assert rows[0]["generator_head"]["form"] == "training" and rows[0]["timings"]["one_step"]["median_s"] > 0
+    with pytest.raises(ValueError, match="head_form"):
+        benchmark_model("digits_var", [1], 0, 1, torch.device("cpu"), torch.float32, head_form="folded")

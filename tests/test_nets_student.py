@@ -220,3 +220,53 @@ def test_llamagen_student_builds_on_the_meta_device():
         teacher = build_family("llamagen", llamagen=SMALL_LG)
         net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
     assert net.backbone.cfg.input_adapter == "soft"
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("t", [1.0, 0.35])
+def test_fixed_time_head_is_the_head_at_that_time(depth, t):
+    # the sampling form folds the time MLP, stacks the AdaLN projections and moves "1 + scale" into the bias:
+    # the same velocity as the training head, for any depth and time, batched or not
+    head = MLPHead(token_dim=5, cond_dim=7, width=16, depth=depth, time_embed_dim=8)
+    _randomize_head(head)
+    fixed = head.at_time(t)
+    x, f = torch.randn(3, 4, 5), torch.randn(3, 4, 7)
+    v = head(x, t, f)
+    assert v.abs().sum() > 0
+    torch.testing.assert_close(fixed(x, f), v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed(x[0], f[0]), v[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="FixedTimeHead expects"):
+        fixed(x, f[..., :6])
+
+
+def test_fixed_time_head_is_a_snapshot():
+    # taken once the weights are final: later training of the source head must not leak into it (and vice versa)
+    head = MLPHead(token_dim=5, cond_dim=7, width=16, depth=1, time_embed_dim=8)
+    _randomize_head(head)
+    fixed = head.at_time(1.0)
+    x, f = torch.randn(2, 3, 5), torch.randn(2, 3, 7)
+    before = fixed(x, f).clone()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(1.0)
+    assert torch.equal(fixed(x, f), before)
+    assert not any(b.requires_grad for b in fixed.buffers())
+    assert list(fixed.parameters()) == []
+
+
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_one_step_sampler_generates_what_the_student_generates(family):
+    teacher = _teacher(family)
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=2, time_embed_dim=8)).eval()
+    _randomize_head(net.head)
+    sampler = net.for_sampling()
+    eps = torch.randn(3, teacher.num_tokens, teacher.embed_dim)
+    cond = Cond(labels=torch.tensor([0, 1, 3]))
+    with torch.no_grad():
+        expected = net.generate(eps, cond)
+    assert (expected - eps).abs().sum() > 0
+    torch.testing.assert_close(sampler.generate(eps, cond), expected, rtol=1e-5, atol=1e-5)
+    assert sampler.backbone is net.backbone  # shared, not copied
+    assert (sampler.num_tokens, sampler.embed_dim) == (net.num_tokens, net.embed_dim)
+    with pytest.raises(ValueError, match="eps must be"):
+        sampler.generate(eps[:, :-1], cond)

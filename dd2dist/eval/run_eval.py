@@ -178,13 +178,14 @@ def evaluate_run(
 
         if not export.is_file():
             raise FileNotFoundError(f"no exported generator at {export} (jobs/distill.py writes it after stage 2)")
-        nets["one_step"], _ = load_generator(export.parent)
+        net, _ = load_generator(export.parent)
+        nets["one_step"] = net.for_sampling()
     if "stage1" in wanted:
         if stage1_path is None:
             raise FileNotFoundError(f"no stage-1 weights under {run_dir} (pass --stage1 FILE_OR_CHECKPOINT_DIR)")
         net = StudentNet(teacher, cfg.student, init_adapter=False)
         net.load_state_dict(load_student_weights(stage1_path))
-        nets["stage1"] = net.eval().requires_grad_(False)
+        nets["stage1"] = net.eval().requires_grad_(False).for_sampling()
 
     space, reference, classifier = _feature_space(cfg, teacher, space_kind)
     seed_base = int(cfg.seed) * 1_000_003 + 7919  # fixed, documented seed range per run seed

@@ -13,7 +13,9 @@ For each model and batch size, timed after warm-up runs (excluded), in the same 
   one-step generator built on the teacher backbone; ``decode``: the VQ decode alone. ``one_step`` and
   ``teacher_forced`` are timed interleaved (:func:`time_pair`) and their ratio is the median per-pair ratio.
 
-The generator's head is the demo recipe's for the digits (``--head-width`` / ``--head-depth`` override it).
+The generator's head is the demo recipe's for the digits (``--head-width`` / ``--head-depth`` override it), timed in
+the form evaluation samples with (``StudentNet.for_sampling``: the head folded at t = 1; ``--head-form training``
+times the StudentNet itself).
 Weights are random (speed does not depend on them, as long as no op runs on fp32 subnormals: see the LlamaGen soft
 input rule); the geometries are the real ones. Every number records
 its repeats; nothing is extrapolated. JSON + a PNG bar chart (matplotlib) are written next to ``--out``.
@@ -152,7 +154,7 @@ def _timed_calls(
 @torch.inference_mode()
 def benchmark_model(
     model: str, batch_sizes: list[int], warmup: int, repeats: int, device: torch.device, dtype: torch.dtype,
-    log: Callable[[str], None] = print, head_width: int = 0, head_depth: int = 0,
+    log: Callable[[str], None] = print, head_width: int = 0, head_depth: int = 0, head_form: str = "sampling",
 ) -> list[dict]:
     """All timings of one model at each batch size (see the module docstring)."""
     from dd2dist.nets.student import StudentNet
@@ -161,10 +163,15 @@ def benchmark_model(
     head = generator_head(model)
     if head_width or head_depth:
         head = replace(head, head_width=head_width or head.head_width, head_depth=head_depth or head.head_depth)
-    generator = StudentNet(teacher, head, init_adapter=False).eval().requires_grad_(False)
-    teacher, generator = teacher.to(device, dtype), generator.to(device, dtype)
+    student = StudentNet(teacher, head, init_adapter=False).eval().requires_grad_(False)
+    teacher, student = teacher.to(device, dtype), student.to(device, dtype)
     n_teacher = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
-    n_generator = sum(p.numel() for p in generator.parameters())
+    n_generator = sum(p.numel() for p in student.parameters())
+    # "sampling": what evaluation samples with (the head folded at t = 1, StudentNet.for_sampling); "training": the
+    # StudentNet itself, to measure what the folding buys
+    if head_form not in ("sampling", "training"):
+        raise ValueError(f"head_form must be 'sampling' or 'training', got {head_form!r}")
+    generator = student.for_sampling() if head_form == "sampling" else student
     weights = guidance_weights(sampling, teacher.step_of_token, len(teacher.steps))
     cfg_on = bool((weights != 1).any())
     rows = []
@@ -182,7 +189,7 @@ def benchmark_model(
             "model": model, "family": teacher.family, "batch_size": B, "num_tokens": teacher.num_tokens,
             "ar_steps": len(teacher.steps), "teacher_params": n_teacher, "generator_params": n_generator,
             "generator_head": {"width": head.head_width, "depth": head.head_depth,
-                               "time_embed_dim": head.time_embed_dim},
+                               "time_embed_dim": head.time_embed_dim, "form": head_form},
             "sampling": {"cfg": sampling.cfg, "cfg_schedule": sampling.cfg_schedule,
                          "cfg_rows": 2 * B if cfg_on else B},
             "timings": timings,
@@ -239,7 +246,7 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict:
         reps = args.true_size_repeats if (true_size and device.type == "cpu") else args.repeats
         warm = min(args.warmup, 1) if (true_size and device.type == "cpu") else args.warmup
         results += benchmark_model(model, bs, warm, reps, device, dtype, log=print if args.verbose else _quiet,
-                                   head_width=args.head_width, head_depth=args.head_depth)
+                                   head_width=args.head_width, head_depth=args.head_depth, head_form=args.head_form)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -277,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run true-size models at every batch size on CPU")
     p.add_argument("--head-width", type=int, default=0, help="override the generator head's width (0: the recipe's)")
     p.add_argument("--head-depth", type=int, default=0, help="override the generator head's depth (0: the recipe's)")
+    p.add_argument("--head-form", default="sampling", choices=("sampling", "training"),
+                   help="time the generator as evaluation samples it (head folded at t = 1) or in its training form")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--verbose", action="store_true", default=True)

@@ -1,6 +1,9 @@
 """Student networks: the AdaLN MLP velocity head and the teacher-backbone + head student (method.md §4)."""
 
-from dd2dist.nets.head import MLPHead, timestep_embedding
-from dd2dist.nets.student import StudentNet, params_to_buffers, student_backbone
+from dd2dist.nets.head import FixedTimeHead, MLPHead, timestep_embedding
+from dd2dist.nets.student import OneStepSampler, StudentNet, params_to_buffers, student_backbone
 
-__all__ = ["MLPHead", "StudentNet", "params_to_buffers", "student_backbone", "timestep_embedding"]
+__all__ = [
+    "FixedTimeHead", "MLPHead", "OneStepSampler", "StudentNet", "params_to_buffers", "student_backbone",
+    "timestep_embedding",
+]

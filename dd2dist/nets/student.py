@@ -182,3 +182,35 @@ class StudentNet(nn.Module):
     def forward(self, eps: Tensor, cond: Cond) -> Tensor:
         """Same as :meth:`generate` (the generator is what gets exported and sampled)."""
         return self.generate(eps, cond)
+
+    def for_sampling(self) -> OneStepSampler:
+        """The generator as it is sampled: this backbone (shared, not copied) with a frozen :class:`FixedTimeHead`
+        snapshot of the head at ``generator_time``. Take it after the weights are final (loaded or trained)."""
+        return OneStepSampler(self)
+
+
+class OneStepSampler(nn.Module):
+    """Inference form of a generator (:meth:`StudentNet.for_sampling`): ``generate`` equals
+    ``StudentNet.generate`` to fp32 rounding, with the head folded at the generator's fixed time.
+
+    It exposes what the samplers read from a StudentNet (``backbone``, ``num_tokens``, ``embed_dim``,
+    ``generator_time``), so :mod:`dd2dist.eval.sampling` and the speed benchmark take either.
+    """
+
+    def __init__(self, net: StudentNet):
+        super().__init__()
+        self.backbone = net.backbone
+        self.head = net.head.at_time(net.generator_time)
+        self.generator_time = net.generator_time
+        self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
+
+    @torch.no_grad()
+    def generate(self, eps: Tensor, cond: Cond) -> Tensor:
+        """Noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
+        if eps.dim() != 3 or eps.shape[1:] != (self.num_tokens, self.embed_dim):
+            raise ValueError(f"eps must be (B, {self.num_tokens}, {self.embed_dim}), got {tuple(eps.shape)}")
+        feats = self.backbone.features(eps, cond)
+        return eps - self.head(eps, feats).to(eps.dtype)
+
+    def forward(self, eps: Tensor, cond: Cond) -> Tensor:
+        return self.generate(eps, cond)
