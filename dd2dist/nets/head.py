@@ -132,7 +132,8 @@ class FixedTimeHead(nn.Module):
     """``MLPHead`` at one fixed time, folded for sampling: v(x_t, f) = head(x_t, t, f) to fp32 rounding.
 
     The one-step generator always runs its head at t = 1, and at the digits size the head's 57 small ops cost
-    ~20% of a teacher-forced pass at batch 1 (27 once folded) (issue #7's speed target is one-step <= 1.1x that pass). Folded:
+    ~20% of a teacher-forced pass at batch 1, 27 once folded (issue #7's speed target is one-step <= 1.1x that
+    pass). Folded:
     * the time MLP's output is a constant, added to ``cond_proj``'s bias;
     * every AdaLN layer projects the same SiLU(c): their Linears are stacked into one (w -> (3 depth + 2) w) matrix
       multiply, with the ``1 +`` of each scale moved into its bias;
