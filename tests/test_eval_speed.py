@@ -91,8 +91,6 @@ def test_digits_generator_head_is_the_demo_recipes(tmp_path):
 
 
 def test_benchmark_teacher_is_reproducible_and_leaves_the_global_rng_alone():
-    import torch
-
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
@@ -102,7 +100,7 @@ def test_benchmark_teacher_is_reproducible_and_leaves_the_global_rng_alone():
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
-def test_training_head_form_is_timed_on_request(tmp_path):
+def test_training_head_form_is_timed_on_request():
     from dd2dist.eval.speed import benchmark_model
 
     rows = benchmark_model("digits_var", [1], 0, 1, torch.device("cpu"), torch.float32, log=lambda _: None,

@@ -159,6 +159,10 @@ def benchmark_model(
     """All timings of one model at each batch size (see the module docstring)."""
     from dd2dist.nets.student import StudentNet
 
+    # "sampling": what evaluation samples with (the head folded at t = 1, StudentNet.for_sampling); "training": the
+    # StudentNet itself, to measure what the folding buys
+    if head_form not in ("sampling", "training"):
+        raise ValueError(f"head_form must be 'sampling' or 'training', got {head_form!r}")
     teacher, sampling = build_benchmark_teacher(model)
     head = generator_head(model)
     if head_width or head_depth:
@@ -167,10 +171,6 @@ def benchmark_model(
     teacher, student = teacher.to(device, dtype), student.to(device, dtype)
     n_teacher = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
     n_generator = sum(p.numel() for p in student.parameters())
-    # "sampling": what evaluation samples with (the head folded at t = 1, StudentNet.for_sampling); "training": the
-    # StudentNet itself, to measure what the folding buys
-    if head_form not in ("sampling", "training"):
-        raise ValueError(f"head_form must be 'sampling' or 'training', got {head_form!r}")
     generator = student.for_sampling() if head_form == "sampling" else student
     weights = guidance_weights(sampling, teacher.step_of_token, len(teacher.steps))
     cfg_on = bool((weights != 1).any())

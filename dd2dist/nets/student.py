@@ -137,6 +137,11 @@ def student_backbone(teacher: ARTeacher) -> ARTeacher:
     return backbone
 
 
+def _check_noise(eps: Tensor, num_tokens: int, embed_dim: int) -> None:
+    if eps.dim() != 3 or eps.shape[1:] != (num_tokens, embed_dim):
+        raise ValueError(f"eps must be (B, {num_tokens}, {embed_dim}), got {tuple(eps.shape)}")
+
+
 class StudentNet(nn.Module):
     """Teacher backbone + MLP head, velocity-predicting; the guidance network and the generator share it.
 
@@ -174,8 +179,7 @@ class StudentNet(nn.Module):
 
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
-        if eps.dim() != 3 or eps.shape[1:] != (self.num_tokens, self.embed_dim):
-            raise ValueError(f"eps must be (B, {self.num_tokens}, {self.embed_dim}), got {tuple(eps.shape)}")
+        _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
         return eps - self.velocity(eps, self.generator_time, feats).to(eps.dtype)
 
@@ -193,22 +197,20 @@ class OneStepSampler(nn.Module):
     """Inference form of a generator (:meth:`StudentNet.for_sampling`): ``generate`` equals
     ``StudentNet.generate`` to fp32 rounding, with the head folded at the generator's fixed time.
 
-    It exposes what the samplers read from a StudentNet (``backbone``, ``num_tokens``, ``embed_dim``,
-    ``generator_time``), so :mod:`dd2dist.eval.sampling` and the speed benchmark take either.
+    It exposes what the samplers read from a StudentNet (``backbone``, ``num_tokens``, ``embed_dim``), so
+    :mod:`dd2dist.eval.sampling` and the speed benchmark take either.
     """
 
     def __init__(self, net: StudentNet):
         super().__init__()
         self.backbone = net.backbone
         self.head = net.head.at_time(net.generator_time)
-        self.generator_time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
 
     @torch.no_grad()
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
-        """Noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
-        if eps.dim() != 3 or eps.shape[1:] != (self.num_tokens, self.embed_dim):
-            raise ValueError(f"eps must be (B, {self.num_tokens}, {self.embed_dim}), got {tuple(eps.shape)}")
+        """Noise (B, N, Ce) -> continuous tokens q = eps - v(eps, head.time, features(eps))."""
+        _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.backbone.features(eps, cond)
         return eps - self.head(eps, feats).to(eps.dtype)
 
