@@ -3,6 +3,8 @@
     python jobs/evaluate.py --config configs/experiments/X.yaml [--set eval.num_samples=500] [--methods one_step]
     python jobs/evaluate.py --config runs/teachers/teacher-<key>.yaml --methods teacher       # a teacher alone
     python jobs/evaluate.py --config runs/demo/llamagen/config.yaml --tokens runs/demo/llamagen/tokens  # + token TV
+    python jobs/evaluate.py --config runs/X/llamagen/export/config.yaml --methods one_step \
+        --generator generator_ema0.995.safetensors --out runs/X/llamagen/eval_ema0.995 --no-tracking  # another EMA
 
 The run directory is the config's ``output_dir``. FID / IS / precision / recall go through torch-fidelity: the
 digits-classifier space for 16x16 10-class teachers, else InceptionV3 with ``eval.inception_weights`` against
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=None, help="default: eval.num_samples")
     parser.add_argument("--stage1", default=None, help="stage-1 student weights (file or checkpoint step dir)")
     parser.add_argument("--space", default="auto", choices=("auto", "digits", "inception"))
+    parser.add_argument("--generator", default="generator.safetensors",
+                        help="which export of the run the one-step methods sample (a file in <run>/export, e.g. "
+                             "generator_ema0.995.safetensors from stage2.ema_compare)")
     parser.add_argument("--out", default=None, help="output directory (default: <run>/eval)")
     parser.add_argument("--tokens", default=None,
                         help="teacher-token shard directory: also report each method's token-marginal TV against it")
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             arch = cfg.teacher.arch
             reference = shard_token_counts(args.tokens, arch.num_classes, arch.tokenizer.vocab_size)
         report = evaluate_run(cfg, methods, args.num_samples, args.stage1, args.space, args.out,
-                              token_reference=reference)
+                              token_reference=reference, generator_file=args.generator)
     except (FileNotFoundError, ValueError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2

@@ -303,6 +303,9 @@ def test_stage_and_section_rules():
     assert _raises(load_config, None, ["name=a b"]).key == "name"
     assert _raises(load_config, None, ["engine.zero_stage_generator=4"]).key == "engine.zero_stage_generator"
     assert _raises(load_config, None, ["eval.refine_steps=[1]"]).key == "eval.refine_steps[0]"
+    assert _raises(load_config, None, ["stage2.ema_compare=[0.99, 0.99]"]).key == "stage2.ema_compare"
+    assert _raises(load_config, None, ["stage2.ema_compare=[1.5]"]).key == "stage2.ema_compare[0]"
+    assert load_config(None, ["stage2.ema_compare=[0.995, 0.998]"]).stage2.ema_compare == (0.995, 0.998)
 
 
 def test_config_objects_are_frozen_and_schema_types_reused():

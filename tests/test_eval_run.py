@@ -67,6 +67,27 @@ def test_every_method_is_evaluated_with_its_settings(run):
     assert res["refined_2"]["sampling"]["refine_steps"] == 2
     saved = json.loads(Path(report["report_path"]).read_text())
     assert saved["results"]["one_step"]["fid"] == res["one_step"]["fid"]
+    export = Path(cfg.output_dir) / "export" / "generator.safetensors"
+    assert all(res[m]["sampling"]["generator"] == str(export) for m in ("one_step", "one_step_snapped", "refined_2"))
+
+
+def test_one_step_samples_the_named_export(run, tmp_path):
+    """generator_file (jobs/evaluate.py --generator) picks another export of the run, e.g. an ema_compare EMA's."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, report = run
+    export = Path(cfg.output_dir) / "export"
+    state = load_file(str(export / "generator.safetensors"))
+    # a zero output layer: the head predicts v = 0, so the generator returns its noise unchanged
+    state = {k: torch.zeros_like(v) if k.startswith("head.final.linear.") else v for k, v in state.items()}
+    save_file(state, str(export / "generator_zero_head.safetensors"))
+    other = evaluate_run(cfg, methods=("one_step",), out_dir=tmp_path, log=lambda s: None,
+                         generator_file="generator_zero_head.safetensors")["results"]["one_step"]
+    assert other["sampling"]["generator"] == str(export / "generator_zero_head.safetensors")
+    assert other["fid"] != report["results"]["one_step"]["fid"]
+    with pytest.raises(FileNotFoundError, match="generator_missing.safetensors"):
+        evaluate_run(cfg, methods=("one_step",), out_dir=tmp_path, log=lambda s: None,
+                     generator_file="generator_missing.safetensors")
 
 
 def test_one_step_images_follow_per_sample_seeds(run):

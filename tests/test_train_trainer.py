@@ -354,3 +354,45 @@ def test_data_stream_counters_are_logged_with_the_losses(tmp_path):
     records = [r for r in logger.read() if "step" in r]
     assert records and all("data/samples" in r and "data/samples_skipped" in r for r in records)
     assert records[-1]["data/samples"] == 6 * 4  # 6 stage-1 iterations of batch 4
+
+
+def test_ema_compare_tracks_other_caps_exports_them_and_resumes(tmp_path):
+    """stage2.ema_compare: extra EMAs on the same trajectory, saved in checkpoints (exact resume) and exported."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    base = _cfg()
+    cfg = _cfg(stage2=replace(base.stage2, ema_max=0.9, ema_compare=(0.9, 0.2)))
+    whole = _trainer(cfg)
+    whole.fit()
+    assert sorted(whole.ema_compare) == [0.2, 0.9] and whole.ema_compare[0.2].updates == whole.ema.updates > 0
+    # the cap equal to ema_max is the main EMA exactly; another cap averages differently
+    assert all(torch.equal(a, b) for a, b in zip(whole.ema_compare[0.9].shadow, whole.ema.shadow))
+    assert any(not torch.equal(a, b) for a, b in zip(whole.ema_compare[0.2].shadow, whole.ema.shadow))
+
+    first = _trainer(cfg)
+    first.fit(checkpoint_dir=tmp_path / "ck", checkpoint_every=1000, max_iterations=12)  # inside stage 2
+    second = _trainer(cfg)
+    second.resume_latest(tmp_path / "ck")
+    second.fit()
+    for cap in (0.2, 0.9):
+        _assert_same(second.ema_compare[cap].shadow, whole.ema_compare[cap].shadow, f"ema {cap}")
+    with pytest.raises(ValueError, match="ema_compare"):  # a checkpoint without them does not silently start fresh
+        _trainer(_cfg(stage2=replace(base.stage2, ema_compare=(0.5,)))).resume_latest(_plain_checkpoint(tmp_path))
+
+    export = tmp_path / "export"
+    main = load_file(str(whole.export_generator(export)))
+    same, other = (load_file(str(export / f"generator_ema{cap}.safetensors")) for cap in ("0.9", "0.2"))
+    assert set(main) == set(same) == set(other)
+    assert all(torch.equal(main[k], same[k]) for k in main)
+    assert any(not torch.equal(main[k], other[k]) for k in main)
+    assert all(torch.equal(v, whole.generator_state_dict(ema_cap=0.2)[k]) for k, v in other.items())
+    with pytest.raises(KeyError, match="0.7"):
+        whole.generator_state_dict(ema_cap=0.7)
+
+
+def _plain_checkpoint(tmp_path):
+    tr = _trainer()
+    tr.fit(checkpoint_dir=tmp_path / "plain", checkpoint_every=1000, max_iterations=12)
+    return tmp_path / "plain"

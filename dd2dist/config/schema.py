@@ -195,11 +195,16 @@ class Stage2Config:
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
     ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+ema_rampup))
     ema_rampup: float = _f(10.0, gt=1.0)  # progressive: (n+1)/(n+ema_rampup); paper 10; smaller = longer horizon
+    # further EMA decay caps tracked beside ema_max on the same trajectory (same warm-up and rampup), each exported
+    # as generator_ema<cap>.safetensors: one run compares EMA horizons paired, free of run-to-run noise
+    ema_compare: tuple[float, ...] = _f((), ge=0.0, le=1.0)
     batch_size: int = _f(8, gt=0)  # sequences per rank per micro-step (global = x workers x grad_accum)
 
     def __post_init__(self) -> None:
         if self.csd_t_min >= self.csd_t_max:
             raise ConfigError("csd_t_min", f"must be < csd_t_max ({self.csd_t_max}), got {self.csd_t_min}")
+        if len(set(self.ema_compare)) != len(self.ema_compare):
+            raise ConfigError("ema_compare", f"lists a decay cap twice: {list(self.ema_compare)}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ What is evaluated (each only when its weights exist, unless asked for explicitly
 * ``stage1``: the stage-1 AR-diffusion student used as a one-step generator (weights from ``--stage1`` or
   ``<run>/export/stage1_student.safetensors`` / ``.pt``, or the newest stage-1 checkpoint under
   ``<run>/checkpoints``);
-* ``one_step``: the exported EMA generator (``<run>/export/generator.safetensors``), its continuous tokens decoded;
+* ``one_step``: the exported EMA generator (``<run>/export/generator.safetensors``, or another export of the run
+  named by ``generator_file``, e.g. a ``stage2.ema_compare`` EMA's), its continuous tokens decoded;
   ``one_step_snapped`` decodes their nearest codes instead;
 * ``refined_k``: the one-step sample with its last k-1 AR steps re-sampled by the teacher, for k in
   ``eval.refine_steps``.
@@ -142,6 +143,7 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     token_reference: Tensor | None = None,
+    generator_file: str = "generator.safetensors",
 ) -> dict:
     """Evaluate the run of ``cfg`` (its ``output_dir``); returns the JSON-ready report (also written to
     ``<out_dir>/report.json`` with sample grids next to it).
@@ -162,7 +164,7 @@ def evaluate_run(
     n = int(num_samples or cfg.eval.num_samples)
     labels = balanced_labels(n, teacher.num_classes)
     nets: dict[str, Any] = {}
-    export = run_dir / "export" / "generator.safetensors"
+    export = run_dir / "export" / generator_file
     stage1_path = Path(stage1) if stage1 else find_stage1_weights(run_dir)
     wanted = methods or tuple(m for m in METHODS if (
         m == "teacher" or (m == "stage1" and stage1_path is not None)
@@ -178,7 +180,7 @@ def evaluate_run(
 
         if not export.is_file():
             raise FileNotFoundError(f"no exported generator at {export} (jobs/distill.py writes it after stage 2)")
-        net, _ = load_generator(export.parent)
+        net, _ = load_generator(export.parent, weights_file=generator_file)
         nets["one_step"] = net.for_sampling()
     if "stage1" in wanted:
         if stage1_path is None:
@@ -204,6 +206,8 @@ def evaluate_run(
             settings["teacher_sampling"] = _sampling_dict(cfg.teacher.sampling)
         if method == "refined":
             settings["refine_steps"] = k
+        if method in ("one_step", "one_step_snapped", "refined"):
+            settings["generator"] = str(export)
         if method in ("one_step", "stage1"):
             settings["tokens"] = "continuous generator output, decoded as is"
         if method == "one_step_snapped":

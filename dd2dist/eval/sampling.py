@@ -69,11 +69,13 @@ def teacher_refined(
     return x, ids
 
 
-def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> tuple[StudentNet, object]:
+def load_generator(directory: str | Path, device: torch.device | str = "cpu",
+                   weights_file: str = "generator.safetensors") -> tuple[StudentNet, object]:
     """Load an exported generator: (StudentNet in eval mode, its ExperimentConfig).
 
     The backbone structure comes from the config's teacher architecture (random init, no teacher weights are
-    read); the student weights, including the frozen codebook buffers, come from ``generator.safetensors``.
+    read); the student weights, including the frozen codebook buffers, come from ``weights_file`` in
+    ``directory`` (another export of the same run, e.g. a ``stage2.ema_compare`` EMA's).
     """
     from safetensors.torch import load_file
 
@@ -81,7 +83,7 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
     from dd2dist.teachers import build_family
 
     directory = Path(directory)
-    weights, cfg_path = directory / "generator.safetensors", directory / "config.yaml"
+    weights, cfg_path = directory / weights_file, directory / "config.yaml"
     for p in (weights, cfg_path):
         if not p.is_file():
             raise FileNotFoundError(f"load_generator: missing {p}")

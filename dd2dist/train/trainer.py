@@ -3,7 +3,8 @@
 One ``Trainer`` per process (rank). It owns no parallelism: engines come from an ``EngineFactory`` (plain torch or
 DeepSpeed), metrics go to a ``MetricsLogger``, and the Ray layer hears about checkpoints through
 ``checkpoint_hook(dir, step, metrics)``. Everything it needs to continue exactly is in its checkpoint (see
-:mod:`dd2dist.train.checkpoint`): every engine, the EMA, counters and phase, RNG and data-stream state.
+:mod:`dd2dist.train.checkpoint`): every engine, the EMA (and the
+``stage2.ema_compare`` ones), counters and phase, RNG and data-stream state.
 
 Iteration = one optimizer step of one engine, as the :class:`~dd2dist.method.schedule.Schedule` says. At every
 role switch the trainer sets each engine trainable or frozen and asserts it (``Engine.assert_mode``). Random draws
@@ -59,6 +60,11 @@ def _group_of(phase: Phase) -> str:
     """Phases sharing engines: stage 2, alignment and after-alignment use one generator/guidance pair."""
     return {"gts_head": "stage1_head", "gts": "stage1"}.get(phase.kind, "stage2")
 
+
+
+def ema_export_name(cap: float) -> str:
+    """File name of the generator exported from the ``stage2.ema_compare`` EMA with decay cap ``cap``."""
+    return f"generator_ema{cap:g}.safetensors"
 
 class Trainer:
     """Runs ``cfg.stages`` for one rank.
@@ -144,6 +150,7 @@ class Trainer:
         self.engine_group: str | None = None
         self.student_backbone = None  # the frozen backbone of the head-only phase
         self.ema: EMA | None = None
+        self.ema_compare: dict[float, EMA] = {}  # stage2.ema_compare: other decay caps, same trajectory
         self.last_metrics: dict[str, float] = {}
         # JSON-serialisable values other layers keep in the checkpoint (e.g. the MLflow run id); saved by rank 0
         # in state.json and restored by load()
@@ -211,6 +218,7 @@ class Trainer:
                         "teacher backbone + a zero head (method.md Tab.4: expect a much worse start)")
         self.engines = {}
         self.ema = None
+        self.ema_compare = {}
         self.student_backbone = None
         if group == "stage1_head":
             net = self._new_student(init).to(self.device)
@@ -227,8 +235,9 @@ class Trainer:
             self.engines["generator"] = self.factory.trainable("generator", self._new_student(init), gen_spec)
             self.engines["guidance"] = self.factory.trainable("guidance", self._new_student(init), gui_spec)
             s2 = self.cfg.stage2
-            self.ema = EMA(self.engines["generator"].local_param_tensors(), s2.ema_max, s2.ema_warmup,
-                           s2.ema_rampup)
+            tensors = self.engines["generator"].local_param_tensors()
+            self.ema = EMA(tensors, s2.ema_max, s2.ema_warmup, s2.ema_rampup)
+            self.ema_compare = {cap: EMA(tensors, cap, s2.ema_warmup, s2.ema_rampup) for cap in s2.ema_compare}
         for engine in self.engines.values():
             engine.set_trainable(False)
         self.engine_group = group
@@ -322,7 +331,9 @@ class Trainer:
         if stats.skipped:
             self.state.skipped[role] = self.state.skipped.get(role, 0) + 1
         elif role == "generator":
-            self.ema.update(self.engines["generator"].local_param_tensors())
+            tensors = self.engines["generator"].local_param_tensors()
+            for ema in (self.ema, *self.ema_compare.values()):
+                ema.update(tensors)
         dt = time.perf_counter() - t0
         self.state.samples += batch * self.world_size
         metrics = {f"{role}/{k}": float(v) for k, v in extras.items()}
@@ -444,6 +455,9 @@ class Trainer:
         if self.ema is not None:
             (tmp / "ema").mkdir(parents=True, exist_ok=True)
             torch.save(self.ema.state_dict(), tmp / "ema" / f"rank{self.rank}.pt")
+            if self.ema_compare:
+                torch.save({cap: ema.state_dict() for cap, ema in self.ema_compare.items()},
+                           tmp / "ema" / f"rank{self.rank}.compare.pt")
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(ckpt.rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
         data_state = self.batches.state_dict()
@@ -494,9 +508,18 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(torch.load(directory / "ema" / f"rank{self.rank}.pt",
                                                     map_location="cpu", weights_only=False))
+                self._load_ema_compare(directory / "ema" / f"rank{self.rank}.compare.pt")
         ckpt.set_rng_state(torch.load(directory / "rng" / f"rank{self.rank}.pt", weights_only=False))
         data_state = directory / "data" / f"rank{self.rank}.json"
         self.batches.load_state_dict(ckpt.read_json(data_state) if data_state.is_file() else None)
+
+    def _load_ema_compare(self, path: Path) -> None:
+        saved = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
+        if set(saved) != set(self.ema_compare):
+            raise ValueError(f"{path.parent.parent}: checkpoint has comparison EMAs {sorted(saved)}, this config's "
+                             f"stage2.ema_compare is {sorted(self.ema_compare)}")
+        for cap, ema in self.ema_compare.items():
+            ema.load_state_dict(saved[cap])
 
     def resume_latest(self, root: str | Path) -> Path | None:
         """Load the newest complete checkpoint under ``root``; returns it (None when there is none)."""
@@ -508,34 +531,43 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # export
     # ------------------------------------------------------------------------------------------------------
-    def generator_state_dict(self, use_ema: bool = True) -> dict[str, Tensor]:
-        """Consolidated generator weights, by default the EMA ones (collective under ZeRO-3: every rank calls)."""
+    def generator_state_dict(self, use_ema: bool = True, ema_cap: float | None = None) -> dict[str, Tensor]:
+        """Consolidated generator weights, by default the EMA ones (collective under ZeRO-3: every rank calls);
+        ``ema_cap`` picks one of the ``stage2.ema_compare`` EMAs instead of the main one."""
         engine = self.engines.get("generator")
         if engine is None:
             raise RuntimeError("no generator yet: stage 2 has not started")
         if not use_ema:
             return engine.full_state_dict()
-        with self.ema.swapped_into(engine.local_param_tensors()):
+        if ema_cap is not None and ema_cap not in self.ema_compare:
+            raise KeyError(f"no comparison EMA with cap {ema_cap}; stage2.ema_compare is {sorted(self.ema_compare)}")
+        ema = self.ema if ema_cap is None else self.ema_compare[ema_cap]
+        with ema.swapped_into(engine.local_param_tensors()):
             return engine.full_state_dict()
 
     def export_generator(self, directory: str | Path, use_ema: bool = True) -> Path:
-        """Write ``generator.safetensors`` (EMA weights) + ``config.yaml`` for :func:`dd2dist.eval.load_generator`.
+        """Write ``generator.safetensors`` (EMA weights) + ``config.yaml`` for :func:`dd2dist.eval.load_generator`,
+        and with ``use_ema`` one :func:`ema_export_name` file per ``stage2.ema_compare`` cap beside it.
 
-        Collective (every rank calls); rank 0 writes. Returns the safetensors path.
+        Collective (every rank calls); rank 0 writes. Returns the path of ``generator.safetensors``.
         """
         from safetensors.torch import save_file
 
         from dd2dist.config import dump_yaml
 
-        state = self.generator_state_dict(use_ema)
         directory = Path(directory)
-        path = directory / "generator.safetensors"
+        files = {"generator.safetensors": None}
+        if use_ema:
+            files.update({ema_export_name(cap): cap for cap in self.ema_compare})
+        for name, cap in files.items():
+            state = self.generator_state_dict(use_ema, ema_cap=cap)
+            if self.rank == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in state.items()}, str(directory / name))
         if self.rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
             dump_yaml(self.cfg, directory / "config.yaml")
         self.factory.barrier()
-        return path
+        return directory / "generator.safetensors"
 
     def progress(self) -> dict[str, float]:
         """Counters for progress bars: iteration, total iterations, phase."""
