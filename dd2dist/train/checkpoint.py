@@ -4,6 +4,7 @@
         state.json                 trainer counters, phase, schedule fingerprint (rank 0 writes it)
         engines/<name>/...         each engine's own save() (its shard on every rank)
         ema/rank<r>.pt             this rank's EMA tensors and update count
+        ema/rank<r>.compare.pt     the stage2.ema_compare EMAs, {cap: state} (only when configured)
         rng/rank<r>.pt             torch / numpy / python RNG states of this rank
         data/rank<r>.json          the stage-1 data stream position of this rank (when the stream has one)
 

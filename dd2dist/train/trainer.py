@@ -3,8 +3,8 @@
 One ``Trainer`` per process (rank). It owns no parallelism: engines come from an ``EngineFactory`` (plain torch or
 DeepSpeed), metrics go to a ``MetricsLogger``, and the Ray layer hears about checkpoints through
 ``checkpoint_hook(dir, step, metrics)``. Everything it needs to continue exactly is in its checkpoint (see
-:mod:`dd2dist.train.checkpoint`): every engine, the EMA (and the
-``stage2.ema_compare`` ones), counters and phase, RNG and data-stream state.
+:mod:`dd2dist.train.checkpoint`): every engine, the EMA (and the ``stage2.ema_compare`` ones),
+counters and phase, RNG and data-stream state.
 
 Iteration = one optimizer step of one engine, as the :class:`~dd2dist.method.schedule.Schedule` says. At every
 role switch the trainer sets each engine trainable or frozen and asserts it (``Engine.assert_mode``). Random draws
@@ -61,10 +61,10 @@ def _group_of(phase: Phase) -> str:
     return {"gts_head": "stage1_head", "gts": "stage1"}.get(phase.kind, "stage2")
 
 
-
 def ema_export_name(cap: float) -> str:
     """File name of the generator exported from the ``stage2.ema_compare`` EMA with decay cap ``cap``."""
     return f"generator_ema{cap:g}.safetensors"
+
 
 class Trainer:
     """Runs ``cfg.stages`` for one rank.
