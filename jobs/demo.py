@@ -12,10 +12,13 @@ Per family (``var``, ``llamagen``), with the recipe ``configs/demo/<family>[_qui
    (``data_pipelines.teacher_tokens``);
 3. stage 1 (GTS) then stage 2 (CSD / FCS) with 2 DeepSpeed workers under Ray Train on one embedded local Ray
    (``dd2dist.launch.ray_train.launch``), one launch for both stages; the workers export the stage-1 student
-   when stage 2 takes over, so that it can be evaluated;
+   when stage 2 takes over, so that it can be evaluated; then, where the recipe sets ``compact_head.enabled``, a
+   compact sampling head is regressed onto the generator's head (``dd2dist.nets.compact_head``: the one-step
+   generator's speed at the digits size is its head's);
 4. evaluation against the held-out digits in the digits-classifier feature space (torch-fidelity FID, IS,
    precision / recall; class consistency): teacher samples, the stage-1 model used as a one-step generator, the
-   DD2 one-step generator (continuous tokens decoded as they are, and snapped to the nearest codes), teacher-refined
+   DD2 one-step generator (continuous tokens decoded as they are, snapped to the nearest codes, and sampled with
+   the compact head on the same noise), teacher-refined
    k-step sampling and the product-of-marginals baseline (tokens drawn independently per position from the
    class-conditional marginals of the teacher-token shards);
 5. sample grids and loss curves (PNG), the metrics and artefacts logged to the family's MLflow run.
@@ -169,6 +172,19 @@ def train_students(cfg, run_dir: Path) -> dict:
             "seconds_stage1": seconds_stage1, "seconds_stage2": (t2 - t0) - seconds_stage1}
 
 
+def fit_compact_head(cfg, run_dir: Path, reuse: bool = False) -> dict:
+    """The compact sampling head of ``cfg.compact_head`` fitted to the exported generator (``--eval-only`` keeps
+    the one an earlier run fitted); returns its fit report. Evaluation then samples it as ``one_step_compact``."""
+    from dd2dist.eval.compact import export_compact_head
+    from dd2dist.nets.compact_head import COMPACT_HEAD_FILE
+
+    path = run_dir / "export" / COMPACT_HEAD_FILE
+    if reuse and path.with_suffix(".json").is_file():
+        log(f"[{cfg.teacher.family}]   --eval-only: the compact head an earlier run fitted, {path}")
+        return json.loads(path.with_suffix(".json").read_text())
+    return export_compact_head(cfg, log=lambda m: log(f"[{cfg.teacher.family}]   {m}"))
+
+
 def extra_eval_overrides(overrides: tuple[str, ...]) -> list[str]:
     """With ``--eval-only`` only ``eval.*`` overrides apply: the rest describes training that already happened."""
     bad = [o for o in overrides if not o.startswith("eval.")]
@@ -315,7 +331,8 @@ def evaluate_family(cfg, teacher, run_dir: Path, log_fn=log) -> dict:
 
 GRID_METHODS = ("teacher", "stage1", "one_step", "refined_2", "marginals")
 GRID_TITLES = {"teacher": "teacher (AR)", "stage1": "stage-1 model, one step", "one_step": "DD2 one-step",
-               "one_step_snapped": "DD2 one-step, snapped", "refined_2": "DD2 + teacher, 2 steps",
+               "one_step_snapped": "DD2 one-step, snapped", "one_step_compact": "DD2 one-step, compact head",
+               "refined_2": "DD2 + teacher, 2 steps",
                "refined_3": "DD2 + teacher, 3 steps", "marginals": "product of marginals"}
 
 
@@ -415,6 +432,14 @@ def family_summary(evaluation: dict, train: dict, teacher_report: dict, cfg, sec
         "class_consistency_gap_max": CONSISTENCY_GAP_TARGET,
         "class_consistency_met": out["class_consistency_gap"] <= CONSISTENCY_GAP_TARGET,
     }
+    if "one_step_compact" in methods:  # the same generator with its compact sampling head, on the same noise
+        compact = methods["one_step_compact"]
+        out["fid_ratio_one_step_compact"] = compact["fid"] / max(methods["teacher"]["fid"], 1e-12)
+        out["class_consistency_gap_compact"] = abs(compact["class_consistency"]
+                                                   - methods["teacher"]["class_consistency"])
+        out["targets"]["fid_ratio_met_compact"] = out["fid_ratio_one_step_compact"] <= FID_RATIO_TARGET
+        out["targets"]["class_consistency_met_compact"] = (out["class_consistency_gap_compact"]
+                                                           <= CONSISTENCY_GAP_TARGET)
     out["classifier_heldout_accuracy"] = evaluation["floor"]["classifier_heldout_accuracy"]
     out["seconds"] = seconds
     out["seconds_by_step"] = run["seconds_by_step"]
@@ -456,13 +481,14 @@ def markdown_tables(results: dict) -> str:
                          f"{_fmt(m.get('token_marginal_tv', {}).get('mean'))} |")
         lines.append(f"| {family} | *train digits vs held-out (floor)* | {_fmt(r['fid_train_vs_heldout'])} "
                      "| | | | | |")
-    lines += ["", "| family | teacher | teacher tokens | stage 1 | stage 2 | evaluation | total (s) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| family | teacher | teacher tokens | stage 1 | stage 2 | compact head | evaluation | total (s) |",
+              "|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES:
         if family in results:
             s = results[family]["seconds_by_step"]
             lines.append(f"| {family} | {s['teacher']:.0f}{' (reused)' if results[family]['teacher']['reused'] else ''}"
-                         f" | {s['tokens']:.0f} | {s['stage1']:.0f} | {s['stage2']:.0f} | {s['evaluation']:.0f} | "
+                         f" | {s['tokens']:.0f} | {s['stage1']:.0f} | {s['stage2']:.0f} | "
+                         f"{_fmt(s.get('compact_head'), 0)} | {s['evaluation']:.0f} | "
                          f"{results[family]['seconds']:.0f} |")
     settings = results.get("settings", {})
     if settings.get("seconds_teachers_concurrent") is not None:
@@ -481,6 +507,9 @@ def print_summary(results: dict) -> None:
         print(f"{family}: one-step FID / teacher FID = {r['fid_ratio_one_step']:.2f} (target <= {FID_RATIO_TARGET}); "
               f"class-consistency gap {r['class_consistency_gap']:.3f} +- {r['class_consistency_gap_se']:.3f} "
               f"(1 s.e.; target <= {CONSISTENCY_GAP_TARGET})")
+        if "fid_ratio_one_step_compact" in r:
+            print(f"  with the compact sampling head: FID ratio {r['fid_ratio_one_step_compact']:.2f}, "
+                  f"class-consistency gap {r['class_consistency_gap_compact']:.3f}")
         print(f"  MLflow run {r['mlflow']['run_id']} in {r['mlflow']['tracking_uri']}")
         print(f"  sample grid {r['grid']}   generator {r['export']}")
     sys.stdout.flush()
@@ -582,10 +611,16 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
         log(f"[{family}] 3/5 stage 1 + stage 2 on Ray Train, {cfg.launch.num_workers} {cfg.engine.kind} workers")
         train = train_students(cfg, run_dir)
     steps["stage1"], steps["stage2"] = train["seconds_stage1"], train["seconds_stage2"]
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # training's workers are gone: the fit and evaluation
+    compact_report = None
+    if cfg.compact_head.enabled:
+        log(f"[{family}] 3/5 compact sampling head fitted to the generator ({cfg.compact_head.steps} steps)")
+        t0 = time.perf_counter()
+        compact_report = fit_compact_head(cfg, run_dir, reuse=args.eval_only)
+        steps["compact_head"] = time.perf_counter() - t0
 
     log(f"[{family}] 4/5 evaluation: {cfg.eval.num_samples} samples per sampler vs the held-out digits")
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     evaluation = evaluate_family(cfg, teacher, run_dir)
     steps["evaluation"] = time.perf_counter() - t0
 
@@ -602,6 +637,8 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
     run = {"timing_source": train.get("timing_source", "measured in this run"), "seconds_by_step": steps,
             "token_shards": token_info, "mlflow": mlflow_info, "grid": str(grid)}
     summary = family_summary(evaluation, train, report, cfg, seconds, run)
+    if compact_report is not None:
+        summary["compact_head"] = compact_report
     (run_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if tracker is not None:
         tracker.log_artifact(grid, "eval")

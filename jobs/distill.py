@@ -5,7 +5,8 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py --config ...
 
 With no RAY_ADDRESS an embedded local Ray is started. Rerunning with the same name (and output) resumes from the
-newest checkpoint. The EMA generator is exported to <output>/export/generator.safetensors (+ config.yaml).
+newest checkpoint. The EMA generator is exported to <output>/export/generator.safetensors (+ config.yaml); with
+compact_head.enabled its compact sampling head is then fitted to it (generator_compact_head.safetensors).
 Exit codes: 0 done, 2 bad configuration (nothing was started), 1 training failed.
 """
 
@@ -52,6 +53,14 @@ def main(argv: list[str]) -> int:
     except Exception as err:  # report and exit non-zero; the traceback is in the Ray logs above
         print(f"distill: training failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    if cfg.compact_head.enabled and not args.dry_run and summary.get("export"):
+        from dd2dist.eval.compact import export_compact_head
+
+        try:
+            summary["compact_head"] = export_compact_head(cfg)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"distill: compact head not fitted: {err}", file=sys.stderr)
+            return 1
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -62,7 +62,14 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         # every number comes with its sampling settings
         assert r["sampling"]["teacher"]["cfg"] > 0
         assert r["sampling"]["num_samples"] == r["metrics"]["teacher"]["num_generated"]
-        assert set(r["metrics"]) >= {"teacher", "stage1", "one_step", "one_step_snapped", "refined_2", "marginals"}
+        assert set(r["metrics"]) >= {"teacher", "stage1", "one_step", "one_step_snapped", "one_step_compact",
+                                     "refined_2", "marginals"}
+        # the compact sampling head was fitted to this run's generator and scored on one_step's noise
+        assert r["compact_head"]["steps"] == 5 and Path(r["compact_head"]["path"]).is_file()
+        assert r["compact_head"]["generator"] == r["export"] and r["seconds_by_step"]["compact_head"] > 0
+        assert r["fid_ratio_one_step_compact"] == pytest.approx(r["fid_one_step_compact"] / r["fid_teacher"])
+        assert (r["metrics"]["one_step_compact"]["sampling"]["seed_range"]
+                == r["metrics"]["one_step"]["sampling"]["seed_range"])
         # the token-marginal diagnostic is measured for every sampler against the teacher-token shards
         assert all(f"token_marginal_tv_{m}" in r for m in r["metrics"]), sorted(r)
     assert results["settings"]["quick"] is True

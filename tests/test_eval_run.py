@@ -174,3 +174,43 @@ def test_job_cli(run, tmp_path):
                      "--no-tracking"]) == 2
     assert job.main(["--config", config, "--set", "eval.refine_steps=[]", "--methods", "refined",
                      "--no-tracking"]) == 2
+
+
+def test_compact_head_is_fitted_evaluated_on_the_same_noise_and_fitted_by_its_job(run, tmp_path):
+    """jobs/compact_head.py writes the compact head beside the generator; evaluation samples it as
+    ``one_step_compact`` on one_step's noise, so a compact head that starts as the full head (same geometry, full
+    rank) and takes no step scores exactly what one_step scores."""
+    from dataclasses import replace
+
+    from dd2dist.eval.compact import export_compact_head
+    from dd2dist.nets.compact_head import COMPACT_HEAD_FILE
+
+    cfg, report = run
+    export = Path(cfg.output_dir) / "export"
+    try:
+        exact = replace(cfg, compact_head=replace(cfg.compact_head, width=16, depth=1, rank=0, steps=0))
+        fit = export_compact_head(exact, log=lambda s: None)
+        assert fit["relative_error_before"] < 1e-10 and Path(fit["path"]) == export / COMPACT_HEAD_FILE
+        res = evaluate_run(exact, methods=("one_step", "one_step_compact"), out_dir=tmp_path / "exact",
+                           log=lambda s: None)["results"]
+        assert res["one_step_compact"]["fid"] == pytest.approx(res["one_step"]["fid"], rel=1e-4)
+        assert res["one_step_compact"]["sampling"]["compact_head"]["width"] == "16"
+        assert res["one_step_compact"]["sampling"]["seed_range"] == res["one_step"]["sampling"]["seed_range"]
+
+        spec = importlib.util.spec_from_file_location("compact_job", REPO / "jobs" / "compact_head.py")
+        job = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(job)
+        config = str(Path(cfg.output_dir) / "config.yaml")
+        assert job.main(["--config", config, "--set", "compact_head.width=8", "--set", "compact_head.steps=20",
+                         "--set", "compact_head.batch_rows=256", "--set", "compact_head.pool_sequences=32"]) == 0
+        fitted = json.loads((export / COMPACT_HEAD_FILE).with_suffix(".json").read_text())
+        assert fitted["spec"] == {"width": 8, "depth": 1, "rank": 0} and fitted["steps"] == 20
+        res = evaluate_run(cfg, methods=("one_step_compact",), out_dir=tmp_path / "small", log=lambda s: None)
+        assert res["results"]["one_step_compact"]["sampling"]["compact_head"]["width"] == "8"
+        # no export there: a clear error naming it (exit 2), nothing written
+        assert job.main(["--config", config, "--set", f"output_dir={tmp_path / 'empty'}"]) == 2
+    finally:
+        for suffix in (".safetensors", ".json"):
+            (export / COMPACT_HEAD_FILE).with_suffix(suffix).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="jobs/compact_head.py"):
+        evaluate_run(cfg, methods=("one_step_compact",), out_dir=tmp_path / "none", log=lambda s: None)

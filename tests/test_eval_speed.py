@@ -108,3 +108,22 @@ def test_training_head_form_is_timed_on_request():
     assert rows[0]["generator_head"]["form"] == "training" and rows[0]["timings"]["one_step"]["median_s"] > 0
     with pytest.raises(ValueError, match="head_form"):
         benchmark_model("digits_var", [1], 0, 1, torch.device("cpu"), torch.float32, head_form="folded")
+
+
+def test_compact_head_of_the_demo_recipes_is_timed_against_its_own_teacher_forced_passes():
+    import torch
+
+    from dd2dist.config import load_config
+    from dd2dist.eval.speed import benchmark_model, compact_head_spec
+    from dd2dist.nets.compact_head import CompactHeadSpec
+
+    for family in ("var", "llamagen"):
+        c = load_config(REPO / "configs" / "demo" / f"{family}.yaml", check_paths=False).compact_head
+        assert c.enabled  # the demo recipes fit one, so the benchmark times it
+        assert compact_head_spec(f"digits_{family}") == CompactHeadSpec(c.width, c.depth, c.rank)
+    assert compact_head_spec("var_d16") is None  # true-size geometries: no recipe, no compact head
+    (row,) = benchmark_model("digits_llamagen", [2], 0, 2, torch.device("cpu"), torch.float32, log=lambda _: None)
+    assert row["compact_head"] == {"width": c.width, "depth": c.depth, "rank": c.rank}
+    assert row["timings"]["one_step_compact"]["interleaved"] and row["timings"]["one_step_compact"]["repeats"] == 2
+    assert row["one_step_compact_over_teacher_forced"] > 0
+    assert row["s_per_image"]["one_step_compact"] == pytest.approx(row["timings"]["one_step_compact"]["median_s"] / 2)

@@ -257,6 +257,11 @@ def test_soft_adapter_flushes_subnormal_weights_and_nothing_else():
     assert torch.equal(weights[~subnormal], plain[~subnormal])
     torch.testing.assert_close(soft.gpt.embed_inputs(x, codebook), weights @ soft.gpt.tok_embeddings.weight,
                                atol=0, rtol=0)
+    # the threshold it keeps weights above is the largest subnormal: the smallest normal float itself is kept
+    from dd2dist.teachers.llamagen import LARGEST_SUBNORMAL_F32
+
+    edge = torch.tensor(LARGEST_SUBNORMAL_F32)
+    assert 0 < LARGEST_SUBNORMAL_F32 < tiny and torch.nextafter(edge, torch.tensor(1.0)).item() == tiny
 
 
 # ---- text-to-image ------------------------------------------------------------------------------------

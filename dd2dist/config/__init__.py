@@ -23,6 +23,7 @@ from dd2dist.config.loader import (
 )
 from dd2dist.config.schema import (
     AlignmentConfig,
+    CompactHeadConfig,
     DataConfig,
     EngineConfig,
     EvalConfig,
@@ -46,8 +47,9 @@ from dd2dist.config.typed import (
 )
 
 __all__ = [
-    "AlignmentConfig", "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ExperimentConfig",
-    "LaunchConfig", "Stage1Config", "Stage2Config", "StudentConfig", "TeacherConfig", "TrackingConfig",
+    "AlignmentConfig", "CompactHeadConfig", "ConfigError", "DataConfig", "EngineConfig", "EvalConfig",
+    "ExperimentConfig", "LaunchConfig", "Stage1Config", "Stage2Config", "StudentConfig", "TeacherConfig",
+    "TrackingConfig",
     "add_config_args", "apply_overrides", "config_from_args", "deep_merge", "dump_yaml", "field_type",
     "fingerprint", "flatten", "from_dict", "load_config", "parse_config_args", "parse_override", "parse_yaml",
     "read_yaml_tree", "to_dict", "to_yaml", "validate",

@@ -270,6 +270,22 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CompactHeadConfig:
+    """A smaller sampling head regressed onto the trained generator's head (:mod:`dd2dist.nets.compact_head`):
+    fitted after training, exported beside the generator, evaluated and timed as ``one_step_compact``."""
+
+    enabled: bool = False  # fit it after stage 2 (jobs/distill.py, jobs/demo.py); jobs/compact_head.py any time
+    width: int = _f(64, gt=0)  # MLP width
+    depth: int = _f(1, ge=0)  # AdaLN residual blocks; 0 = the final AdaLN layer alone
+    rank: int = _f(0, ge=0)  # rank of the AdaLN modulation projection; 0 = full rank
+    steps: int = _f(2000, ge=0)  # Adam steps of the regression
+    lr: float = _f(2e-3, gt=0.0)  # peak LR (5% warm-up, cosine to 0)
+    batch_rows: int = _f(4096, gt=0)  # token rows per step
+    pool_sequences: int = _f(4096, gt=0)  # fresh generator inputs per pool (their backbone pass is the cost)
+    refresh_every: int = _f(500, gt=0)  # steps between pool redraws
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Root of a run's configuration: what to run, on which teacher, with which hyper-parameters, where."""
 
@@ -288,6 +304,7 @@ class ExperimentConfig:
     launch: LaunchConfig = _section(LaunchConfig)
     tracking: TrackingConfig = _section(TrackingConfig)
     eval: EvalConfig = _section(EvalConfig)
+    compact_head: CompactHeadConfig = _section(CompactHeadConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):

@@ -9,6 +9,9 @@ What is evaluated (each only when its weights exist, unless asked for explicitly
 * ``one_step``: the exported EMA generator (``<run>/export/generator.safetensors``, or another export of the run
   named by ``generator_file``, e.g. a ``stage2.ema_compare`` EMA's), its continuous tokens decoded;
   ``one_step_snapped`` decodes their nearest codes instead;
+* ``one_step_compact``: the same generator sampled with its compact head
+  (``<run>/export/generator_compact_head.safetensors``, :mod:`dd2dist.nets.compact_head`), on the same noise as
+  ``one_step``;
 * ``refined_k``: the one-step sample with its last k-1 AR steps re-sampled by the teacher, for k in
   ``eval.refine_steps``.
 
@@ -33,9 +36,10 @@ import torch
 from torch import Tensor
 
 from dd2dist.digits.data import to_uint8
+from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
 from dd2dist.teachers.base import ARTeacher, Cond
 
-METHODS = ("teacher", "stage1", "one_step", "one_step_snapped", "refined")
+METHODS = ("teacher", "stage1", "one_step", "one_step_snapped", "one_step_compact", "refined")
 STAGE1_EXPORTS = ("stage1_student.safetensors", "stage1_student.pt")
 
 
@@ -115,7 +119,7 @@ def _generate(method: str, n: int, labels: Tensor, teacher: ARTeacher, nets: dic
             _, ids = teacher_refined(nets["one_step"], teacher, cond, k, cfg.teacher.sampling, eps_gen)
             x = teacher.decode(ids)
         else:
-            net = nets["stage1" if method == "stage1" else "one_step"]
+            net = nets[method if method in ("stage1", "one_step_compact") else "one_step"]
             eps = per_sample_noise(b, (teacher.num_tokens, teacher.embed_dim), seed_base, start)
             q = net.generate(eps, cond).float()
             ids = teacher.quantize(q)
@@ -165,23 +169,31 @@ def evaluate_run(
     labels = balanced_labels(n, teacher.num_classes)
     nets: dict[str, Any] = {}
     export = run_dir / "export" / generator_file
+    compact_file = run_dir / "export" / COMPACT_HEAD_FILE
     stage1_path = Path(stage1) if stage1 else find_stage1_weights(run_dir)
     wanted = methods or tuple(m for m in METHODS if (
         m == "teacher" or (m == "stage1" and stage1_path is not None)
         or (m in ("one_step", "one_step_snapped") and export.is_file())
+        or (m == "one_step_compact" and export.is_file() and compact_file.is_file())
         or (m == "refined" and export.is_file() and cfg.eval.refine_steps)))
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown evaluation method(s) {unknown}; choose from {', '.join(METHODS)}")
     if "refined" in wanted and not cfg.eval.refine_steps:
         raise ValueError("method 'refined' needs eval.refine_steps, e.g. --set 'eval.refine_steps=[2, 3]'")
-    if any(m in ("one_step", "one_step_snapped", "refined") for m in wanted):
+    if any(m in ("one_step", "one_step_snapped", "one_step_compact", "refined") for m in wanted):
         from dd2dist.eval.sampling import load_generator
 
         if not export.is_file():
             raise FileNotFoundError(f"no exported generator at {export} (jobs/distill.py writes it after stage 2)")
         net, _ = load_generator(export.parent, weights_file=generator_file)
         nets["one_step"] = net.for_sampling()
+        if "one_step_compact" in wanted:
+            if not compact_file.is_file():
+                raise FileNotFoundError(f"no compact head at {compact_file} (jobs/compact_head.py fits one)")
+            compact = load_compact_head(compact_file)
+            nets["one_step_compact"] = net.for_sampling(compact.folded())
+            compact_spec = compact.spec.to_metadata()
     if "stage1" in wanted:
         if stage1_path is None:
             raise FileNotFoundError(f"no stage-1 weights under {run_dir} (pass --stage1 FILE_OR_CHECKPOINT_DIR)")
@@ -206,9 +218,11 @@ def evaluate_run(
             settings["teacher_sampling"] = _sampling_dict(cfg.teacher.sampling)
         if method == "refined":
             settings["refine_steps"] = k
-        if method in ("one_step", "one_step_snapped", "refined"):
+        if method in ("one_step", "one_step_snapped", "one_step_compact", "refined"):
             settings["generator"] = str(export)
-        if method in ("one_step", "stage1"):
+        if method == "one_step_compact":
+            settings["compact_head"] = {"file": str(compact_file), **compact_spec}
+        if method in ("one_step", "stage1", "one_step_compact"):
             settings["tokens"] = "continuous generator output, decoded as is"
         if method == "one_step_snapped":
             settings["tokens"] = "nearest codes of the generator output"

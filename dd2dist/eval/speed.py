@@ -11,7 +11,9 @@ For each model and batch size, timed after warm-up runs (excluded), in the same 
   forward pass; ``one_step_decode`` adds the VQ decode of those tokens;
 * ``teacher_forced``: one teacher-forced pass of the teacher (features + head, batch B, no CFG) - the floor for a
   one-step generator built on the teacher backbone; ``decode``: the VQ decode alone. ``one_step`` and
-  ``teacher_forced`` are timed interleaved (:func:`time_pair`) and their ratio is the median per-pair ratio.
+  ``teacher_forced`` are timed interleaved (:func:`time_pair`) and their ratio is the median per-pair ratio;
+* ``one_step_compact``: where the recipe fits a compact sampling head (``compact_head.enabled``), the same backbone
+  with that head (:mod:`dd2dist.nets.compact_head`), timed interleaved with its own teacher-forced passes.
 
 The generator's head is the demo recipe's for the digits (``--head-width`` / ``--head-depth`` override it), timed in
 the form evaluation samples with (``StudentNet.for_sampling``: the head folded at t = 1; ``--head-form training``
@@ -38,6 +40,7 @@ import torch
 
 from dd2dist.config.schema import StudentConfig
 from dd2dist.latent import guidance_weights
+from dd2dist.nets.compact_head import CompactHead, CompactHeadSpec
 from dd2dist.teachers.base import ARTeacher, Cond, Sampling
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,11 +134,22 @@ def generator_head(model: str) -> StudentConfig:
     return StudentConfig(head_width=1024, head_depth=3, time_embed_dim=256)
 
 
+def compact_head_spec(model: str) -> CompactHeadSpec | None:
+    """The compact sampling head of the demo recipe for a digits model, when the recipe fits one."""
+    from dd2dist.config import load_config
+
+    if model not in ("digits_var", "digits_llamagen"):
+        return None
+    c = load_config(REPO / "configs" / "demo" / f"{model.split('_', 1)[1]}.yaml", check_paths=False).compact_head
+    return CompactHeadSpec(c.width, c.depth, c.rank) if c.enabled else None
+
+
 def _timed_calls(
     teacher: ARTeacher, generator: torch.nn.Module, sampling: Sampling, B: int, device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype, compact: torch.nn.Module | None = None,
 ) -> dict[str, Callable[[], Any]]:
-    """The closures timed for one batch size (inputs built once, outside the timed region)."""
+    """The closures timed for one batch size (inputs built once, outside the timed region); ``compact``: the
+    generator with its compact head, on the same noise."""
     cond = Cond(labels=torch.arange(B, device=device) % teacher.num_classes)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = teacher.sample(cond, sampling, generator=gen)
@@ -148,6 +162,7 @@ def _timed_calls(
         "one_step_decode": lambda: teacher.decode(generator.generate(eps, cond)),
         "teacher_forced": lambda: teacher.head_logits(teacher.features(ids, cond), cond),
         "decode": lambda: teacher.decode(q),
+        **({"one_step_compact": lambda: compact.generate(eps, cond)} if compact is not None else {}),
     }
 
 
@@ -172,14 +187,26 @@ def benchmark_model(
     n_teacher = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
     n_generator = sum(p.numel() for p in student.parameters())
     generator = student.for_sampling() if head_form == "sampling" else student
+    spec = compact_head_spec(model)
+    compact = None
+    if spec is not None:
+        with torch.random.fork_rng(devices=[]):  # random weights: speed does not depend on them
+            torch.manual_seed(0)
+            head_c = CompactHead(teacher.embed_dim, teacher.hidden_dim, spec, time=student.generator_time)
+        compact = student.for_sampling(head_c.to(device, dtype).folded())  # folded, as evaluation samples it
     weights = guidance_weights(sampling, teacher.step_of_token, len(teacher.steps))
     cfg_on = bool((weights != 1).any())
     rows = []
     for B in batch_sizes:
-        calls = _timed_calls(teacher, generator, sampling, B, device, dtype)
+        calls = _timed_calls(teacher, generator, sampling, B, device, dtype, compact)
         timings = {}
         timings["one_step"], timings["teacher_forced"], floor_ratio = time_pair(
             calls["one_step"], calls["teacher_forced"], warmup, repeats, device)
+        compact_ratio = None
+        if compact is not None:
+            timings["one_step_compact"], _, compact_ratio = time_pair(
+                calls["one_step_compact"], calls["teacher_forced"], warmup, repeats, device)
+            log(f"  {model} B={B} one_step_compact: {timings['one_step_compact']['median_s'] * 1e3:.1f} ms")
         for name in TIMINGS:
             if name not in timings:
                 timings[name] = time_call(calls[name], warmup, repeats, device)
@@ -200,6 +227,9 @@ def benchmark_model(
             # the median of interleaved per-pair ratios (time_pair), not the ratio of the two medians
             "one_step_over_teacher_forced": floor_ratio,
         })
+        if compact is not None:
+            rows[-1]["compact_head"] = {"width": spec.width, "depth": spec.depth, "rank": spec.rank}
+            rows[-1]["one_step_compact_over_teacher_forced"] = compact_ratio
     return rows
 
 
@@ -213,12 +243,14 @@ def plot(results: list[dict], path: str) -> str:
     labels = [f"{r['model']}\nB={r['batch_size']}" for r in results]
     series = [("teacher_ar", "teacher AR (KV cache, CFG)"), ("one_step", "one-step generator"),
               ("teacher_forced", "teacher-forced pass (floor)"), ("teacher_ar_decode", "teacher AR + VQ decode"),
-              ("one_step_decode", "one-step + VQ decode")]
+              ("one_step_decode", "one-step + VQ decode"), ("one_step_compact", "one-step, compact head")]
+    series = [(k, n) for k, n in series if any(k in r["s_per_image"] for r in results)]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5))
     for i, (key, name) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(results))]
-        ax.bar(xs, [r["s_per_image"][key] for r in results], width, label=name, hatch="//" if "decode" in key else None)
+        ax.bar(xs, [r["s_per_image"].get(key, float("nan")) for r in results], width, label=name,
+               hatch="//" if "decode" in key else None)
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_yscale("log")
@@ -299,12 +331,14 @@ def main(argv: list[str]) -> int:
     report = run_speed_benchmark(args)
     print(f"device {report['device']} ({report['device_type']}, {report['threads']} threads, {report['dtype']})")
     print(f"{'model':<16}{'B':>4}{'teacher AR':>12}{'+decode':>10}{'one-step':>11}{'+decode':>10}"
-          f"{'TF pass':>10}{'speed-up':>10}{'1step/TF':>10}   (ms per batch, median)")
+          f"{'TF pass':>10}{'speed-up':>10}{'1step/TF':>10}{'compact':>9}{'c/TF':>7}   (ms per batch, median)")
     for r in report["results"]:
         t = {k: v["median_s"] * 1e3 for k, v in r["timings"].items()}
         print(f"{r['model']:<16}{r['batch_size']:>4}{t['teacher_ar']:>12.1f}{t['teacher_ar_decode']:>10.1f}"
               f"{t['one_step']:>11.1f}{t['one_step_decode']:>10.1f}{t['teacher_forced']:>10.1f}"
-              f"{r['speedup_one_step_vs_teacher']:>9.1f}x{r['one_step_over_teacher_forced']:>10.2f}")
+              f"{r['speedup_one_step_vs_teacher']:>9.1f}x{r['one_step_over_teacher_forced']:>10.2f}"
+              + (f"{t['one_step_compact']:>9.1f}{r['one_step_compact_over_teacher_forced']:>7.2f}"
+                 if "one_step_compact" in t else f"{'-':>9}{'-':>7}"))
     if args.out:
         print(f"wrote {args.out} and {report['plot']}")
     return 0

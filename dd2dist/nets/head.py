@@ -144,10 +144,8 @@ class FixedTimeHead(nn.Module):
     def __init__(self, head: MLPHead, t: float):
         super().__init__()
         width = head.input_proj.out_features
-        self.width, self.depth, self.token_dim, self.cond_dim = width, len(head.blocks), head.token_dim, head.cond_dim
-        self.time = float(t)
         dtype = head.input_proj.weight.dtype
-        t_const = head.time_mlp(timestep_embedding(torch.tensor([self.time], device=head.input_proj.weight.device),
+        t_const = head.time_mlp(timestep_embedding(torch.tensor([float(t)], device=head.input_proj.weight.device),
                                                    head.time_embed_dim).to(dtype))[0]
         weights, biases = [], []
         for layer in [*head.blocks, head.final]:
@@ -156,19 +154,32 @@ class FixedTimeHead(nn.Module):
             weights.append(layer.ada[1].weight)
             biases.append(bias)
         # transposed once here so every product below is a plain (rows, in) @ (in, out)
-        self._buffer("cond_w", head.cond_proj.weight.T)
-        self._buffer("cond_b", head.cond_proj.bias + t_const)
-        self._buffer("ada_w", torch.cat(weights).T)
-        self._buffer("ada_b", torch.cat(biases))
-        self._buffer("in_w", head.input_proj.weight.T)
-        self._buffer("in_b", head.input_proj.bias)
+        tensors = {"cond_w": head.cond_proj.weight.T, "cond_b": head.cond_proj.bias + t_const,
+                   "ada_w": torch.cat(weights).T, "ada_b": torch.cat(biases),
+                   "in_w": head.input_proj.weight.T, "in_b": head.input_proj.bias,
+                   "out_w": head.final.linear.weight.T, "out_b": head.final.linear.bias}
         for i, block in enumerate(head.blocks):
-            self._buffer(f"mlp{i}_w1", block.mlp[0].weight.T)
-            self._buffer(f"mlp{i}_b1", block.mlp[0].bias)
-            self._buffer(f"mlp{i}_w2", block.mlp[2].weight.T)
-            self._buffer(f"mlp{i}_b2", block.mlp[2].bias)
-        self._buffer("out_w", head.final.linear.weight.T)
-        self._buffer("out_b", head.final.linear.bias)
+            tensors.update({f"mlp{i}_w1": block.mlp[0].weight.T, f"mlp{i}_b1": block.mlp[0].bias,
+                            f"mlp{i}_w2": block.mlp[2].weight.T, f"mlp{i}_b2": block.mlp[2].bias})
+        self._load(width, len(head.blocks), head.token_dim, head.cond_dim, t, tensors)
+
+    @classmethod
+    def from_tensors(cls, width: int, depth: int, token_dim: int, cond_dim: int, t: float,
+                     tensors: dict[str, Tensor]) -> FixedTimeHead:
+        """A folded head from its tensors, laid out as :meth:`__init__` lays out an ``MLPHead``'s (``*_w`` as
+        (in, out), the ``1 +`` of each scale in ``ada_b``); an ``ada_down_w`` (w, r) makes the modulation rank r
+        (``ada_w`` then (r, (3 depth + 2) w)). :class:`dd2dist.nets.compact_head.CompactHead` folds this way."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head._load(width, depth, token_dim, cond_dim, t, tensors)
+        return head
+
+    def _load(self, width: int, depth: int, token_dim: int, cond_dim: int, t: float,
+              tensors: dict[str, Tensor]) -> None:
+        self.width, self.depth, self.token_dim, self.cond_dim, self.time = width, depth, token_dim, cond_dim, float(t)
+        self.low_rank = "ada_down_w" in tensors
+        for name, value in tensors.items():
+            self._buffer(name, value)
 
     def _buffer(self, name: str, value: Tensor) -> None:
         self.register_buffer(name, value.detach().contiguous().clone(), persistent=False)
@@ -183,6 +194,8 @@ class FixedTimeHead(nn.Module):
         w, lead, dtype = self.width, x_t.shape[:-1], self.in_w.dtype
         x = x_t.reshape(-1, self.token_dim).to(dtype)
         c_act = F.silu(torch.addmm(self.cond_b, feats.reshape(-1, self.cond_dim).to(dtype), self.cond_w))
+        if self.low_rank:
+            c_act = torch.mm(c_act, self.ada_down_w)
         mods = torch.addmm(self.ada_b, c_act, self.ada_w)  # (rows, (3 depth + 2) w)
         h = torch.addmm(self.in_b, x, self.in_w)
         for i in range(self.depth):

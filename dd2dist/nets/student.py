@@ -187,24 +187,31 @@ class StudentNet(nn.Module):
         """Same as :meth:`generate` (the generator is what gets exported and sampled)."""
         return self.generate(eps, cond)
 
-    def for_sampling(self) -> OneStepSampler:
+    def for_sampling(self, head: nn.Module | None = None) -> OneStepSampler:
         """The generator as it is sampled: this backbone (shared, not copied) with a frozen :class:`FixedTimeHead`
-        snapshot of the head at ``generator_time``. Take it after the weights are final (loaded or trained)."""
-        return OneStepSampler(self)
+        snapshot of the head at ``generator_time``. Take it after the weights are final (loaded or trained).
+
+        ``head``: a fixed-time head to sample with instead, (x_t, feats) -> velocity at ``generator_time``, e.g. a
+        :class:`dd2dist.nets.compact_head.CompactHead` fitted to this one."""
+        return OneStepSampler(self, head)
 
 
 class OneStepSampler(nn.Module):
     """Inference form of a generator (:meth:`StudentNet.for_sampling`): ``generate`` equals
-    ``StudentNet.generate`` to fp32 rounding, with the head folded at the generator's fixed time.
+    ``StudentNet.generate`` to fp32 rounding, with the head folded at the generator's fixed time (or, given one,
+    another head at that time, such as a fitted compact head: then it approximates it).
 
     It exposes what the samplers read from a StudentNet (``backbone``, ``num_tokens``, ``embed_dim``), so
     :mod:`dd2dist.eval.sampling` and the speed benchmark take either.
     """
 
-    def __init__(self, net: StudentNet):
+    def __init__(self, net: StudentNet, head: nn.Module | None = None):
         super().__init__()
         self.backbone = net.backbone
-        self.head = net.head.at_time(net.generator_time)
+        if head is not None and getattr(head, "time", net.generator_time) != net.generator_time:
+            raise ValueError(f"OneStepSampler: the head runs at t = {head.time}, the generator at "
+                             f"t = {net.generator_time}")
+        self.head = net.head.at_time(net.generator_time) if head is None else head
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
 
     @torch.no_grad()
