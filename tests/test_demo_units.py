@@ -92,7 +92,18 @@ def test_family_summary_and_tables_report_ratio_and_gap():
     assert s["sampling"]["teacher"]["cfg"] == cfg.teacher.sampling.cfg
     table = demo.markdown_tables({"var": s})
     assert "| var | DD2 one-step | 14.000 | 0.500 | 0.250 | 3.00 | 0.880 |" in table
-    assert "| var | 1 (reused) | 2 | 3 | 4 | 5 | 16 |" in table
+    assert "| var | 1 (reused) | 2 | 3 | 4 | - | 5 | 16 |" in table  # no compact head fitted: its column is "-"
+    assert "fid_ratio_one_step_compact" not in s and "fid_ratio_met_compact" not in s["targets"]
+    # with the compact sampling head: its ratio, gap and verdicts beside the trained head's, its fit time in the table
+    evaluation["results"]["one_step_compact"] = _metrics(17.0, 0.84)
+    run["seconds_by_step"]["compact_head"] = 6.0
+    s = demo.family_summary(evaluation, train, {"checkpoint": "t.pt", "reused": True}, cfg, 16.0, run)
+    assert s["fid_ratio_one_step_compact"] == pytest.approx(1.7) and not s["targets"]["fid_ratio_met_compact"]
+    assert s["class_consistency_gap_compact"] == pytest.approx(0.06)
+    assert not s["targets"]["class_consistency_met_compact"]
+    table = demo.markdown_tables({"var": s})
+    assert "| var | DD2 one-step, compact head | 17.000 |" in table
+    assert "| var | 1 (reused) | 2 | 3 | 4 | 6 | 5 | 16 |" in table
 
 
 def test_eval_only_accepts_only_eval_overrides():
