@@ -172,7 +172,7 @@ def train_students(cfg, run_dir: Path) -> dict:
             "seconds_stage1": seconds_stage1, "seconds_stage2": (t2 - t0) - seconds_stage1}
 
 
-def fit_compact_head(cfg, run_dir: Path, reuse: bool = False) -> dict:
+def fit_or_reuse_compact_head(cfg, run_dir: Path, reuse: bool = False) -> dict:
     """The compact sampling head of ``cfg.compact_head`` fitted to the exported generator (``--eval-only`` keeps
     the one an earlier run fitted); returns its fit report. Evaluation then samples it as ``one_step_compact``."""
     from dd2dist.eval.compact import export_compact_head
@@ -616,7 +616,7 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
     if cfg.compact_head.enabled:
         log(f"[{family}] 3/5 compact sampling head fitted to the generator ({cfg.compact_head.steps} steps)")
         t0 = time.perf_counter()
-        compact_report = fit_compact_head(cfg, run_dir, reuse=args.eval_only)
+        compact_report = fit_or_reuse_compact_head(cfg, run_dir, reuse=args.eval_only)
         steps["compact_head"] = time.perf_counter() - t0
 
     log(f"[{family}] 4/5 evaluation: {cfg.eval.num_samples} samples per sampler vs the held-out digits")

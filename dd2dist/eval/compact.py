@@ -43,11 +43,10 @@ def export_compact_head(cfg, log: Callable[[str], None] = print,
     c = cfg.compact_head
     spec = CompactHeadSpec(c.width, c.depth, c.rank)
     log(f"compact head {spec} for {export / generator_file}: {c.steps} steps of {c.batch_rows} rows")
-    with torch.inference_mode(False):
-        head, report = fit_compact_head(
-            net.for_sampling(), spec, class_conditions(net.backbone.num_classes), steps=c.steps, lr=c.lr,
-            batch_rows=c.batch_rows, pool_sequences=c.pool_sequences, refresh_every=c.refresh_every,
-            seed=int(cfg.seed), log=log)
+    head, report = fit_compact_head(
+        net.for_sampling(), spec, class_conditions(net.backbone.num_classes), steps=c.steps, lr=c.lr,
+        batch_rows=c.batch_rows, pool_sequences=c.pool_sequences, refresh_every=c.refresh_every,
+        seed=int(cfg.seed), log=log)
     path = export / COMPACT_HEAD_FILE
     report = {**report, "generator": str(export / generator_file), "path": str(path)}
     save_compact_head(head, path, report)

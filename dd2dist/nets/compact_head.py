@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2dist.nets.head import LN_EPS, FixedTimeHead
+from dd2dist.nets.head import FixedTimeHead, fixed_time_velocity
 from dd2dist.teachers.base import Cond
 
 COMPACT_HEAD_FILE = "generator_compact_head.safetensors"  # beside generator.safetensors in <run>/export
@@ -89,35 +89,9 @@ class CompactHead(nn.Module):
             for i in range(d + 1):
                 last.bias[(3 * i + 1) * w : (3 * i + 2) * w] = 1.0
 
-    def modulation(self, c_act: Tensor) -> Tensor:
-        if self.spec.rank:
-            return self.ada_up(self.ada_down(c_act))
-        return self.ada(c_act)
-
-    def forward(self, x_t: Tensor, feats: Tensor) -> Tensor:
-        """Velocity (..., Ce) at tokens x_t (..., Ce) given backbone features (..., D), at ``self.time``."""
-        if x_t.shape[-1] != self.token_dim or feats.shape[-1] != self.cond_dim or x_t.shape[:-1] != feats.shape[:-1]:
-            raise ValueError(
-                f"CompactHead expects x_t (..., {self.token_dim}) and feats (..., {self.cond_dim}) with equal "
-                f"leading dims, got {tuple(x_t.shape)} and {tuple(feats.shape)}"
-            )
-        w, lead, dtype = self.spec.width, x_t.shape[:-1], self.input_proj.weight.dtype
-        x = x_t.reshape(-1, self.token_dim).to(dtype)
-        mods = self.modulation(F.silu(self.cond_proj(feats.reshape(-1, self.cond_dim).to(dtype))))
-        h = self.input_proj(x)
-        for i in range(self.spec.depth):
-            shift, scale, gate = (mods[:, (3 * i + j) * w : (3 * i + j + 1) * w] for j in range(3))
-            a = torch.addcmul(shift, F.layer_norm(h, (w,), eps=LN_EPS), scale)
-            h = torch.addcmul(h, gate, self.mlp2[i](F.silu(self.mlp1[i](a))))
-        o = 3 * self.spec.depth * w
-        a = torch.addcmul(mods[:, o : o + w], F.layer_norm(h, (w,), eps=LN_EPS), mods[:, o + w : o + 2 * w])
-        return self.out(a).reshape(*lead, self.token_dim)
-
-    @torch.no_grad()
-    def folded(self) -> FixedTimeHead:
-        """This head as it is sampled: a :class:`FixedTimeHead` of its weights (copies), the same function to fp32
-        rounding. One ``addmm`` per Linear on pre-transposed matrices and no module calls: at batch 1 the module
-        form's call overhead was ~40% of its time (70 against 115 us for width 64, depth 1, 16 rows)."""
+    def tensors(self) -> dict[str, Tensor]:
+        """This head's parameters in the layout of :meth:`FixedTimeHead.from_tensors` (transposed views, so
+        gradients reach the parameters)."""
         def t(linear: nn.Linear) -> Tensor:
             return linear.weight.T
 
@@ -130,8 +104,20 @@ class CompactHead(nn.Module):
         for i in range(self.spec.depth):
             tensors.update({f"mlp{i}_w1": t(self.mlp1[i]), f"mlp{i}_b1": self.mlp1[i].bias,
                             f"mlp{i}_w2": t(self.mlp2[i]), f"mlp{i}_b2": self.mlp2[i].bias})
+        return tensors
+
+    def forward(self, x_t: Tensor, feats: Tensor) -> Tensor:
+        """Velocity (..., Ce) at tokens x_t (..., Ce) given backbone features (..., D), at ``self.time``."""
+        return fixed_time_velocity(x_t, feats, self.tensors(), self.spec.width, self.spec.depth, self.token_dim,
+                                   self.cond_dim, owner="CompactHead")
+
+    @torch.no_grad()
+    def folded(self) -> FixedTimeHead:
+        """This head as it is sampled: a :class:`FixedTimeHead` of copies of its weights, the same function. One
+        ``addmm`` per Linear on pre-transposed matrices and no module calls: at batch 1 the module form's call
+        overhead was ~40% of its time (70 against 115 us for width 64, depth 1, 16 rows)."""
         return FixedTimeHead.from_tensors(self.spec.width, self.spec.depth, self.token_dim, self.cond_dim, self.time,
-                                          tensors)
+                                          self.tensors())
 
     @torch.no_grad()
     def init_from(self, full: FixedTimeHead) -> None:

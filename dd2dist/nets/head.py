@@ -12,6 +12,7 @@ sampling: the same function with its constants folded and every AdaLN projection
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -186,23 +187,33 @@ class FixedTimeHead(nn.Module):
 
     def forward(self, x_t: Tensor, feats: Tensor) -> Tensor:
         """Velocity (..., Ce) at tokens x_t (..., Ce) given backbone features (..., D), at ``self.time``."""
-        if x_t.shape[-1] != self.token_dim or feats.shape[-1] != self.cond_dim or x_t.shape[:-1] != feats.shape[:-1]:
-            raise ValueError(
-                f"FixedTimeHead expects x_t (..., {self.token_dim}) and feats (..., {self.cond_dim}) with equal "
-                f"leading dims, got {tuple(x_t.shape)} and {tuple(feats.shape)}"
-            )
-        w, lead, dtype = self.width, x_t.shape[:-1], self.in_w.dtype
-        x = x_t.reshape(-1, self.token_dim).to(dtype)
-        c_act = F.silu(torch.addmm(self.cond_b, feats.reshape(-1, self.cond_dim).to(dtype), self.cond_w))
-        if self.low_rank:
-            c_act = torch.mm(c_act, self.ada_down_w)
-        mods = torch.addmm(self.ada_b, c_act, self.ada_w)  # (rows, (3 depth + 2) w)
-        h = torch.addmm(self.in_b, x, self.in_w)
-        for i in range(self.depth):
-            shift, scale, gate = (mods[:, (3 * i + j) * w : (3 * i + j + 1) * w] for j in range(3))
-            a = torch.addcmul(shift, F.layer_norm(h, (w,), eps=LN_EPS), scale)
-            a = F.silu(torch.addmm(getattr(self, f"mlp{i}_b1"), a, getattr(self, f"mlp{i}_w1")))
-            h = torch.addcmul(h, gate, torch.addmm(getattr(self, f"mlp{i}_b2"), a, getattr(self, f"mlp{i}_w2")))
-        o = 3 * self.depth * w
-        a = torch.addcmul(mods[:, o : o + w], F.layer_norm(h, (w,), eps=LN_EPS), mods[:, o + w : o + 2 * w])
-        return torch.addmm(self.out_b, a, self.out_w).reshape(*lead, self.token_dim)
+        return fixed_time_velocity(x_t, feats, self._buffers, self.width, self.depth, self.token_dim, self.cond_dim)
+
+
+def fixed_time_velocity(x_t: Tensor, feats: Tensor, p: Mapping[str, Tensor], width: int, depth: int, token_dim: int,
+                        cond_dim: int, owner: str = "FixedTimeHead") -> Tensor:
+    """The folded AdaLN head's velocity from its tensors ``p`` (the layout of :meth:`FixedTimeHead.from_tensors`).
+
+    :class:`FixedTimeHead` runs it on its buffers; :class:`dd2dist.nets.compact_head.CompactHead` on views of its
+    parameters, so the head it trains and the folded head it samples with are one formula. ``owner`` names the head
+    in the shape error."""
+    if x_t.shape[-1] != token_dim or feats.shape[-1] != cond_dim or x_t.shape[:-1] != feats.shape[:-1]:
+        raise ValueError(
+            f"{owner} expects x_t (..., {token_dim}) and feats (..., {cond_dim}) with equal leading dims, got "
+            f"{tuple(x_t.shape)} and {tuple(feats.shape)}"
+        )
+    w, lead, dtype = width, x_t.shape[:-1], p["in_w"].dtype
+    x = x_t.reshape(-1, token_dim).to(dtype)
+    c_act = F.silu(torch.addmm(p["cond_b"], feats.reshape(-1, cond_dim).to(dtype), p["cond_w"]))
+    if "ada_down_w" in p:
+        c_act = torch.mm(c_act, p["ada_down_w"])
+    mods = torch.addmm(p["ada_b"], c_act, p["ada_w"])  # (rows, (3 depth + 2) w)
+    h = torch.addmm(p["in_b"], x, p["in_w"])
+    for i in range(depth):
+        shift, scale, gate = (mods[:, (3 * i + j) * w : (3 * i + j + 1) * w] for j in range(3))
+        a = torch.addcmul(shift, F.layer_norm(h, (w,), eps=LN_EPS), scale)
+        a = F.silu(torch.addmm(p[f"mlp{i}_b1"], a, p[f"mlp{i}_w1"]))
+        h = torch.addcmul(h, gate, torch.addmm(p[f"mlp{i}_b2"], a, p[f"mlp{i}_w2"]))
+    o = 3 * depth * w
+    a = torch.addcmul(mods[:, o : o + w], F.layer_norm(h, (w,), eps=LN_EPS), mods[:, o + w : o + 2 * w])
+    return torch.addmm(p["out_b"], a, p["out_w"]).reshape(*lead, token_dim)
