@@ -101,3 +101,22 @@ def test_unrunnable_engine_settings(override, key):
 def test_zero3_trainables_are_accepted():
     # ZeRO-3 generator/guidance route their calls through DeepSpeed's root forward (dd2dist/engine/zero3_calls.py)
     validate_run(load_config(TINY, ["engine.zero_stage_generator=3", "engine.zero_stage_guidance=3"]))
+
+
+def test_teacher_modules_import_first_inside_the_meta_block_of_validation():
+    """validate_teacher_checkpoint builds the teacher under ``torch.device("meta")``; in a fresh process (``python
+    jobs/distill.py``) that is where each teacher module is first imported, so no module-level value may need a
+    real tensor (session 13: a torch-computed constant in teachers.llamagen made every LlamaGen distill fail)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "with torch.device('meta'):\n"
+            "    from dd2dist.teachers import build_family\n"
+            "    from dd2dist.teachers.arch import VARConfig, LlamaGenConfig\n"
+            "    for family in ('var', 'llamagen'):\n"
+            "        build_family(family, var=VARConfig(), llamagen=LlamaGenConfig())\n"
+            "    import dd2dist.teachers.var_official, dd2dist.teachers.llamagen_official\n")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -292,7 +292,9 @@ class LlamaGenGPT(nn.Module):
         return self.output(self.norm(h))[:, 0].float()
 
 
-LARGEST_SUBNORMAL_F32 = float(torch.nextafter(torch.tensor(torch.finfo(torch.float32).tiny), torch.tensor(0.0)))
+# 2^-126 - 2^-149, exact in a Python float. Plain arithmetic, not torch ops: this module may first be imported
+# inside a `torch.device("meta")` block (launch.validate builds teachers there), where a tensor has no value.
+LARGEST_SUBNORMAL_F32 = 2.0**-126 - 2.0**-149
 
 
 def soft_input_weights(x: Tensor, codebook: Tensor, tau: float) -> Tensor:
