@@ -117,6 +117,5 @@ def test_teacher_modules_import_first_inside_the_meta_block_of_validation():
             "    for family in ('var', 'llamagen'):\n"
             "        build_family(family, var=VARConfig(), llamagen=LlamaGenConfig())\n"
             "    import dd2dist.teachers.var_official, dd2dist.teachers.llamagen_official\n")
-    repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
