@@ -262,3 +262,31 @@ def test_pairs_come_in_blocks_of_one_sampler_call_and_resume_inside_a_block():
     for a, b in zip(fresh[::2], steps[4][::2]):
         assert torch.equal(a, b)
     assert torch.equal(fresh[1].labels, steps[4][1].labels)
+
+
+def test_export_hook_gets_the_regression_generator_once_before_csd(tmp_path):
+    """The DD1-style baseline of the fidelity benchmark: the generator exactly as the regression left it."""
+    got = []
+
+    def make(hook=None):
+        torch.manual_seed(0)
+        return Trainer(_cfg(4), _teacher("var"), TorchEngineFactory(), export_hook=hook)
+
+    tr = make(lambda name, state: got.append((name, {k: v.clone() for k, v in state.items()},
+                                             tr.state.iteration)))
+    tr.fit(max_iterations=2 + 4)  # stage 1 and the whole regression: CSD has not been entered yet
+    regressed = {k: v.clone() for k, v in tr.engines["generator"].full_state_dict().items()}
+    assert [name for name, _, _ in got] == ["stage1_student"]
+    tr.fit()
+    assert [name for name, _, _ in got] == ["stage1_student", "generator_regression"]
+    _, state, iteration = got[1]
+    assert iteration == 6
+    assert state.keys() == regressed.keys() and all(torch.equal(state[k], regressed[k]) for k in state)
+    # a run resumed inside CSD exported it already: no second call
+    a = make()
+    a.fit(checkpoint_dir=tmp_path, max_iterations=8)
+    calls = []
+    b = make(lambda name, state: calls.append(name))
+    b.resume_latest(tmp_path)
+    b.fit()
+    assert calls == []

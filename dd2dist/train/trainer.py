@@ -90,9 +90,11 @@ class Trainer:
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
             for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
             starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
-        stage1_hook: ``hook(state)`` called on every rank with the consolidated stage-1 student weights when stage 2
-            takes over from stage 1 in this run (before any stage-2 step, so a checkpoint of stage 2 implies the
-            hook ran): the Ray layer exports the stage-1 model there for evaluation.
+        export_hook: ``hook(name, state)`` called on every rank with consolidated weights at the two hand-overs whose
+            model is evaluated later: ``"stage1_student"`` when stage 2 takes over from stage 1 in this run, and
+            ``"generator_regression"`` (the generator as the PF-ODE regression left it, the DD1-style baseline) when
+            CSD takes over from the regression. Each call comes before the next phase's first step, so a checkpoint
+            after it implies the hook ran; the Ray layer writes the weights to the run's export folder.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class Trainer:
         callbacks: list[StepCallback] | tuple[StepCallback, ...] = (),
         init_student: dict[str, Tensor] | None = None,
         student_template: StudentNet | None = None,
-        stage1_hook: Callable[[dict[str, Tensor]], None] | None = None,
+        export_hook: Callable[[str, dict[str, Tensor]], None] | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
@@ -119,7 +121,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.stop = False  # a callback may set it: fit() returns after the current iteration
         self._init_student = init_student
-        self.stage1_hook = stage1_hook
+        self.export_hook = export_hook
         self._last_logged = -1
         self._checked_phase = -1
         self._active_role: Role | None = None
@@ -209,8 +211,8 @@ class Trainer:
         """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced
         (``loading``: a checkpoint is about to overwrite the weights, so the initial values do not matter)."""
         init = self._current_student_state() if from_previous else None
-        if group == "stage2" and init is not None and self.stage1_hook is not None:
-            self.stage1_hook(init)
+        if group == "stage2" and init is not None and self.export_hook is not None:
+            self.export_hook("stage1_student", init)
         if init is None and self._init_student is not None and not from_previous and not loading:
             init = self._init_student
         if group == "stage2" and init is None and not loading:
@@ -370,6 +372,8 @@ class Trainer:
                 # write into the module weights alone would be overwritten from the old master at the next step.
                 self.engines["generator"].load_full_state_dict(self.generator_state_dict(use_ema=True))
             if phase.kind == "alternate" and self._follows_regression():
+                if self.export_hook is not None:
+                    self.export_hook("generator_regression", self.generator_state_dict(use_ema=False))
                 # CSD after the regression start: fresh AdamW moments and the CSD warm-up from lr_start (the
                 # regression's second moments are of another loss's scale)
                 self.engines["generator"].reset_optimizer(self._stage2_specs()[0])
