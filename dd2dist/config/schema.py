@@ -100,6 +100,9 @@ class StudentConfig:
     head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
     generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
+    # LlamaGen students reading vectors through the soft rule: "mlp" adds a zero-initialised MLP of each raw input
+    # vector to its embedding (dd2dist/nets/vector_input.py), so the generator sees its noise, not just its code cell
+    noise_input: Literal["none", "mlp"] = "none"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
