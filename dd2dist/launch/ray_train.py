@@ -42,8 +42,9 @@ STAGE1_FILE = "stage1_student.safetensors"
 
 
 def phase_export_hook(cfg, rank: int):
-    """Trainer ``export_hook``: rank 0 writes the consolidated weights of a hand-over to ``export/<name>.safetensors``
-    (STAGE1_FILE; the regression's generator is ``dd2dist.eval.fidelity.REGRESSION_EXPORT``), atomically: a crash leaves the old file or none, never half of one."""
+    """Trainer ``export_hook``: rank 0 writes the consolidated weights of a hand-over to
+    ``export/<name>.safetensors`` (STAGE1_FILE; the regression's generator is
+    ``dd2dist.eval.fidelity.REGRESSION_EXPORT``), atomically: a crash leaves the old file or none, never half."""
 
     def hook(name: str, state) -> None:
         if rank != 0:
