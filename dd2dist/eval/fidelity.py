@@ -60,6 +60,7 @@ class FidelityOptions:
     samplers: tuple[str, ...] = ALL_SAMPLERS  # those whose weights the run lacks are left out
     refine_steps: tuple[int, ...] | None = None  # None: the run's eval.refine_steps
     prc_neighborhood: int = 3
+    nll_samples: int = 2_000  # sequences per set whose teacher NLL is computed (a mean: fewer suffice)
 
 
 @dataclass
@@ -321,7 +322,8 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     ref_feats = scorer.features(ref_images)
     ref_marg = class_position_counts(ref_ids, labels, C, V)
     ref_pairs = pair_counts(ref_ids, labels, C, V)
-    ref_nll = teacher_nll(teacher, ref_ids, labels, sampling, batch)
+    n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
+    ref_nll = teacher_nll(teacher, ref_ids[:n_nll], labels[:n_nll], sampling, batch)
     results: dict[str, dict] = {}
     for name, draw in draws.items():
         res = feature_scores(scorer.features(draw.images), ref_feats, opts.prc_neighborhood)
@@ -332,7 +334,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         res["token_marginal_tv"] = marginal_tv(class_position_counts(draw.ids, labels, C, V), ref_marg)["mean"]
         pairs = pair_tv(pair_counts(draw.ids, labels, C, V), ref_pairs)
         res["pair_tv"], res["pair_tv_by_distance"] = pairs["mean"], pairs["by_distance"]
-        nll = teacher_nll(teacher, draw.ids, labels, sampling, batch)
+        nll = teacher_nll(teacher, draw.ids[:n_nll], labels[:n_nll], sampling, batch)
         res["teacher_nll"], res["teacher_nll_se"] = nll["mean"], nll["se"]
         res["nll_gap"] = nll["mean"] - ref_nll["mean"]
         res["zero_probability_tokens"] = nll["zero_probability_tokens"]
@@ -364,7 +366,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         "labels": "balanced (i mod num_classes)", "teacher_sampling": asdict(sampling),
         "reference": {"what": "independent teacher draw A", "seed_base": base + DRAW_OFFSETS["reference"],
                       "teacher_nll": ref_nll["mean"]},
-        "feature_space": space.describe(), "headline": headline, "samplers": results,
+        "nll_samples": n_nll, "feature_space": space.describe(), "headline": headline, "samplers": results,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
 

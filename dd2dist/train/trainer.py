@@ -292,7 +292,12 @@ class Trainer:
             eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher)
             loss, m = regression_loss(generator, eps, cond, self.codebook[ids])
             return loss, m, eps.shape[0]
-        eps, cond = self.batches.stage2(self.state.iteration, micro, role)
+        anchor = role == "generator" and s2.regression_weight > 0
+        if anchor:  # CSD on the noise of PF-ODE pairs, whose teacher tokens anchor the generator's map
+            eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher,
+                                                    stride=self.phase.guidance_per_generator + 1)
+        else:
+            eps, cond = self.batches.stage2(self.state.iteration, micro, role)
         if role == "guidance":
             with torch.no_grad():
                 q = generator.generate(eps, cond)
@@ -304,6 +309,10 @@ class Trainer:
         loss, m = csd_loss(q, teacher, guidance, self.codebook, cond, self.sampling, self._gen(f"csd/{micro}"),
                            kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max,
                            teacher_prefix=s2.teacher_prefix, guidance_prefix=s2.guidance_prefix)
+        if anchor:
+            reg = (q.float() - self.codebook[ids]).pow(2).sum(-1).mean()
+            loss = loss + s2.regression_weight * reg
+            m = {**m, "regression_loss": reg.detach()}
         return loss, m, eps.shape[0]
 
     def _autocast(self):
