@@ -267,7 +267,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         raise ValueError(f"unknown fidelity sampler(s) {unknown}; choose from {', '.join(ALL_SAMPLERS)}")
     nets = _load_nets(cfg, teacher, run_dir, opts.samplers)
     refine = tuple(cfg.eval.refine_steps if opts.refine_steps is None else opts.refine_steps)
-    space, _, classifier = _feature_space(cfg, teacher, space_kind)
+    space, heldout, classifier = _feature_space(cfg, teacher, space_kind)
     scorer = FeatureScorer(space, batch)
     seconds: dict[str, float] = {}
 
@@ -320,13 +320,20 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     t0 = time.perf_counter()
     ref_images = decode(teacher, ref_ids, batch)
     ref_feats = scorer.features(ref_images)
+    # real held-out images (digits): the same sets also scored against data, the secondary column
+    heldout_feats = scorer.features(heldout) if torch.is_tensor(heldout) else None
     ref_marg = class_position_counts(ref_ids, labels, C, V)
     ref_pairs = pair_counts(ref_ids, labels, C, V)
     n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
     ref_nll = teacher_nll(teacher, ref_ids[:n_nll], labels[:n_nll], sampling, batch)
     results: dict[str, dict] = {}
     for name, draw in draws.items():
-        res = feature_scores(scorer.features(draw.images), ref_feats, opts.prc_neighborhood)
+        feats = scorer.features(draw.images)
+        res = feature_scores(feats, ref_feats, opts.prc_neighborhood)
+        if heldout_feats is not None:
+            data = feature_scores(feats, heldout_feats, opts.prc_neighborhood)
+            res.update({"fid_heldout": data["fid_to_teacher"], "precision_heldout": data["precision"],
+                        "recall_heldout": data["recall"]})
         if classifier is not None:
             from dd2dist.eval.metrics import class_consistency
 
