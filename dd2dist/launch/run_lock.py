@@ -258,3 +258,33 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def acquire_run_locks(cfg) -> list[RunLock]:
+    """The locks a run of ``cfg`` takes before any work: its output directory, and its Ray storage run folder
+    (``<storage_path>/<name>``) when that is a file-system path outside the output directory (two runs with
+    different outputs but one storage path and name would otherwise share Ray's checkpoint bookkeeping). A URI
+    storage path gets no lock of its own (module docstring). Raises :class:`RunLocked` naming the holder."""
+    output = Path(cfg.output_dir)
+    storage = cfg.launch.storage_path
+    folders = [output]
+    if storage and is_uri(storage):
+        log.warning("launch.storage_path %s is not a file system: only the output directory %s is locked, so "
+                    "every run that uses this storage path and name must use this output directory", storage, output)
+    elif storage:
+        run_folder = Path(storage) / cfg.name
+        if output != run_folder and output not in run_folder.parents:
+            folders.append(run_folder)
+    locks: list[RunLock] = []
+    try:
+        for folder in folders:
+            locks.append(RunLock.acquire(folder, cfg.launch.lock_stale_s, run_name=cfg.name))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
