@@ -11,7 +11,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TMPDIR", "/tmp/dd2ray")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +29,32 @@ def ray_session():
         init_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def precompute_shards(config: str, out: Path, overrides=(), samples: int = 16, shard_size: int = 8) -> Path:
+    """Real teacher-token shards of ``config``'s teacher: the precompute job's sampler and manifest, in this
+    process (no Ray), ``samples`` samples in blocks of 8."""
+    import numpy as np
+
+    from data_pipelines.teacher_tokens import Settings, TokenSampler, balanced_labels, finalize_manifest
+    from dd2dist.config import load_config
+    from dd2dist.data import teacher_id
+    from dd2dist.data.schema import sampling_dict
+
+    cfg = load_config(config, list(overrides))
+    labels = balanced_labels(cfg.seed, 10, samples)
+    sampler = TokenSampler(cfg, str(out), worker=0, shard_size=shard_size)
+    blocks = {b: labels[b * 8:(b + 1) * 8] for b in range(samples // 8)}
+    result = sampler.run(list(blocks), blocks, set(), cfg.seed, 8)
+    settings = Settings(teacher_id(cfg.teacher, cfg.seed), cfg.seed, 8, sampling_dict(cfg.teacher.sampling), "balanced")
+    finalize_manifest(out, settings, samples, np.asarray(labels), [result])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Teacher-token shards of the tiny_cpu recipe's teacher and of the tiny_llamagen recipe's (another teacher)."""
+    root = tmp_path_factory.mktemp("shards")
+    experiments = ROOT / "configs" / "experiments"
+    return {"tiny_cpu": precompute_shards(str(experiments / "tiny_cpu.yaml"), root / "tiny_cpu", samples=48),
+            "tiny_llamagen": precompute_shards(str(experiments / "tiny_llamagen.yaml"), root / "tiny_llamagen")}

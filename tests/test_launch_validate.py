@@ -126,28 +126,9 @@ def test_teacher_modules_import_first_inside_the_meta_block_of_validation():
 LLAMAGEN = str(ROOT / "configs" / "experiments" / "tiny_llamagen.yaml")
 
 
-def _precompute(config: str, out: Path, overrides=(), samples: int = 16, shard_size: int = 8) -> Path:
-    """Real teacher-token shards of ``config``'s teacher (the precompute job's sampler and manifest, in process)."""
-    import numpy as np
-
-    from data_pipelines.teacher_tokens import Settings, TokenSampler, balanced_labels, finalize_manifest
-    from dd2dist.data import teacher_id
-    from dd2dist.data.schema import sampling_dict
-
-    cfg = load_config(config, list(overrides))
-    labels = balanced_labels(cfg.seed, 10, samples)
-    sampler = TokenSampler(cfg, str(out), worker=0, shard_size=shard_size)
-    blocks = {b: labels[b * 8:(b + 1) * 8] for b in range(samples // 8)}
-    result = sampler.run(list(blocks), blocks, set(), cfg.seed, 8)
-    settings = Settings(teacher_id(cfg.teacher, cfg.seed), cfg.seed, 8, sampling_dict(cfg.teacher.sampling), "balanced")
-    finalize_manifest(out, settings, samples, np.asarray(labels), [result])
-    return out
-
-
-@pytest.fixture(scope="module")
-def shard_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return {"tiny_cpu": _precompute(TINY, root / "tiny_cpu"), "tiny_llamagen": _precompute(LLAMAGEN, root / "lg")}
+@pytest.fixture
+def shard_sets(tiny_shards):
+    return tiny_shards
 
 
 def _shards_argv(tmp_path, shards, *extra):
@@ -195,14 +176,14 @@ def test_matching_shards_pass_and_a_damaged_one_is_left_to_the_stream(tmp_path, 
     copy = tmp_path / "own"
     shutil.copytree(shard_sets["tiny_cpu"], copy)
     cfg = load_config(TINY, ["data.source=shards", f"data.shards={copy}"])
-    assert validate_data(cfg) == {"shards": 2, "checked": 2, "unreadable": [], "warnings": []}
+    assert validate_data(cfg) == {"shards": 6, "checked": 6, "unreadable": [], "warnings": []}
     damaged = sorted(copy.glob("*.tar"))[0]
     damaged.write_bytes(b"\0" * 100)  # truncated to nothing useful: counted and skipped by the stream
     report = validate_data(cfg)
     assert report["unreadable"] == [str(damaged)]
     for tar in copy.glob("*.tar"):
         tar.write_bytes(b"\0" * 100)
-    with pytest.raises(ConfigError, match="none of the 2 shards checked has a readable first sample"):
+    with pytest.raises(ConfigError, match="none of the 6 shards checked has a readable first sample"):
         validate_data(cfg)
 
 
