@@ -58,3 +58,36 @@ def tiny_shards(tmp_path_factory):
     experiments = ROOT / "configs" / "experiments"
     return {"tiny_cpu": precompute_shards(str(experiments / "tiny_cpu.yaml"), root / "tiny_cpu", samples=48),
             "tiny_llamagen": precompute_shards(str(experiments / "tiny_llamagen.yaml"), root / "tiny_llamagen")}
+
+
+TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+TINY_TOTAL = 32  # iterations of the tiny_cpu schedule
+
+
+def tiny_config(tmp: Path, name: str, *extra: str):
+    """The tiny_cpu recipe as the Ray tests run it: its own name and output directory under ``tmp``."""
+    from dd2dist.config import load_config
+
+    return load_config(TINY, [f"name={name}", f"output_dir={tmp / 'runs' / name}", "tracking.log_every=2", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """:func:`tiny_config`, for test modules (they do not import conftest)."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_uninterrupted(tmp_path_factory, ray_session):
+    """One uninterrupted tiny_cpu run on Ray Train (2 DeepSpeed workers): the reference of the resume tests."""
+    from safetensors.torch import load_file
+
+    from dd2dist.launch.ray_train import launch
+
+    cfg = tiny_config(tmp_path_factory.mktemp("ray"), "straight")
+    summary = launch(cfg)
+    assert summary["iteration"] == TINY_TOTAL and summary["export"] and summary["preempted"] is None
+    # the stage-1 student, exported by the workers when stage 2 took over: a StudentNet like the generator
+    stage1 = load_file(str(Path(cfg.output_dir) / "export" / "stage1_student.safetensors"))
+    assert set(stage1) == set(load_file(summary["export"]))
+    return cfg
