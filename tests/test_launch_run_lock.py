@@ -30,7 +30,9 @@ time.sleep(600)
 def _foreign(directory: Path, age_s: float, **extra) -> None:
     record = {"host": "another-node", "boot_id": "x", "pid": 4242, "token": "theirs", "started_at": "earlier",
               **extra}
-    (directory / LOCK_FILE).write_text(json.dumps(record))
+    tmp = directory / "record.tmp"  # replaced in one step, as a real takeover's hard link appears
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, directory / LOCK_FILE)
     old = time.time() - age_s
     os.utime(directory / LOCK_FILE, (old, old))
 
@@ -107,6 +109,9 @@ def test_heartbeat_touches_the_file_and_notices_a_takeover(tmp_path):
     assert time.time() - (tmp_path / LOCK_FILE).stat().st_mtime < 1.0
     lock.update(ray_job_id="01000000")
     assert json.loads((tmp_path / LOCK_FILE).read_text())["ray_job_id"] == "01000000"
+    (tmp_path / LOCK_FILE).unlink()  # deleted by hand: the heartbeat writes it again
+    time.sleep(0.4)
+    assert lock.owned() and not lock.lost
     _foreign(tmp_path, age_s=0)  # another run judged us stale and took the directory
     assert lost.wait(5) and lock.lost
     lock.release()

@@ -256,12 +256,12 @@ def train_worker(config: dict[str, Any]) -> None:
         trainer.fit(checkpoint_dir=root, checkpoint_every=cfg.launch.checkpoint_every,
                     max_iterations=config.get("max_iterations"))
     if trainer.preempted is not None:
-        if rank == 0:
+        # without a checkpoint the directory belongs to another run now: write nothing more into it
+        if rank == 0 and trainer.preempted.checkpoint:
             request, it = trainer.preempted, trainer.state.iteration
             from dd2dist.train import checkpoint as ckpt
 
-            saved = str(ckpt.step_dir(root, it)) if request.checkpoint else None
-            write_stop_record(cfg.output_dir, it, request, saved)
+            write_stop_record(cfg.output_dir, it, request, str(ckpt.step_dir(root, it)))
             if tracker is not None:
                 tracker.set_tags({"stopped_at_iteration": it, "stop_reason": request.reason[:4000]})
         return
@@ -378,6 +378,10 @@ def _launch(cfg, dry_run: bool, max_iterations: int | None, locks: list) -> dict
             if (export_dir(cfg) / "generator.safetensors").is_file() else None,
             "preempted": None if dry_run else read_stop_record(cfg.output_dir),
         }
+        if any(lock.lost for lock in locks):  # stopped without a checkpoint (stop.json belongs to the new owner)
+            request = stop.flag.get()
+            summary["preempted"] = {"iteration": summary["iteration"], "checkpoint": None,
+                                    "reason": request.reason if request else "lost the run lock"}
         if summary["preempted"] is not None:
             summary["iteration"] = summary["preempted"]["iteration"]
         return summary

@@ -17,7 +17,8 @@ checks that what it moved is the record it judged stale (else puts it back), del
 lock again. The owner releases the lock when the run ends, whatever the outcome; a run killed with SIGKILL
 leaves it behind, and the next run takes it over by the rules above. If the heartbeat finds another run's record
 in the file (this run was judged stale, e.g. its file system hung for longer than the staleness), it stops
-touching it and calls ``on_lost``: the launcher then stops the run without writing.
+touching it and calls ``on_lost``: the launcher then stops the run without writing. A lock file deleted by hand
+while its run lives is written again at the next heartbeat; an unreadable one is judged at the next.
 
 Only file systems can be locked: a ``launch.storage_path`` that is a URI (``s3://...``) gets no lock of its own
 (object stores have no atomic create-if-absent through the interfaces Ray uses); it is then protected only
@@ -233,6 +234,12 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s()):
             try:
                 held = self._read_existing()
+                if held is None and self._create():  # deleted by hand while the run lives: take it back
+                    log.warning("run lock %s was deleted while this run holds the directory; written again",
+                                self.path)
+                    continue
+                if held is not None and not held[0]:
+                    continue  # unreadable (being written): judge at the next beat
                 if held is None or held[0].get("token") != self.record["token"]:
                     self.lost = True
                     holder = held[0] if held else {}

@@ -590,12 +590,17 @@ class Trainer:
     def resume(self, candidates: Sequence[str | Path]) -> Path | None:
         """Load the first of ``candidates`` (newest first) that verifies against its manifest; returns it.
 
-        Collective: every rank re-hashes a share of each candidate's files, and all ranks follow rank 0's list,
+        Collective: every rank re-hashes a share of each candidate's files, and all ranks follow rank 0's order,
         so they load the same checkpoint. Skipped ones are logged with the reason and kept in
         ``resume_skipped``. None when there is no candidate; :class:`NoVerifiedCheckpoint` when there are some but
         none verifies (starting over would silently throw the run away).
         """
-        ordered = [Path(p) for p in gather_objects([str(p) for p in candidates])[0]]
+        mine = [Path(p) for p in candidates]
+        lists = gather_objects([str(p) for p in mine])
+        # every rank follows rank 0's order; a rank keeps its own paths when they name the same checkpoints (a
+        # copy downloaded from remote storage lives in a different local folder on each node)
+        same = all([Path(x).name for x in other] == [p.name for p in mine] for other in lists)
+        ordered = mine if same else [Path(p) for p in lists[0]]
         self.resume_skipped = []
         for path in ordered:
             problems = manifest.verify(path)
