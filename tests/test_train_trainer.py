@@ -506,3 +506,19 @@ def test_stop_request_on_the_last_iteration_lets_the_run_finish(tmp_path):
                   callbacks=[lambda t, m: flag.request("late") if t.state.iteration == TOTAL - 1 else None])
     tr.fit(checkpoint_dir=tmp_path)
     assert tr.done and tr.preempted is None
+
+
+def test_consolidation_refuses_a_damaged_checkpoint(tmp_path):
+    from dd2dist.eval.run_eval import load_student_weights
+    from dd2dist.train.manifest import UnverifiedCheckpoint
+
+    tr = _trainer(_cfg(stages=("stage1",), alignment=AlignmentConfig()))
+    tr.fit(checkpoint_dir=tmp_path, max_iterations=4)
+    step = latest_checkpoint(tmp_path)
+    _assert_same(load_student_weights(step), tr.student_state_dict())
+    path = step / "engines" / "student" / "module.pt"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnverifiedCheckpoint, match="engines/student/module.pt: sha256 differs"):
+        load_student_weights(step)
