@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 if TYPE_CHECKING:  # imported for annotations only: teachers import this module
     from dd2dist.teachers.base import Sampling
 
-T_MIN = 0.02  # the score scales like 1/t^2: below this the closed form is numerically useless in fp32
+T_MIN = 0.02  # default floor of t (the score scales like 1/t^2); callers that draw t lower pass their own t_min
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 24  # rows * V per posterior chunk: 64 MiB of fp32 logits
 
 # ---------------------------------------------------------------------------------------------------------

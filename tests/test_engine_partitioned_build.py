@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"var": ROOT / "configs/experiments/tiny_var.yaml", "llamagen": ROOT / "configs/experiments/tiny_llamagen.yaml"}
 
 
-@pytest.mark.parametrize("family", ["var", "llamagen"])
-def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, tmp_path):
-    cfg = load_config(TINY[family], ["teacher.official=null"], check_paths=False)
+@pytest.mark.parametrize("family,noise_input", [("var", "none"), ("llamagen", "none"), ("llamagen", "mlp")])
+def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, noise_input, tmp_path):
+    cfg = load_config(TINY[family], ["teacher.official=null", f"student.noise_input={noise_input}"],
+                      check_paths=False)
     torch.manual_seed(3)
     teacher = build_teacher(cfg.teacher)
     path = tmp_path / "teacher.pt"
@@ -38,6 +39,7 @@ def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, tm
         else:  # a fresh head: same layout, zero-initialised output, so it starts at v = 0 like the copy
             assert built_state[key].shape == value.shape, key
     assert not built.head.final.linear.weight.any() and not built.head.final.linear.bias.any()
+    assert any(".vector_input." in key for key in built_state) == (noise_input == "mlp")
     seq = torch.randn(2, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(0))
     cond = Cond(labels=torch.tensor([0, 1]))
     with torch.no_grad():  # non-persistent buffers (masks, RoPE tables) were rebuilt

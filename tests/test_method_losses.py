@@ -51,6 +51,44 @@ def test_gts_zero_head_loss_is_teacher_velocity_power(setup):
     assert torch.allclose(loss, v.pow(2).mean(), rtol=1e-5)
 
 
+def test_gts_target_uses_the_drawn_times_below_the_default_floor(setup):
+    """t_min = 0.005 < latent.T_MIN: the target is the closed form at the very t each x_t was built with."""
+    teacher, _, _ = setup
+    fresh = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    cond = Cond(labels=torch.arange(16) % 4)
+    x0 = teacher.embed(teacher.sample(cond, SAMPLING, generator=_g(5)).clone())
+    low = 0.005
+    loss, _ = gts_loss(fresh, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(7), t_min=low)
+    g = _g(7)
+    t = low + (1 - low) * torch.rand(16, teacher.num_tokens, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    assert bool((t < 0.02).any())  # some draws sit below the old clamp
+    xt = (1 - t[..., None]) * x0 + t[..., None] * eps
+    lp = teacher.log_probs(x0, cond, SAMPLING)
+    exact = posterior(lp, teacher.codebook(), xt, t, t_min=low).velocity
+    assert torch.allclose(loss, exact.pow(2).mean(), rtol=1e-5)
+    clamped = posterior(lp, teacher.codebook(), xt, t).velocity  # what the clamp at 0.02 used to give
+    assert not torch.allclose(loss, clamped.pow(2).mean(), rtol=1e-3)
+
+
+def test_csd_closed_form_uses_the_drawn_times_below_the_default_floor(setup):
+    teacher, gen, gui = setup
+    cond = Cond(labels=torch.tensor([0, 1, 2, 3]))
+    eps = torch.randn(4, teacher.num_tokens, teacher.embed_dim, generator=_g(3))
+    with torch.no_grad():
+        q = gen.generate(eps, cond)
+    low = 0.005
+    _, m = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(9), t_min=low, t_max=0.01)
+    g = _g(9)
+    t = low + (0.01 - low) * torch.rand(4, teacher.num_tokens, generator=g)
+    noise = torch.randn(q.shape, generator=g)
+    xt = (1 - t[..., None]) * q + t[..., None] * noise
+    lp = teacher.log_probs(q, cond, SAMPLING)
+    x0_real = posterior(lp, teacher.codebook(), xt, t, t_min=low).x0
+    expected_w = (q - x0_real).abs().mean(dim=(1, 2)).mean()
+    assert torch.allclose(m["w"], expected_w, rtol=1e-5)
+
+
 def test_gts_gradient_reaches_student_not_teacher(setup):
     teacher, gen, _ = setup
     cond = Cond(labels=torch.tensor([0, 3]))

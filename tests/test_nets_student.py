@@ -270,3 +270,53 @@ def test_one_step_sampler_generates_what_the_student_generates(family):
     assert (sampler.num_tokens, sampler.embed_dim) == (net.num_tokens, net.embed_dim)
     with pytest.raises(ValueError, match="eps must be"):
         sampler.generate(eps[:, :-1], cond)
+
+
+def _within_cell_pair(net, gen):
+    """Two noise sequences that differ only at position 0, by a move (a rescaling) that keeps its nearest code and
+    its soft-rule weights to 1e-5: rows where the two differ more are left out."""
+    from dd2dist.teachers.llamagen import soft_input_weights
+
+    eps = torch.randn(32, net.num_tokens, net.embed_dim, generator=gen)
+    moved = eps.clone()
+    moved[:, 0] *= 1.5  # the same direction, so the same largest dot product with the unit codes
+    cb, tau = net.backbone.codebook(), net.backbone.cfg.soft_tau
+    same = (soft_input_weights(eps[:, 0], cb, tau) - soft_input_weights(moved[:, 0], cb, tau)).abs().amax(-1) < 1e-5
+    assert int(same.sum()) >= 8
+    return eps[same], moved[same]
+
+
+@pytest.mark.parametrize("noise_input", ["none", "mlp"])
+def test_llamagen_generator_features_see_earlier_noise_within_a_code_cell(noise_input):
+    """Only with the continuous input path do later positions' features depend on the noise of an earlier
+    position beyond the code cell it falls in."""
+    teacher = _teacher("llamagen")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, noise_input=noise_input))
+    eps, moved = _within_cell_pair(net, torch.Generator().manual_seed(4))
+    cond = Cond(labels=torch.arange(eps.shape[0]) % 4)
+    with torch.no_grad():
+        if noise_input == "mlp":  # a fresh path adds zero: the student starts as the teacher does
+            plain = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+            assert torch.equal(net.features(eps, cond), plain.features(eps, cond))
+            net.backbone.gpt.vector_input.net[2].weight.normal_(0, 0.3)  # as training moves it away from zero
+        change = (net.features(eps, cond) - net.features(moved, cond))[:, 1:].abs().max()
+    if noise_input == "mlp":
+        assert change > 1e-2
+    else:
+        assert change < 1e-4
+
+
+def test_continuous_input_path_learns_within_cell_information():
+    """A gradient reaches the path's zero-initialised output layer from a loss on later positions."""
+    teacher = _teacher("llamagen")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, noise_input="mlp"))
+    eps = torch.randn(4, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(5))
+    net.features(eps, Cond(labels=torch.arange(4)))[:, 1:].pow(2).sum().backward()
+    assert net.backbone.gpt.vector_input.net[2].weight.grad.abs().sum() > 0
+
+
+def test_noise_input_is_refused_by_name_for_an_unknown_value():
+    from dd2dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="student.noise_input"):
+        load_config("configs/base.yaml", ["student.noise_input=linear"])

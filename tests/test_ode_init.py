@@ -262,3 +262,71 @@ def test_pairs_come_in_blocks_of_one_sampler_call_and_resume_inside_a_block():
     for a, b in zip(fresh[::2], steps[4][::2]):
         assert torch.equal(a, b)
     assert torch.equal(fresh[1].labels, steps[4][1].labels)
+
+
+def test_export_hook_gets_the_regression_generator_once_before_csd(tmp_path):
+    """The DD1-style baseline of the fidelity benchmark: the generator exactly as the regression left it."""
+    got = []
+
+    def make(hook=None):
+        torch.manual_seed(0)
+        return Trainer(_cfg(4), _teacher("var"), TorchEngineFactory(), export_hook=hook)
+
+    tr = make(lambda name, state: got.append((name, {k: v.clone() for k, v in state.items()},
+                                             tr.state.iteration)))
+    tr.fit(max_iterations=2 + 4)  # stage 1 and the whole regression: CSD has not been entered yet
+    regressed = {k: v.clone() for k, v in tr.engines["generator"].full_state_dict().items()}
+    assert [name for name, _, _ in got] == ["stage1_student"]
+    tr.fit()
+    assert [name for name, _, _ in got] == ["stage1_student", "generator_regression"]
+    _, state, iteration = got[1]
+    assert iteration == 6
+    assert state.keys() == regressed.keys() and all(torch.equal(state[k], regressed[k]) for k in state)
+    # a run resumed inside CSD exported it already: no second call
+    a = make()
+    a.fit(checkpoint_dir=tmp_path, max_iterations=8)
+    calls = []
+    b = make(lambda name, state: calls.append(name))
+    b.resume_latest(tmp_path)
+    b.fit()
+    assert calls == []
+
+
+def test_regression_anchor_adds_the_pair_loss_to_csd_and_resumes_exactly(tmp_path):
+    from test_train_trainer import _assert_same, _snapshot
+
+    cfg = _cfg(0)
+    cfg = replace(cfg, stage2=replace(cfg.stage2, regression_weight=0.5, generator_steps=4))
+
+    def make():
+        torch.manual_seed(0)
+        return Trainer(cfg, _teacher("var"), TorchEngineFactory())
+
+    seen = []
+    ref = make()
+    ref.callbacks.append(lambda tr, m: seen.append(m) if "generator/loss" in m else None)
+    ref.fit()
+    assert len(seen) == 4 and all("generator/regression_loss" in m for m in seen)
+    # four generator steps, 3 per block (ode_pairs_per_call): resume inside the second block
+    for stop in (2 + 3 * 2, 2 + 3 * 4):
+        a = make()
+        a.fit(checkpoint_dir=tmp_path / str(stop), max_iterations=stop)
+        b = make()
+        b.resume_latest(tmp_path / str(stop))
+        b.fit()
+        _assert_same(_snapshot(b), _snapshot(ref))
+
+
+def test_strided_pairs_give_each_generator_step_its_own_rows_and_resume_inside_a_block():
+    from dd2dist.train.batches import BatchSource
+
+    teacher = _teacher("var")
+    cfg = _cfg(0)  # batch 4, 3 pairs per sampler call
+    src = BatchSource(cfg, 0, 1, torch.device("cpu"), teacher, None, teacher.codebook())
+    K1 = 3  # generator steps at phase iterations 2, 5, 8, ... (K = 2)
+    steps = [src.ode_pairs(20 + j * K1 + 2, j * K1 + 2, 0, teacher, stride=K1) for j in range(6)]
+    eps = torch.stack([e for e, _, _ in steps])
+    assert all(not torch.equal(eps[i], eps[j]) for i in range(6) for j in range(i))
+    fresh = BatchSource(cfg, 0, 1, torch.device("cpu"), teacher, None, teacher.codebook())
+    again = fresh.ode_pairs(20 + 4 * K1 + 2, 4 * K1 + 2, 0, teacher, stride=K1)  # resumed at the 5th step
+    assert torch.equal(again[0], steps[4][0]) and torch.equal(again[2], steps[4][2])

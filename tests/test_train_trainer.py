@@ -269,13 +269,14 @@ def test_stage2_only_run_starts_from_given_student():
     _assert_same(s2.ema.shadow, s2.engines["generator"].local_param_tensors(), "ema")
 
 
-def test_stage1_hook_gets_the_stage1_student_once_before_stage2(tmp_path):
+def test_export_hook_gets_the_stage1_student_once_before_stage2(tmp_path):
     got = []
 
-    def hook(state):
+    def hook(name, state):
+        assert name == "stage1_student"
         got.append(({k: v.clone() for k, v in state.items()}, tr.state.iteration, tr.engine_group))
 
-    tr = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), stage1_hook=hook)
+    tr = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), export_hook=hook)
     tr.fit(max_iterations=6)  # the end of stage 1 (3 head-only + 3 full steps): the hook has not run yet
     assert got == []
     stage1 = tr.student_state_dict()
@@ -288,7 +289,8 @@ def test_stage1_hook_gets_the_stage1_student_once_before_stage2(tmp_path):
     a = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")))
     a.fit(checkpoint_dir=tmp_path, max_iterations=8)
     calls = []
-    b = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), stage1_hook=calls.append)
+    b = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")),
+                 export_hook=lambda name, state: calls.append(name))
     b.resume_latest(tmp_path)
     b.fit()
     assert calls == []

@@ -100,6 +100,9 @@ class StudentConfig:
     head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
     generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
+    # LlamaGen students reading vectors through the soft rule: "mlp" adds a zero-initialised MLP of each raw input
+    # vector to its embedding (dd2dist/nets/vector_input.py), so the generator sees its noise, not just its code cell
+    noise_input: Literal["none", "mlp"] = "none"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
@@ -171,6 +174,9 @@ class Stage2Config:
     ode_init_warmup_steps: int = _f(20, ge=0)  # its linear warm-up, in regression steps
     ode_steps: int = _f(8, ge=1)  # Heun steps of the teacher PF-ODE per AR step for those pairs
     ode_pairs_per_call: int = _f(8, ge=1)  # regression steps whose pairs one teacher sampler call makes
+    # DMD-style anchor during CSD: the generator loss adds this weight times the regression loss on PF-ODE pairs,
+    # the CSD step then drawing its noise from those pairs (0 = CSD alone, the paper)
+    regression_weight: float = _f(0.0, ge=0.0)
     generator_steps: int = _f(20, ge=0)  # generator (CSD) updates (paper d16: 8k before alignment)
     guidance_per_generator: int = _f(2, ge=1)  # K guidance updates per generator update (paper: 5; toy best: 2)
     generator_lr: float = _f(2e-4, gt=0.0)  # end LR of the generator warm-up (paper: 2e-4 d16/d20, 1e-4 LG-L)

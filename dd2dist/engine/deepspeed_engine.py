@@ -749,6 +749,7 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     """
     from dd2dist.nets import StudentNet
     from dd2dist.nets.head import MLPHead
+    from dd2dist.nets.vector_input import VectorInput
     from dd2dist.teachers import build_family
 
     state = _LazyState(state_path)
@@ -757,13 +758,20 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
                              student_cfg, init_adapter=False)
     student = student.to_empty(device="cpu")
     head = student.head
-    fresh = MLPHead(token_dim=head.token_dim, cond_dim=head.cond_dim, width=student_cfg.head_width,
-                    depth=student_cfg.head_depth, time_embed_dim=student_cfg.time_embed_dim).state_dict()
+    # the student's own modules, freshly initialised in the order StudentNet builds them (same RNG draws)
+    fresh: dict[str, Tensor] = {}
+    vector_input = getattr(getattr(student.backbone, "gpt", None), "vector_input", None)
+    if vector_input is not None:
+        fresh.update({f"backbone.gpt.vector_input.{k}": v for k, v in
+                      VectorInput(head.token_dim, head.cond_dim).state_dict().items()})
+    fresh.update({f"head.{k}": v for k, v in MLPHead(
+        token_dim=head.token_dim, cond_dim=head.cond_dim, width=student_cfg.head_width, depth=student_cfg.head_depth,
+        time_embed_dim=student_cfg.time_embed_dim).state_dict().items()})
     loaded: dict[str, Tensor] = {}
     names = set(state)
     for key in student.state_dict():
-        if key.startswith("head."):
-            loaded[key] = fresh[key[len("head."):]]
+        if key in fresh:
+            loaded[key] = fresh[key]
         elif key[len("backbone."):] in names:
             loaded[key] = state[key[len("backbone."):]]
         else:

@@ -46,16 +46,17 @@ def export_dir(cfg) -> Path:
 STAGE1_FILE = "stage1_student.safetensors"
 
 
-def stage1_export_hook(cfg, rank: int):
-    """Trainer ``stage1_hook``: rank 0 writes the consolidated stage-1 student to ``export/STAGE1_FILE``
-    (atomically: a crash leaves the old file or none, never half of one)."""
+def phase_export_hook(cfg, rank: int):
+    """Trainer ``export_hook``: rank 0 writes the consolidated weights of a hand-over to
+    ``export/<name>.safetensors`` (STAGE1_FILE; the regression's generator is
+    ``dd2dist.eval.fidelity.REGRESSION_EXPORT``), atomically: a crash leaves the old file or none, never half."""
 
-    def hook(state) -> None:
+    def hook(name: str, state) -> None:
         if rank != 0:
             return
         from safetensors.torch import save_file
 
-        path = export_dir(cfg) / STAGE1_FILE
+        path = export_dir(cfg) / f"{name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
@@ -249,7 +250,7 @@ def train_worker(config: dict[str, Any]) -> None:
     with worker_stop_source(config.get("stop_board")) as stop_source:
         trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
                           student_template=student_template, checkpoint_hook=report,
-                          stage1_hook=stage1_export_hook(cfg, rank), callbacks=callbacks, stop_source=stop_source)
+                          export_hook=phase_export_hook(cfg, rank), callbacks=callbacks, stop_source=stop_source)
         _resume(trainer, root, cfg, rank, tracker)
         if tracker is not None and trainer.state.iteration:
             tracker.set_tags({"resumed_from_iteration": trainer.state.iteration})

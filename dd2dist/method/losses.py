@@ -21,10 +21,13 @@ from dd2dist.latent import add_noise, nearest_code, posterior, velocity_to_x0
 from dd2dist.teachers.base import ARTeacher, Cond, Sampling
 
 
-def closed_form(lp: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor):
-    """The teacher posterior, always in fp32: autocast (bf16 runs) must not touch its softmax-of-distances matmul."""
+def closed_form(lp: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor, t_min: float):
+    """The teacher posterior, always in fp32: autocast (bf16 runs) must not touch its softmax-of-distances matmul.
+
+    ``t_min`` is the floor the caller drew ``t`` from: the posterior must use the very times ``x_t`` was built with
+    (clamping them higher would rescale the target by t / t_min without a word)."""
     with torch.autocast(device_type=x_t.device.type, enabled=False):
-        return posterior(lp.float(), codebook.float(), x_t.float(), t)
+        return posterior(lp.float(), codebook.float(), x_t.float(), t, t_min=t_min)
 
 
 def uniform_times(shape: tuple[int, ...], low: float, high: float, gen: torch.Generator, device) -> Tensor:
@@ -65,7 +68,7 @@ def gts_loss(
     x_t = add_noise(x0, eps, t)
     with torch.no_grad():
         lp = teacher_log_probs if teacher_log_probs is not None else teacher.log_probs(x0, cond, sampling)
-        target = closed_form(lp, codebook, x_t, t).velocity
+        target = closed_form(lp, codebook, x_t, t, t_min).velocity
     feats = student.features(x0, cond)
     v = student.velocity(x_t, t, feats).float()
     loss = (v - target).pow(2).mean()
@@ -162,7 +165,7 @@ def csd_loss(
     eps = gaussian(qf, gen)
     with torch.set_grad_enabled(kind == "sid" and torch.is_grad_enabled()):
         x_t = add_noise(qf if kind == "sid" else q_sg, eps, t)
-        x0_real = closed_form(lp, codebook, x_t, t).x0
+        x0_real = closed_form(lp, codebook, x_t, t, t_min).x0
         x0_fake = velocity_to_x0(x_t, guidance.velocity(x_t, t, feats).float(), t)
     w = (q_sg - x0_real.detach()).abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)
     diff = x0_real - x0_fake

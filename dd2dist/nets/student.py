@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dd2dist.nets.head import MLPHead
+from dd2dist.nets.vector_input import NOISE_INPUTS, VectorInput
 from dd2dist.teachers.base import ARTeacher, Cond
 
 log = logging.getLogger("dd2dist.nets")
@@ -105,26 +106,34 @@ def refresh_soft_tau(backbone: ARTeacher) -> None:
     backbone.gpt.cfg = soft_cfg
 
 
-def _llamagen_backbone(teacher: ARTeacher) -> ARTeacher:
+def _llamagen_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeacher:
     """A LlamaGen copy that reads continuous inputs (see the module docstring): the teacher's own ``mlp`` adapter,
-    or its ``soft`` rule at :func:`sharp_soft_tau`."""
+    or its ``soft`` rule at :func:`sharp_soft_tau`, plus with ``noise_input="mlp"`` a zero-initialised
+    :class:`~dd2dist.nets.vector_input.VectorInput` of the raw vector."""
     backbone = copy.deepcopy(teacher)
     if teacher.cfg.input_adapter == "mlp":
         return backbone
     backbone.cfg = replace(teacher.cfg, input_adapter="soft")
     backbone.gpt.cfg = backbone.cfg
     refresh_soft_tau(backbone)
-    log.info("student: LlamaGen inputs through the teacher's soft rule at tau %.3g", backbone.cfg.soft_tau)
+    if noise_input == "mlp":
+        device = backbone.gpt.tok_embeddings.weight.device
+        backbone.gpt.vector_input = VectorInput(teacher.embed_dim, teacher.hidden_dim).to(device)
+    log.info("student: LlamaGen inputs through the teacher's soft rule at tau %.3g%s", backbone.cfg.soft_tau,
+             " plus a continuous input MLP" if noise_input == "mlp" else "")
     return backbone
 
 
-def student_backbone(teacher: ARTeacher) -> ARTeacher:
-    """A pruned, trainable copy of the teacher that still implements ``features`` (see the module docstring)."""
+def student_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeacher:
+    """A pruned, trainable copy of the teacher that still implements ``features`` (see the module docstring);
+    ``noise_input`` is ``student.noise_input`` (LlamaGen soft-rule students only)."""
+    if noise_input not in NOISE_INPUTS:
+        raise ValueError(f"student.noise_input must be one of {NOISE_INPUTS}, got {noise_input!r}")
     if teacher.family == "var":
         backbone = copy.deepcopy(teacher)
         _drop(backbone.transformer, "head", "head_nm")
     elif teacher.family == "llamagen":
-        backbone = _llamagen_backbone(teacher)
+        backbone = _llamagen_backbone(teacher, noise_input)
         _drop(backbone.gpt, "output")
         if backbone.cfg.input_adapter == "mlp":
             _drop(backbone.gpt, "tok_embeddings")  # unused: ids and vectors both go through input_mlp
@@ -155,7 +164,7 @@ class StudentNet(nn.Module):
 
     def __init__(self, teacher: ARTeacher, student_cfg, init_adapter: bool = True):
         super().__init__()
-        self.backbone = student_backbone(teacher)
+        self.backbone = student_backbone(teacher, getattr(student_cfg, "noise_input", "none"))
         # τ is a function of the codebook, which loading weights may replace (an exported student is loaded into a
         # randomly initialised build): recompute it after every load so training and sampling read alike
         self.register_load_state_dict_post_hook(lambda module, _incompatible: refresh_soft_tau(module.backbone))

@@ -228,6 +228,7 @@ class LlamaGenGPT(nn.Module):
                 nn.Linear(cfg.tokenizer.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                 nn.Linear(hidden, D),
             )
+        self.vector_input: nn.Module | None = None  # a student may add one (soft rule only)
         self.init_buffers(self.output.weight.device)
         self.reset_parameters()
 
@@ -241,7 +242,7 @@ class LlamaGenGPT(nn.Module):
     def reset_parameters(self) -> None:
         """Our own random init: N(0, 0.02) weights, unit norm weights, default init for the adapter MLP."""
         for name, m in self.named_modules():
-            if name.startswith("input_mlp"):
+            if name.startswith(("input_mlp", "vector_input")):
                 continue
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=INIT_STD)
@@ -273,7 +274,9 @@ class LlamaGenGPT(nn.Module):
             return self.tok_embeddings((x.float() @ codebook.T).argmax(-1))
         if adapter == "soft":
             weights = soft_input_weights(x, codebook, self.cfg.soft_tau)
-            return weights.to(self.tok_embeddings.weight.dtype) @ self.tok_embeddings.weight
+            h = weights.to(self.tok_embeddings.weight.dtype) @ self.tok_embeddings.weight
+            # a student's continuous path (dd2dist.nets.vector_input): teachers have none
+            return h if self.vector_input is None else h + self.vector_input(x)
         return self.input_mlp(x.to(self.input_mlp[0].weight.dtype))
 
     # ---- passes ---------------------------------------------------------------------------------------

@@ -93,16 +93,20 @@ class BatchSource:
                           f"{purpose}/{micro}/eps"), device=self.device)
         return eps, cond
 
-    def ode_pairs(self, iteration: int, phase_iter: int, micro: int, teacher: ARTeacher) -> tuple[Tensor, Cond, Tensor]:
-        """Noise (B, N, Ce), condition and the teacher's PF-ODE token ids (B, N) for a regression step.
+    def ode_pairs(self, iteration: int, phase_iter: int, micro: int, teacher: ARTeacher,
+                  stride: int = 1) -> tuple[Tensor, Cond, Tensor]:
+        """Noise (B, N, Ce), condition and the teacher's PF-ODE token ids (B, N) for a step that uses them.
 
-        One sampler call makes the pairs of ``stage2.ode_pairs_per_call`` consecutive steps of the phase (the AR
-        sampler's cost is mostly per AR step, not per row): the block starting at iteration ``i0`` is drawn from
-        generators seeded by ``i0``, so a run resumed inside a block recomputes exactly the same pairs.
+        The phase's consumer steps come every ``stride`` iterations (1 in the regression phase; K + 1 for the
+        generator steps of the alternation). One sampler call makes the pairs of ``stage2.ode_pairs_per_call``
+        consecutive consumer steps (the AR sampler's cost is mostly per AR step, not per row): the block whose first
+        step is iteration ``i0`` is drawn from generators seeded by ``i0``, so a run resumed inside a block
+        recomputes exactly the same pairs.
         """
         s2 = self.cfg.stage2
         B, per_call = s2.batch_size, s2.ode_pairs_per_call
-        i0 = iteration - phase_iter % per_call
+        slot = (phase_iter // stride) % per_call  # this step's place in its block
+        i0 = iteration - slot * stride
         key = (i0, micro)
         if self._ode_block is None or self._ode_block[0] != key:
             cond = Cond(labels=self.labels(B * per_call, i0, micro, f"ode/{micro}/labels"))
@@ -111,7 +115,7 @@ class BatchSource:
             ids = teacher_ode_tokens(teacher, eps, cond, self.cfg.teacher.sampling, self.codebook, s2.ode_steps)
             self._ode_block = (key, eps, cond, ids)
         _, eps, cond, ids = self._ode_block
-        own = slice((iteration - i0) * B, (iteration - i0 + 1) * B)  # this step's rows of the block
+        own = slice(slot * B, (slot + 1) * B)  # this step's rows of the block
         return eps[own], Cond(labels=cond.labels[own]), ids[own]
 
     # ---- stream position ----------------------------------------------------------------------------------

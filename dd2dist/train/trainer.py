@@ -104,9 +104,11 @@ class Trainer:
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
             for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
             starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
-        stage1_hook: ``hook(state)`` called on every rank with the consolidated stage-1 student weights when stage 2
-            takes over from stage 1 in this run (before any stage-2 step, so a checkpoint of stage 2 implies the
-            hook ran): the Ray layer exports the stage-1 model there for evaluation.
+        export_hook: ``hook(name, state)`` called on every rank with consolidated weights at the two hand-overs whose
+            model is evaluated later: ``"stage1_student"`` when stage 2 takes over from stage 1 in this run, and
+            ``"generator_regression"`` (the generator as the PF-ODE regression left it, the DD1-style baseline) when
+            CSD takes over from the regression. Each call comes before the next phase's first step, so a checkpoint
+            after it implies the hook ran; the Ray layer writes the weights to the run's export folder.
         stop_source: asked on every rank after every iteration (then one small all-reduce agrees on the answer);
             a request on any rank makes every rank write a checkpoint at that iteration (when ``fit`` has a
             ``checkpoint_dir`` and the request asks for one) and return from ``fit`` with ``preempted`` set. Give
@@ -126,7 +128,7 @@ class Trainer:
         callbacks: list[StepCallback] | tuple[StepCallback, ...] = (),
         init_student: dict[str, Tensor] | None = None,
         student_template: StudentNet | None = None,
-        stage1_hook: Callable[[dict[str, Tensor]], None] | None = None,
+        export_hook: Callable[[str, dict[str, Tensor]], None] | None = None,
         stop_source: StopSource | None = None,
     ):
         self.cfg = cfg
@@ -142,7 +144,7 @@ class Trainer:
         self.resume_skipped: list[tuple[Path, list[str]]] = []  # checkpoints resume() skipped, and why
         self.last_save_timing: dict[str, float] = {}
         self._init_student = init_student
-        self.stage1_hook = stage1_hook
+        self.export_hook = export_hook
         self._last_logged = -1
         self._checked_phase = -1
         self._active_role: Role | None = None
@@ -232,8 +234,8 @@ class Trainer:
         """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced
         (``loading``: a checkpoint is about to overwrite the weights, so the initial values do not matter)."""
         init = self._current_student_state() if from_previous else None
-        if group == "stage2" and init is not None and self.stage1_hook is not None:
-            self.stage1_hook(init)
+        if group == "stage2" and init is not None and self.export_hook is not None:
+            self.export_hook("stage1_student", init)
         if init is None and self._init_student is not None and not from_previous and not loading:
             init = self._init_student
         if group == "stage2" and init is None and not loading:
@@ -313,7 +315,12 @@ class Trainer:
             eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher)
             loss, m = regression_loss(generator, eps, cond, self.codebook[ids])
             return loss, m, eps.shape[0]
-        eps, cond = self.batches.stage2(self.state.iteration, micro, role)
+        anchor = role == "generator" and s2.regression_weight > 0
+        if anchor:  # CSD on the noise of PF-ODE pairs, whose teacher tokens anchor the generator's map
+            eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher,
+                                                    stride=self.phase.guidance_per_generator + 1)
+        else:
+            eps, cond = self.batches.stage2(self.state.iteration, micro, role)
         if role == "guidance":
             with torch.no_grad():
                 q = generator.generate(eps, cond)
@@ -325,6 +332,10 @@ class Trainer:
         loss, m = csd_loss(q, teacher, guidance, self.codebook, cond, self.sampling, self._gen(f"csd/{micro}"),
                            kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max,
                            teacher_prefix=s2.teacher_prefix, guidance_prefix=s2.guidance_prefix)
+        if anchor:
+            reg = (q.float() - self.codebook[ids]).pow(2).sum(-1).mean()
+            loss = loss + s2.regression_weight * reg
+            m = {**m, "regression_loss": reg.detach()}
         return loss, m, eps.shape[0]
 
     def _autocast(self):
@@ -393,6 +404,8 @@ class Trainer:
                 # write into the module weights alone would be overwritten from the old master at the next step.
                 self.engines["generator"].load_full_state_dict(self.generator_state_dict(use_ema=True))
             if phase.kind == "alternate" and self._follows_regression():
+                if self.export_hook is not None:
+                    self.export_hook("generator_regression", self.generator_state_dict(use_ema=False))
                 # CSD after the regression start: fresh AdamW moments and the CSD warm-up from lr_start (the
                 # regression's second moments are of another loss's scale)
                 self.engines["generator"].reset_optimizer(self._stage2_specs()[0])

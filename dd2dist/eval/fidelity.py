@@ -1,0 +1,429 @@
+"""Teacher-referenced fidelity: how close each sampler of a run comes to the teacher's own distribution.
+
+A distillation method is judged by generator-vs-teacher, not by generator-vs-data: FID against a few held-out
+images mixes the teacher's own error with the student's. The teacher can be sampled without limit, so every
+sampler here is scored against an independent set of the teacher's samples (draw A):
+
+* ``teacher``: a second, independent teacher draw (B). Its scores are the **floor**: the value of each metric
+  for a perfect distillation at this sample count;
+* ``marginals``: every token drawn independently from the teacher's class-conditional per-position marginals,
+  counted on a third teacher draw (C). A sampler at this score has learned no dependence between tokens;
+* ``one_step`` (continuous tokens decoded as they are), ``one_step_snapped`` (their nearest codes),
+  ``one_step_compact`` (the compact sampling head), ``refined_k`` (the one-step sample with its last k-1 AR steps
+  re-sampled by the teacher), ``stage1`` (the stage-1 model used as a one-step generator), ``dd1`` /
+  ``dd1_snapped`` (the generator after the PF-ODE regression alone, before any CSD step: Distilled Decoding 1's
+  noise-to-token map), each where the run has its weights.
+
+Scores per sampler, in the feature space of :mod:`dd2dist.eval.features` (the digits classifier for the digits
+teachers): FID, precision and recall against draw A (torch-fidelity's formulas on features computed once per
+set), class consistency; and on the tokens (nearest codes of continuous samples) three figures that need no
+feature network: per-position marginal TV (:mod:`dd2dist.eval.token_marginals`), pairwise joint TV
+(:mod:`dd2dist.eval.token_pairs`) and the teacher's exact mean negative log-likelihood of the sequences under the
+distillation target.
+
+The headline, per sampler: **dependence captured** = (S_marginals - S) / (S_marginals - S_floor) for S = FID to
+the teacher (and the same for the pairwise TV): 0 for a sampler no better than independent tokens, 1 at the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
+from dd2dist.eval.token_pairs import pair_counts, pair_tv
+from dd2dist.teachers.base import ARTeacher, Cond
+
+REGRESSION_EXPORT = "generator_regression.safetensors"  # the generator as the PF-ODE regression left it
+# Seed offsets of the independent draws, far from evaluate_run's per-run range (seed * 1_000_003 + 7919 + i)
+DRAW_OFFSETS = {"reference": 100_000_000, "teacher": 200_000_000, "marginal_counts": 300_000_000,
+                "marginals": 400_000_000, "one_step": 500_000_000, "stage1": 600_000_000, "dd1": 700_000_000}
+ALL_SAMPLERS = ("teacher", "marginals", "one_step", "one_step_snapped", "one_step_compact", "refined", "stage1",
+                "dd1", "dd1_snapped")
+
+
+@dataclass
+class FidelityOptions:
+    """What the benchmark draws: ``num_samples`` per set (class-balanced), which samplers."""
+
+    num_samples: int = 10_000
+    batch_size: int = 500
+    samplers: tuple[str, ...] = ALL_SAMPLERS  # those whose weights the run lacks are left out
+    refine_steps: tuple[int, ...] | None = None  # None: the run's eval.refine_steps
+    prc_neighborhood: int = 3
+    nll_samples: int = 2_000  # sequences per set whose teacher NLL is computed (a mean: fewer suffice)
+
+
+@dataclass
+class Draw:
+    """One sampler's set: nearest-code ids (M, N), decoded uint8 images, generation time."""
+
+    ids: Tensor
+    images: Tensor
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
+    """0, 1, ..., C-1, 0, 1, ...: every class within one of num_samples / C."""
+    return torch.arange(num_samples) % num_classes
+
+
+def dependence_captured(score: float, marginals: float, floor: float) -> float:
+    """(S_marginals - S) / (S_marginals - S_floor): 0 = no better than independent tokens, 1 = at the floor."""
+    span = marginals - floor
+    return (marginals - score) / span if span > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# drawing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _uint8(x: Tensor) -> Tensor:
+    from dd2dist.digits.data import to_uint8
+
+    return to_uint8(x)
+
+
+@torch.no_grad()
+def teacher_draw(teacher: ARTeacher, labels: Tensor, sampling, seed_base: int, batch: int) -> Tensor:
+    """Teacher token ids (M, N); batch starting at i is drawn from a generator seeded ``seed_base + i``."""
+    out = []
+    for start in range(0, labels.shape[0], batch):
+        gen = torch.Generator().manual_seed(seed_base + start)
+        out.append(teacher.sample(Cond(labels=labels[start : start + batch]), sampling, generator=gen).clone())
+    return torch.cat(out)
+
+
+def marginal_product_draw(counts: Tensor, labels: Tensor, seed: int) -> Tensor:
+    """Ids (M, N), each token drawn independently from the class-conditional marginals ``counts`` (C, N, V)."""
+    probs = counts.double() + 1e-9  # classes never seen would otherwise have no distribution
+    probs = (probs / probs.sum(-1, keepdim=True))[labels]  # (M, N, V)
+    M, N, V = probs.shape
+    gen = torch.Generator().manual_seed(seed)
+    return torch.multinomial(probs.reshape(M * N, V).float(), 1, generator=gen).view(M, N)
+
+
+@torch.no_grad()
+def one_step_draw(net, labels: Tensor, seed_base: int, batch: int) -> Tensor:
+    """Continuous one-step tokens (M, N, Ce) of a generator (a StudentNet or its sampling form); batch starting
+    at i draws its noise from a generator seeded ``seed_base + i``."""
+    out = []
+    for start in range(0, labels.shape[0], batch):
+        lab = labels[start : start + batch]
+        gen = torch.Generator().manual_seed(seed_base + start)
+        eps = torch.randn((lab.shape[0], net.num_tokens, net.embed_dim), generator=gen)
+        out.append(net.generate(eps, Cond(labels=lab)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def refined_draw(net, teacher: ARTeacher, labels: Tensor, k: int, sampling, seed_base: int, batch: int) -> Tensor:
+    """Ids (M, N) of one-step samples whose last k-1 AR steps the teacher re-sampled."""
+    from dd2dist.eval.sampling import teacher_refined
+
+    out = []
+    for start in range(0, labels.shape[0], batch):
+        gen = torch.Generator().manual_seed(seed_base + start)
+        _, ids = teacher_refined(net, teacher, Cond(labels=labels[start : start + batch]), k, sampling, gen)
+        out.append(ids)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(teacher: ARTeacher, tokens: Tensor, batch: int) -> Tensor:
+    """uint8 images of ids (M, N) or continuous tokens (M, N, Ce)."""
+    return torch.cat([_uint8(teacher.decode(tokens[s : s + batch])) for s in range(0, tokens.shape[0], batch)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------------------
+
+
+def feature_scores(feats: Tensor, reference: Tensor, prc_neighborhood: int = 3) -> dict[str, float]:
+    """FID, precision and recall of features ``feats`` (M, D) (generated) against ``reference`` (M', D), with
+    torch-fidelity's formulas."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    fid = fid_statistics_to_metric(fid_features_to_statistics(feats.double()),
+                                   fid_features_to_statistics(reference.double()), False)
+    precision, recall = calculate_precision_recall_part(feats.float(), reference.float(), prc_neighborhood, 10_000)
+    return {"fid_to_teacher": float(fid["frechet_inception_distance"]), "precision": float(precision),
+            "recall": float(recall)}
+
+
+class FeatureScorer:
+    """Features of uint8 images in a :class:`~dd2dist.eval.features.FeatureSpace`, computed once per set (FID and
+    precision / recall read the same layer in every space this project has)."""
+
+    def __init__(self, space, batch_size: int = 500):
+        from torch_fidelity.utils import create_feature_extractor
+
+        if space.fid_layer != space.prc_layer:
+            raise ValueError(f"feature space {space.extractor}: FID reads {space.fid_layer!r} but precision / recall "
+                             f"{space.prc_layer!r}; the fidelity benchmark scores both on one layer")
+        self.batch_size = batch_size
+        self.extractor = create_feature_extractor(
+            space.extractor, [space.fid_layer], feature_extractor_weights_path=space.weights_path, cuda=False,
+            verbose=False)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """(M, D) fp64 features of uint8 images (M, 3, H, W)."""
+        return torch.cat([self.extractor(images[s : s + self.batch_size].contiguous())[0].double().cpu()
+                          for s in range(0, images.shape[0], self.batch_size)])
+
+
+@torch.no_grad()
+def teacher_nll(teacher: ARTeacher, ids: Tensor, labels: Tensor, sampling, batch: int) -> dict[str, float]:
+    """The teacher's exact negative log-likelihood of token sequences under the distillation target ``sampling``,
+    in nats per sequence (mean and its standard error), and the fraction of tokens the target gives no mass."""
+    totals, zero = [], 0
+    for s in range(0, ids.shape[0], batch):
+        x = ids[s : s + batch]
+        lp = teacher.log_probs(x, Cond(labels=labels[s : s + batch]), sampling).gather(-1, x[..., None])[..., 0]
+        finite = torch.isfinite(lp)
+        zero += int((~finite).sum())
+        totals.append(-lp.double().where(finite, torch.zeros_like(lp, dtype=torch.float64)).sum(-1))
+    nll = torch.cat(totals)
+    return {"mean": float(nll.mean()), "se": float(nll.std() / math.sqrt(max(1, nll.numel()))),
+            "zero_probability_tokens": zero / max(1, ids.numel())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_config(run_dir: str | Path):
+    """The resolved config a run was trained with (``<run>/config.yaml``, else ``<run>/export/config.yaml``)."""
+    from dd2dist.config import load_config
+
+    run_dir = Path(run_dir)
+    for path in (run_dir / "config.yaml", run_dir / "export" / "config.yaml"):
+        if path.is_file():
+            return load_config(path, check_paths=False)
+    raise FileNotFoundError(f"{run_dir}: no config.yaml (the resolved config jobs/distill.py writes) in the run or "
+                            "its export/ folder")
+
+
+def _load_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The sampling forms of the generators the run has: one_step (+ compact), stage1, dd1."""
+    from dd2dist.eval.run_eval import find_stage1_weights, load_student_weights
+    from dd2dist.eval.sampling import load_generator
+    from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
+    from dd2dist.nets.student import StudentNet
+
+    export = run_dir / "export"
+    nets: dict[str, Any] = {}
+    if (export / "generator.safetensors").is_file():
+        net, _ = load_generator(export)
+        nets["one_step"] = net.for_sampling()
+        if "one_step_compact" in wanted and (export / COMPACT_HEAD_FILE).is_file():
+            nets["one_step_compact"] = net.for_sampling(load_compact_head(export / COMPACT_HEAD_FILE).folded())
+    if "dd1" in wanted or "dd1_snapped" in wanted:
+        if (export / REGRESSION_EXPORT).is_file():
+            nets["dd1"] = load_generator(export, weights_file=REGRESSION_EXPORT)[0].for_sampling()
+    if "stage1" in wanted:
+        path = find_stage1_weights(run_dir)
+        if path is not None:
+            net = StudentNet(teacher, cfg.student, init_adapter=False)
+            net.load_state_dict(load_student_weights(path))
+            nets["stage1"] = net.eval().requires_grad_(False).for_sampling()
+    return nets
+
+
+def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOptions(), space_kind: str = "auto",
+                       log: Callable[[str], None] = print) -> dict:
+    """Score every sampler of the run in ``run_dir`` against the teacher's own samples; returns the report."""
+    from dd2dist.data.identity import build_seeded_teacher
+    from dd2dist.eval.run_eval import _feature_space
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
+    sampling = cfg.teacher.sampling
+    C, V = int(teacher.num_classes), int(teacher.vocab_size)
+    n, batch = int(opts.num_samples), int(opts.batch_size)
+    if n < 2 * C:
+        raise ValueError(f"num_samples must be at least 2 per class ({2 * C}), got {n}")
+    labels = balanced_labels(n, C)
+    base = int(cfg.seed) * 1_000_003
+    unknown = [s for s in opts.samplers if s not in ALL_SAMPLERS]
+    if unknown:
+        raise ValueError(f"unknown fidelity sampler(s) {unknown}; choose from {', '.join(ALL_SAMPLERS)}")
+    nets = _load_nets(cfg, teacher, run_dir, opts.samplers)
+    refine = tuple(cfg.eval.refine_steps if opts.refine_steps is None else opts.refine_steps)
+    space, heldout, classifier = _feature_space(cfg, teacher, space_kind)
+    scorer = FeatureScorer(space, batch)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, make: Callable[[], Tensor]) -> tuple[Tensor, float]:
+        t0 = time.perf_counter()
+        out = make()
+        seconds[name] = time.perf_counter() - t0
+        return out, seconds[name]
+
+    # the reference (A), the floor's second teacher draw (B) and the draw the marginals are counted on (C)
+    ref_ids, _ = timed("reference", lambda: teacher_draw(teacher, labels, sampling, base + DRAW_OFFSETS["reference"],
+                                                         batch))
+    draws: dict[str, Draw] = {}
+    plan: list[tuple[str, Callable[[], Tensor], str]] = []  # (name, make tokens, how they are decoded)
+    if "teacher" in opts.samplers:
+        plan.append(("teacher", lambda: teacher_draw(teacher, labels, sampling, base + DRAW_OFFSETS["teacher"], batch),
+                     "ids"))
+    if "marginals" in opts.samplers:
+        def marginals() -> Tensor:
+            counted = teacher_draw(teacher, labels, sampling, base + DRAW_OFFSETS["marginal_counts"], batch)
+            counts = class_position_counts(counted, labels, C, V)
+            return marginal_product_draw(counts, labels, base + DRAW_OFFSETS["marginals"])
+        plan.append(("marginals", marginals, "ids"))
+    for key in ("one_step", "stage1", "dd1"):
+        if key not in nets:
+            continue
+        offset = base + DRAW_OFFSETS[key]
+        if key in opts.samplers:
+            plan.append((key, lambda net=nets[key], o=offset: one_step_draw(net, labels, o, batch), "continuous"))
+        if f"{key}_snapped" in opts.samplers:
+            plan.append((f"{key}_snapped", lambda net=nets[key], o=offset: one_step_draw(net, labels, o, batch),
+                         "snapped"))
+    if "one_step_compact" in nets:  # on one_step's noise: the two differ by the head alone
+        plan.append(("one_step_compact", lambda: one_step_draw(nets["one_step_compact"], labels,
+                                                               base + DRAW_OFFSETS["one_step"], batch), "continuous"))
+    if "refined" in opts.samplers and "one_step" in nets:
+        for k in refine:
+            plan.append((f"refined_{k}", lambda k=k: refined_draw(nets["one_step"], teacher, labels, k, sampling,
+                                                                  base + DRAW_OFFSETS["one_step"], batch), "ids"))
+
+    for name, make, kind in plan:
+        tokens, sec = timed(name, make)
+        ids = teacher.quantize(tokens) if tokens.is_floating_point() else tokens
+        images = decode(teacher, ids if kind in ("ids", "snapped") else tokens, batch)
+        draws[name] = Draw(ids=ids.long(), images=images, seconds=sec,
+                           settings={"tokens": {"ids": "codes", "snapped": "nearest codes of the continuous output",
+                                                "continuous": "continuous output, decoded as is"}[kind]})
+        log(f"  drew {name}: {n} samples in {sec:.1f} s")
+
+    t0 = time.perf_counter()
+    ref_images = decode(teacher, ref_ids, batch)
+    ref_feats = scorer.features(ref_images)
+    # real held-out images (digits): the same sets also scored against data, the secondary column
+    heldout_feats = scorer.features(heldout) if torch.is_tensor(heldout) else None
+    ref_marg = class_position_counts(ref_ids, labels, C, V)
+    ref_pairs = pair_counts(ref_ids, labels, C, V)
+    n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
+    ref_nll = teacher_nll(teacher, ref_ids[:n_nll], labels[:n_nll], sampling, batch)
+    results: dict[str, dict] = {}
+    for name, draw in draws.items():
+        feats = scorer.features(draw.images)
+        res = feature_scores(feats, ref_feats, opts.prc_neighborhood)
+        if heldout_feats is not None:
+            data = feature_scores(feats, heldout_feats, opts.prc_neighborhood)
+            res.update({"fid_heldout": data["fid_to_teacher"], "precision_heldout": data["precision"],
+                        "recall_heldout": data["recall"]})
+        if classifier is not None:
+            from dd2dist.eval.metrics import class_consistency
+
+            res["class_consistency"] = class_consistency(draw.images, labels, classifier, C)["class_consistency"]
+        res["token_marginal_tv"] = marginal_tv(class_position_counts(draw.ids, labels, C, V), ref_marg)["mean"]
+        pairs = pair_tv(pair_counts(draw.ids, labels, C, V), ref_pairs)
+        res["pair_tv"], res["pair_tv_by_distance"] = pairs["mean"], pairs["by_distance"]
+        nll = teacher_nll(teacher, draw.ids[:n_nll], labels[:n_nll], sampling, batch)
+        res["teacher_nll"], res["teacher_nll_se"] = nll["mean"], nll["se"]
+        res["nll_gap"] = nll["mean"] - ref_nll["mean"]
+        res["zero_probability_tokens"] = nll["zero_probability_tokens"]
+        res["generation_seconds"] = draw.seconds
+        res["settings"] = draw.settings
+        results[name] = res
+    seconds["scoring"] = time.perf_counter() - t0
+
+    if "teacher" in results and "marginals" in results:
+        floor, marg = results["teacher"], results["marginals"]
+        for res in results.values():
+            res["dependence_captured"] = dependence_captured(res["fid_to_teacher"], marg["fid_to_teacher"],
+                                                             floor["fid_to_teacher"])
+            res["dependence_captured_pair_tv"] = dependence_captured(res["pair_tv"], marg["pair_tv"],
+                                                                     floor["pair_tv"])
+    headline = {}
+    if "one_step" in results and "dependence_captured" in results["one_step"]:
+        headline = {"dependence_captured": results["one_step"]["dependence_captured"],
+                    "dependence_captured_pair_tv": results["one_step"]["dependence_captured_pair_tv"],
+                    "floor_fid": results["teacher"]["fid_to_teacher"],
+                    "marginals_fid": results["marginals"]["fid_to_teacher"],
+                    "one_step_fid": results["one_step"]["fid_to_teacher"]}
+        if "dd1" in results:
+            headline["dd1_fid"] = results["dd1"]["fid_to_teacher"]
+            headline["one_step_beats_dd1"] = results["one_step"]["fid_to_teacher"] < results["dd1"]["fid_to_teacher"]
+    seconds["total"] = time.perf_counter() - t_start
+    return {
+        "family": teacher.family, "run_dir": str(run_dir), "num_samples": n, "per_class": n // C,
+        "labels": "balanced (i mod num_classes)", "teacher_sampling": asdict(sampling),
+        "reference": {"what": "independent teacher draw A", "seed_base": base + DRAW_OFFSETS["reference"],
+                      "teacher_nll": ref_nll["mean"]},
+        "nll_samples": n_nll, "feature_space": space.describe(), "headline": headline, "samplers": results,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A printed table: one row per sampler."""
+    rows = [f"fidelity of {report['run_dir']} ({report['family']}, {report['num_samples']} samples per set, "
+            f"against an independent teacher draw)",
+            f"  {'sampler':<18} {'FID':>8} {'prec':>6} {'rec':>6} {'dep.':>6} {'pairTV':>7} {'dep.':>6} "
+            f"{'margTV':>7} {'NLLgap':>7}"]
+    for name, r in report["samplers"].items():
+        rows.append(f"  {name:<18} {r['fid_to_teacher']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} "
+                    f"{r.get('dependence_captured', math.nan):6.2f} {r['pair_tv']:7.4f} "
+                    f"{r.get('dependence_captured_pair_tv', math.nan):6.2f} {r['token_marginal_tv']:7.4f} "
+                    f"{r['nll_gap']:7.2f}")
+    h = report.get("headline") or {}
+    if h:
+        rows.append(f"  dependence captured by DD2 one-step: {h['dependence_captured']:.2f} (FID), "
+                    f"{h['dependence_captured_pair_tv']:.2f} (pairwise TV)"
+                    + (f"; beats DD1-style regression: {h['one_step_beats_dd1']}" if "one_step_beats_dd1" in h else ""))
+    rows.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py fidelity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a run directory (its config.yaml and export/)")
+    p.add_argument("--out", default=None, help="write the report JSON here")
+    p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
+    p.add_argument("--batch-size", type=int, default=FidelityOptions.batch_size)
+    p.add_argument("--samplers", default=",".join(ALL_SAMPLERS),
+                   help="comma-separated subset of " + ", ".join(ALL_SAMPLERS))
+    p.add_argument("--space", default="auto", choices=("auto", "digits", "inception"), help="feature space")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``benchmark.py fidelity``: score a run's samplers against the teacher, print a table, write JSON."""
+    args = build_parser().parse_args(argv)
+    samplers = tuple(s.strip() for s in args.samplers.split(",") if s.strip())
+    try:
+        opts = FidelityOptions(num_samples=args.samples, batch_size=args.batch_size, samplers=samplers)
+        report = fidelity_benchmark(args.run, opts, args.space)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"benchmark.py fidelity: {err}")
+        return 2
+    print("\n".join(summary_lines(report)))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
