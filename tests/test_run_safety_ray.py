@@ -80,7 +80,7 @@ def test_two_runs_on_one_directory_then_sigterm_on_the_driver(tmp_path, capsys, 
         def refuse(*args, **kwargs):
             raise AssertionError("a refused run must not start Ray")
 
-        # a Ray of this test session may be up already: refusing both proves that nothing past the lock ran
+        # a Ray started by an earlier test may be up: refusing both proves that nothing past the lock ran
         monkeypatch.setattr(ray, "init", refuse)
         monkeypatch.setattr(ray_train, "_launch", refuse)
         started = time.time()
