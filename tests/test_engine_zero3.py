@@ -244,6 +244,11 @@ def _round_trips(rank: int, gen, gui, teacher, cfg, init: dict, tmp: str) -> dic
     saved = gen.full_state_dict()
     gen.save(f"{tmp}/ckpt/engines/student")  # the stage-1 layout load_student_weights reads
     torch.distributed.barrier()
+    from dd2dist.train import manifest
+
+    built = manifest.build_manifest(f"{tmp}/ckpt")  # consolidation refuses a directory without a manifest
+    if rank == 0:
+        manifest.write_manifest(f"{tmp}/ckpt", built)
     out["zero_to_fp32_equal"] = rank != 0 or _equal(load_student_weights(f"{tmp}/ckpt"), saved)
     _step(rank, 1, teacher, cfg, gen, gui)
     after = gen.full_state_dict()

@@ -18,19 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dd2dist.config import load_config
 from dd2dist.launch.ray_train import WORKERS_DIR, checkpoint_root, launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
 TOTAL = 32  # iterations of the tiny_cpu schedule
 HALF = 16
-
-
-def _cfg(tmp: Path, name: str, *extra: str):
-    return load_config(TINY, [f"name={name}", f"output_dir={tmp / 'runs' / name}", "tracking.log_every=2", *extra])
 
 
 def _generator_weights(cfg, step: int) -> dict[str, torch.Tensor]:
@@ -45,18 +38,12 @@ def _assert_close(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, ray_session):
-    cfg = _cfg(tmp_path_factory.mktemp("ray"), "straight")
-    summary = launch(cfg)
-    assert summary["iteration"] == TOTAL and summary["export"]
-    # the stage-1 student, exported by the workers when stage 2 took over: a StudentNet like the generator
-    stage1 = load_file(str(Path(cfg.output_dir) / "export" / "stage1_student.safetensors"))
-    assert set(stage1) == set(load_file(summary["export"]))
-    return cfg
+def uninterrupted(tiny_uninterrupted):
+    return tiny_uninterrupted  # shared with tests/test_run_safety_ray.py: one reference run per session
 
 
-def test_exact_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
-    cfg = _cfg(tmp_path, "resumed")
+def test_exact_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, "resumed")
     first = launch(cfg, max_iterations=HALF)
     assert first["iteration"] == HALF and first["export"] is None
     second = launch(cfg)  # same name and storage: continues from step HALF
@@ -83,8 +70,8 @@ def _kill_rank1_after_first_checkpoint(cfg, killed: dict) -> None:
             pass
 
 
-def test_sigkilled_worker_restarts_from_checkpoint(tmp_path, uninterrupted):
-    cfg = _cfg(tmp_path, "killed", "launch.max_failures=1", "tracking.sample_grid_every=8")
+def test_sigkilled_worker_restarts_from_checkpoint(tmp_path, uninterrupted, tiny_cfg):
+    cfg = tiny_cfg(tmp_path, "killed", "launch.max_failures=1", "tracking.sample_grid_every=8")
     killed: dict = {}
     killer = threading.Thread(target=_kill_rank1_after_first_checkpoint, args=(cfg, killed), daemon=True)
     killer.start()

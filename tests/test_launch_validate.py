@@ -119,3 +119,81 @@ def test_teacher_modules_import_first_inside_the_meta_block_of_validation():
             "    import dd2dist.teachers.var_official, dd2dist.teachers.llamagen_official\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---- teacher-token shards checked before launch -----------------------------------------------------------------
+
+LLAMAGEN = str(ROOT / "configs" / "experiments" / "tiny_llamagen.yaml")
+
+
+@pytest.fixture
+def shard_sets(tiny_shards):
+    return tiny_shards
+
+
+def _shards_argv(tmp_path, shards, *extra):
+    return ["--config", TINY, "--output", str(tmp_path / "run"), "--set", "data.source=shards",
+            "--set", f"data.shards={shards}", *extra]
+
+
+def test_another_teachers_shards_are_refused_before_any_worker(tmp_path, shard_sets, capsys, monkeypatch):
+    from dd2dist.data import teacher_id
+
+    code, err = _run(_shards_argv(tmp_path, shard_sets["tiny_llamagen"]), capsys, monkeypatch)
+    first = sorted(shard_sets["tiny_llamagen"].glob("*.tar"))[0]
+    assert code == 2 and err.count("\n") == 1, err  # one message
+    assert f"data.shards: shard {first} (sample s000000000) holds another token layout" in err
+    assert "llamagen raster:4x4, 16 tokens/sample, vocab 64, 10 classes" in err  # found
+    assert "expects var var:1,2,4, 21 tokens/sample, vocab 64, 10 classes" in err  # expected
+    assert teacher_id(load_config(TINY).teacher, 0) in err and teacher_id(load_config(LLAMAGEN).teacher, 0) in err
+    assert not (tmp_path / "run").exists()  # nothing was started, not even the run directory
+
+
+def test_same_layout_other_teacher_is_refused_by_fingerprint(tmp_path, shard_sets, capsys, monkeypatch):
+    # seed 1: the random-init teacher (no checkpoint) is another teacher with the same architecture
+    code, err = _run(_shards_argv(tmp_path, shard_sets["tiny_cpu"], "--set", "seed=1"), capsys, monkeypatch)
+    assert code == 2 and "was made by teacher var-own-" in err and "this run's teacher is var-own-" in err
+    assert "same layout: var var:1,2,4, 21 tokens/sample" in err
+
+
+def test_a_foreign_shard_in_a_mixed_set_is_named(tmp_path, shard_sets):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shard_sets["tiny_cpu"], mixed)
+    foreign = sorted(shard_sets["tiny_llamagen"].glob("*.tar"))[-1]
+    shutil.copy(foreign, mixed / "zz-foreign.tar")
+    with pytest.raises(ConfigError, match=f"shard {mixed / 'zz-foreign.tar'} .*another token layout") as info:
+        validate_run(load_config(TINY, ["data.source=shards", f"data.shards={mixed}"]))
+    assert info.value.key == "data.shards"
+
+
+def test_matching_shards_pass_and_a_damaged_one_is_left_to_the_stream(tmp_path, shard_sets):
+    import shutil
+
+    from dd2dist.launch.validate import validate_data
+
+    copy = tmp_path / "own"
+    shutil.copytree(shard_sets["tiny_cpu"], copy)
+    cfg = load_config(TINY, ["data.source=shards", f"data.shards={copy}"])
+    assert validate_data(cfg) == {"shards": 6, "checked": 6, "unreadable": [], "warnings": []}
+    damaged = sorted(copy.glob("*.tar"))[0]
+    damaged.write_bytes(b"\0" * 100)  # truncated to nothing useful: counted and skipped by the stream
+    report = validate_data(cfg)
+    assert report["unreadable"] == [str(damaged)]
+    for tar in copy.glob("*.tar"):
+        tar.write_bytes(b"\0" * 100)
+    with pytest.raises(ConfigError, match="none of the 6 shards checked has a readable first sample"):
+        validate_data(cfg)
+
+
+def test_precompute_manifest_of_another_teacher_is_refused(tmp_path, shard_sets):
+    import json
+    import shutil
+
+    copy = tmp_path / "own"
+    shutil.copytree(shard_sets["tiny_cpu"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "teacher_id": "var-own-000000000000"}))
+    with pytest.raises(ConfigError, match=r"manifest.json says these shards were made by teacher var-own-000000000000"):
+        validate_run(load_config(TINY, ["data.source=shards", f"data.shards={copy}"]))

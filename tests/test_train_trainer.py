@@ -398,3 +398,129 @@ def _plain_checkpoint(tmp_path):
     tr = _trainer()
     tr.fit(checkpoint_dir=tmp_path / "plain", checkpoint_every=1000, max_iterations=12)
     return tmp_path / "plain"
+
+
+# ---- run safety: manifests, fallback resume, stop requests ------------------------------------------------------
+
+
+def _shards_cfg():
+    return _cfg(stages=("stage1", "stage2"), data=DataConfig(source="shards", shards="unused"),
+                alignment=AlignmentConfig())
+
+
+def _shards_trainer(**kw) -> Trainer:
+    return Trainer(_shards_cfg(), _teacher(), TorchEngineFactory(), data=ListStream(14, 16), **kw)
+
+
+@pytest.fixture(scope="module")
+def shards_run(tmp_path_factory):
+    """An uninterrupted stage-1 + stage-2 run on a data stream, and checkpoints at 4, 8, 12 of the same run."""
+    ref = _shards_trainer()
+    ref.fit()
+    root = tmp_path_factory.mktemp("ck")
+    _shards_trainer().fit(checkpoint_dir=root, checkpoint_every=4, max_iterations=12, keep_last=5)
+    return _snapshot(ref), root
+
+
+PARTS = {"engine": "engines/generator/module.pt", "ema": "ema/rank0.pt", "rng": "rng/rank0.pt",
+         "data": "data/rank0.json"}  # one file of each part (tests/test_run_safety_tiny.py damages each in turn)
+
+
+def test_every_checkpoint_has_a_manifest_of_all_its_files(shards_run):
+    from dd2dist.train import manifest
+
+    _, root = shards_run
+    step = root / "step_00000012"
+    listed = manifest.read_manifest(step)["files"]
+    on_disk = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
+    assert sorted([*listed, "manifest.json"]) == on_disk
+    assert set(PARTS.values()) | {"state.json"} <= set(listed)
+    assert manifest.verify(step) == [] and manifest.read_manifest(step)["iteration"] == 12
+
+
+def test_no_verified_checkpoint_is_an_error_not_a_fresh_start(tmp_path, shards_run):
+    import shutil
+
+    from dd2dist.train.trainer import NoVerifiedCheckpoint
+
+    _, root = shards_run
+    shutil.copytree(root, tmp_path / "ck")
+    for step in (4, 8, 12):
+        (tmp_path / "ck" / f"step_{step:08d}" / "rng" / "rank0.pt").unlink()
+    with pytest.raises(NoVerifiedCheckpoint, match=r"step_00000004: rng/rank0.pt: missing"):
+        _shards_trainer().resume_latest(tmp_path / "ck")
+    assert _shards_trainer().resume_latest(tmp_path / "empty") is None
+
+
+def test_pruning_keeps_the_newest_checkpoint_that_verifies(tmp_path, shards_run):
+    import shutil
+
+    from dd2dist.train.checkpoint import prune
+
+    _, root = shards_run
+    shutil.copytree(root, tmp_path / "ck")
+    for step in (8, 12):  # the two newest are damaged (truncated: the cheap size check sees it)
+        path = tmp_path / "ck" / f"step_{step:08d}" / "ema" / "rank0.pt"
+        path.write_bytes(path.read_bytes()[:-10])
+    prune(tmp_path / "ck", 2)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
+    prune(tmp_path / "ck", 1)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000004", "step_00000012"]
+
+
+def test_stop_request_checkpoints_at_that_iteration_and_resumes_exactly(tmp_path, shards_run):
+    from dd2dist.train.stop import StopFlag
+
+    reference, _ = shards_run
+    flag = StopFlag()
+
+    def ask_at_10(trainer, metrics):
+        if trainer.state.iteration == 9:  # the next iteration's check sees it: the one after 10 never runs
+            flag.request("test: SIGTERM")
+
+    first = _shards_trainer(stop_source=flag.get, callbacks=[ask_at_10])
+    first.fit(checkpoint_dir=tmp_path, checkpoint_every=1000)
+    assert first.state.iteration == 10 and first.preempted.reason == "test: SIGTERM"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010"]
+    second = _shards_trainer(stop_source=StopFlag().get)
+    assert second.resume_latest(tmp_path).name == "step_00000010"
+    second.fit(checkpoint_dir=tmp_path, checkpoint_every=1000)
+    assert second.preempted is None and second.done
+    _assert_same(_snapshot(second), reference)
+
+
+def test_stop_request_without_checkpoint_writes_none(tmp_path):
+    from dd2dist.train.stop import StopFlag
+
+    flag = StopFlag()
+    flag.request("lost the output directory", checkpoint=False)
+    tr = _trainer(stop_source=flag.get)
+    tr.fit(checkpoint_dir=tmp_path)
+    assert tr.state.iteration == 1 and not tr.preempted.checkpoint
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stop_request_on_the_last_iteration_lets_the_run_finish(tmp_path):
+    from dd2dist.train.stop import StopFlag
+
+    flag = StopFlag()
+    tr = _trainer(stop_source=flag.get,
+                  callbacks=[lambda t, m: flag.request("late") if t.state.iteration == TOTAL - 1 else None])
+    tr.fit(checkpoint_dir=tmp_path)
+    assert tr.done and tr.preempted is None
+
+
+def test_consolidation_refuses_a_damaged_checkpoint(tmp_path):
+    from dd2dist.eval.run_eval import load_student_weights
+    from dd2dist.train.manifest import UnverifiedCheckpoint
+
+    tr = _trainer(_cfg(stages=("stage1",), alignment=AlignmentConfig()))
+    tr.fit(checkpoint_dir=tmp_path, max_iterations=4)
+    step = latest_checkpoint(tmp_path)
+    _assert_same(load_student_weights(step), tr.student_state_dict())
+    path = step / "engines" / "student" / "module.pt"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnverifiedCheckpoint, match="engines/student/module.pt: sha256 differs"):
+        load_student_weights(step)

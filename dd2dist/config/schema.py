@@ -250,6 +250,8 @@ class LaunchConfig:
     storage_path: str | None = None  # Ray run storage; None = <output_dir>/ray (URIs such as s3:// kept as is)
     ray_address: str | None = None  # existing cluster; the RAY_ADDRESS env var wins; None = start a local Ray
     object_store_mb: int = _f(256, ge=75)  # object store of a locally started Ray (Ray's minimum is 75 MB)
+    # the run lock of another host's run is taken over after this long without heartbeat (docs/run_safety.md)
+    lock_stale_s: float = _f(300.0, gt=0.0)
 
 
 @dataclass(frozen=True)

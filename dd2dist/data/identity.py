@@ -75,3 +75,12 @@ def teacher_spec(teacher, tid: str, sampling: Any | None, source: str = "teacher
         cond="class", num_classes=int(teacher.num_classes), source=source, layout=token_layout(teacher),
         sampling=None if sampling is None else sampling_dict(sampling),
     )
+
+
+def teacher_layout(teacher, tid: str) -> dict:
+    """What a shard's ``meta.json`` must say for ``teacher`` (identified by ``tid``): the fields compared before a
+    launch (:mod:`dd2dist.data.precheck`). Works on a teacher built on the meta device (no weights needed)."""
+    num_classes = int(teacher.num_classes)
+    return {"teacher_id": tid, "family": teacher.family, "layout": token_layout(teacher),
+            "num_tokens": int(teacher.num_tokens), "vocab_size": int(teacher.vocab_size),
+            "cond": "class" if num_classes > 0 else "text", "num_classes": num_classes if num_classes > 0 else None}

@@ -58,9 +58,14 @@ def load_student_weights(path: str | Path) -> dict[str, Tensor]:
     """A StudentNet state dict from a ``.safetensors`` / ``.pt`` file or a checkpoint step directory.
 
     Step directories hold the engine of the stage-1 student: ``engines/student/module.pt`` (plain-torch engine)
-    or ``engines/student/engine`` (DeepSpeed; consolidated with DeepSpeed's zero_to_fp32 for ZeRO 1-3).
+    or ``engines/student/engine`` (DeepSpeed; consolidated with DeepSpeed's zero_to_fp32 for ZeRO 1-3). A step
+    directory is read only when it verifies against its manifest (dd2dist.train.manifest).
     """
     path = Path(path)
+    if path.is_dir():
+        from dd2dist.train.manifest import require_verified
+
+        require_verified(path)
     if path.is_file():
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -6,10 +6,15 @@ log the export as artefacts.
 
 Worker (:func:`train_worker`, one per rank): the process group comes from Ray Train (gloo on CPU, NCCL on GPU)
 and DeepSpeed reuses it. The Trainer writes checkpoints under ``<output>/checkpoints/step_XXXXXXXX`` (every rank
-its shards, then a barrier, then rank 0 finalises); the checkpoint hook then reports it to Ray (rank 0 passes the
-directory, the others ``None``; every rank calls ``report`` so it is also a barrier). A restarted worker group
-(``FailureConfig.max_failures``) and a rerun with the same name and storage resume from the newest checkpoint:
-Ray's ``get_checkpoint()``, else the newest complete one under ``<output>/checkpoints``. When stage 2 takes over
+its shards, then a barrier, the manifest, then rank 0 finalises); the checkpoint hook then reports it to Ray (rank
+0 passes the directory, the others ``None``; every rank calls ``report`` so it is also a barrier). A restarted
+worker group (``FailureConfig.max_failures``) and a rerun with the same name and storage resume from the newest
+checkpoint that verifies against its manifest: Ray's ``get_checkpoint()`` or one under ``<output>/checkpoints``,
+newest first; what was skipped and why goes to the log and ``<output>/workers/resume.log``.
+
+Run safety (docs/run_safety.md): the driver holds ``<output>/run.lock`` (:mod:`dd2dist.launch.run_lock`) from
+before Ray starts until it returns; SIGTERM / Ctrl-C on the driver or a worker stops every rank after the same
+step with a checkpoint (:mod:`dd2dist.launch.preemption`; the summary's ``preempted``). When stage 2 takes over
 from stage 1, the stage-1 student is exported to ``<output>/export/stage1_student.safetensors`` (what
 ``dd2dist.eval.run_eval`` evaluates as the stage-1 model); at the end the EMA generator is exported to
 ``<output>/export/generator.safetensors`` + ``config.yaml``.
@@ -79,12 +84,42 @@ def _record_start(cfg, rank: int) -> None:
         fh.write(json.dumps({"rank": rank, "pid": os.getpid(), "time": time.time()}) + "\n")
 
 
-def _prune(root: Path, keep: int) -> None:
+def resume_candidates(ray_dir: str | os.PathLike | None, root: Path) -> list[Path]:
+    """Checkpoints to try, newest first: Ray's reported one (when it has one) and every complete one under
+    ``root``; at the same step Ray's copy comes first."""
     from dd2dist.train import checkpoint as ckpt
 
-    complete = sorted(p for p in root.iterdir() if ckpt.STEP_DIR.match(p.name) and (p / ckpt.STATE_FILE).is_file())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    def step(path: Path) -> int:
+        m = ckpt.STEP_DIR.match(path.name)
+        return int(m.group(1)) if m else -1
+
+    ranked = [(step(p), 0, p) for p in ckpt.complete_checkpoints(root)]
+    if ray_dir is not None:
+        ray_path = Path(ray_dir)
+        ranked.append((step(ray_path) if step(ray_path) >= 0 else 1 << 62, 1, ray_path))
+    return [p for _, _, p in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True)]
+
+
+def _resume(trainer, root: Path, cfg, rank: int, tracker) -> None:
+    """Load the newest checkpoint that verifies (collective) and record what was skipped."""
+    from contextlib import nullcontext
+
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as ray_dir:
+        loaded = trainer.resume(resume_candidates(ray_dir, root))
+    if rank != 0:
+        return
+    skipped = [{"checkpoint": str(p), "problems": why} for p, why in trainer.resume_skipped]
+    folder = Path(cfg.output_dir) / WORKERS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "resume.log").open("a") as fh:
+        fh.write(json.dumps({"time": time.time(), "loaded": str(loaded) if loaded else None,
+                             "iteration": trainer.state.iteration, "skipped": skipped}) + "\n")
+    if tracker is not None and skipped:
+        tracker.set_tags({"resume_skipped": "; ".join(f"{Path(s['checkpoint']).name}: {s['problems'][0]}"
+                                                      for s in skipped)[:4000]})
 
 
 def _make_factory(cfg):
@@ -187,7 +222,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 (directory / "tracking.json").write_text(json.dumps({"run_id": tracker.run_id}))
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                              checkpoint_dir_name=directory.name)
-            _prune(root, cfg.launch.num_to_keep)
+            from dd2dist.train import checkpoint as ckpt
+
+            ckpt.prune(root, cfg.launch.num_to_keep)
         else:
             ray.train.report(values, checkpoint=None)
 
@@ -202,23 +239,33 @@ def train_worker(config: dict[str, Any]) -> None:
 
         # each rank reads its own split of the teacher-token shards; the stream's position is checkpointed
         data = stream_from_config(cfg, rank, world, num_tokens=teacher.num_tokens)
-    trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
-                      student_template=student_template, checkpoint_hook=None if dry_run else report,
-                      export_hook=None if dry_run else phase_export_hook(cfg, rank), callbacks=callbacks)
     if dry_run:
+        trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
+                          student_template=student_template, callbacks=callbacks)
         trainer.fit(max_iterations=1)
         ray.train.report({"iteration": float(trainer.state.iteration), "dry_run": 1.0})
         return
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.load(directory)
-    else:
-        trainer.resume_latest(root)
-    if tracker is not None and trainer.state.iteration:
-        tracker.set_tags({"resumed_from_iteration": trainer.state.iteration})
-    trainer.fit(checkpoint_dir=root, checkpoint_every=cfg.launch.checkpoint_every,
-                max_iterations=config.get("max_iterations"))
+    from dd2dist.launch.preemption import worker_stop_source, write_stop_record
+
+    with worker_stop_source(config.get("stop_board")) as stop_source:
+        trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
+                          student_template=student_template, checkpoint_hook=report,
+                          export_hook=phase_export_hook(cfg, rank), callbacks=callbacks, stop_source=stop_source)
+        _resume(trainer, root, cfg, rank, tracker)
+        if tracker is not None and trainer.state.iteration:
+            tracker.set_tags({"resumed_from_iteration": trainer.state.iteration})
+        trainer.fit(checkpoint_dir=root, checkpoint_every=cfg.launch.checkpoint_every,
+                    max_iterations=config.get("max_iterations"))
+    if trainer.preempted is not None:
+        # without a checkpoint the directory belongs to another run now: write nothing more into it
+        if rank == 0 and trainer.preempted.checkpoint:
+            request, it = trainer.preempted, trainer.state.iteration
+            from dd2dist.train import checkpoint as ckpt
+
+            write_stop_record(cfg.output_dir, it, request, str(ckpt.step_dir(root, it)))
+            if tracker is not None:
+                tracker.set_tags({"stopped_at_iteration": it, "stop_reason": request.reason[:4000]})
+        return
     if trainer.done and "generator" in trainer.engines:
         path = trainer.export_generator(export_dir(cfg))
         _final_grid(cfg, trainer, factory, tracker, rank)
@@ -249,16 +296,32 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
 
     ``dry_run``: validate, build every engine and run one iteration, with no checkpoints, tracking or export
     (in a throw-away Ray storage folder). ``max_iterations`` stops at that global iteration (a checkpoint is
-    written there; rerunning continues).
+    written there; rerunning continues). Before anything starts the run takes the lock of its output directory
+    (:class:`dd2dist.launch.run_lock.RunLocked` when another live run holds it). ``summary["preempted"]`` is
+    the stop record (iteration, reason, checkpoint) when a SIGTERM / Ctrl-C stopped the run early, else None.
     """
-    from dd2dist.config import dump_yaml, to_yaml
-    from dd2dist.launch.ray_env import init_local_ray
+    from dd2dist.launch.run_lock import acquire_run_locks
     from dd2dist.launch.validate import validate_run
 
     validate_run(cfg)
+    locks = [] if dry_run else acquire_run_locks(cfg)
+    try:
+        return _launch(cfg, dry_run, max_iterations, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _launch(cfg, dry_run: bool, max_iterations: int | None, locks: list) -> dict[str, Any]:
+    from contextlib import nullcontext
+
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from dd2dist.config import dump_yaml, to_yaml
+    from dd2dist.launch.preemption import DriverStop, StopAwareTorchConfig, clear_stop_record, read_stop_record
+    from dd2dist.launch.ray_env import init_local_ray
 
     need_cpus = math.ceil(cfg.launch.num_workers * cfg.launch.cpus_per_worker)
     owns_ray = init_local_ray(num_cpus=need_cpus, object_store_mb=cfg.launch.object_store_mb,
@@ -266,7 +329,10 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
     run_id = None
     scratch = None
     tracker = None
+    stop = None
     try:
+        for lock in locks:
+            lock.update(ray_job_id=ray.get_runtime_context().get_job_id())
         if dry_run:
             scratch = tempfile.mkdtemp(prefix="dd2-dryrun-")
             cfg = replace(cfg, output_dir=os.path.join(scratch, cfg.name))
@@ -274,17 +340,22 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
         else:
             os.makedirs(cfg.output_dir, exist_ok=True)
             dump_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+            clear_stop_record(cfg.output_dir)
             storage, name = cfg.launch.storage_path, cfg.name
             from dd2dist.tracking import open_run
 
             tracker = open_run(cfg, progress=False)  # creates the run (params, tags) or finds the stored one
             run_id = tracker.run_id if tracker is not None else None
+            stop = DriverStop()
+            for lock in locks:  # another run took the directory over: stop without writing anything more
+                lock.on_lost = lambda holder, stop=stop: stop.request(
+                    f"lost the run lock to host {holder.get('host')} pid {holder.get('pid')}", checkpoint=False)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config_yaml": to_yaml(cfg), "run_id": run_id, "dry_run": dry_run,
-                               "max_iterations": max_iterations},
+                               "max_iterations": max_iterations, "stop_board": stop.board_name if stop else None},
             scaling_config=_scaling(cfg),
-            torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
+            torch_config=StopAwareTorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
             run_config=RunConfig(
                 name=name,
                 storage_path=storage,
@@ -293,7 +364,8 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
             ),
         )
         start = time.perf_counter()
-        result = trainer.fit()
+        with stop if stop is not None else nullcontext():
+            result = trainer.fit()
         if result.error is not None:
             if tracker is not None:
                 tracker.close("FAILED")
@@ -305,7 +377,14 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
             "seconds": time.perf_counter() - start,
             "export": str(export_dir(cfg) / "generator.safetensors")
             if (export_dir(cfg) / "generator.safetensors").is_file() else None,
+            "preempted": None if dry_run else read_stop_record(cfg.output_dir),
         }
+        if any(lock.lost for lock in locks):  # stopped without a checkpoint (stop.json belongs to the new owner)
+            request = stop.flag.get()
+            summary["preempted"] = {"iteration": summary["iteration"], "checkpoint": None,
+                                    "reason": request.reason if request else "lost the run lock"}
+        if summary["preempted"] is not None:
+            summary["iteration"] = summary["preempted"]["iteration"]
         return summary
     finally:
         if scratch is not None:

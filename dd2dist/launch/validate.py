@@ -1,17 +1,21 @@
 """Checks a run's config BEFORE any Ray worker starts: what the schema cannot see on its own.
 
 The loader already refuses unknown keys, bad types/ranges and missing files (naming the dotted key). Here:
-combinations the distributed launch cannot run, and a teacher checkpoint that does not fit the configured
-architecture (checked on the meta device: no weights are materialised, the checkpoint is memory-mapped).
+combinations the distributed launch cannot run, a teacher checkpoint that does not fit the configured
+architecture (checked on the meta device: no weights are materialised, the checkpoint is memory-mapped), and
+teacher-token shards of another layout or teacher (:mod:`dd2dist.data.precheck`: the first samples are read).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 
 from dd2dist.config import ConfigError
+
+log = logging.getLogger("dd2dist.launch")
 
 
 def validate_launch(cfg) -> None:
@@ -56,6 +60,16 @@ def _shape(value) -> tuple[int, ...]:
     return tuple(value.get_shape()) if hasattr(value, "get_shape") else tuple(value.shape)
 
 
+def _meta_teacher(teacher_cfg):
+    """The configured teacher architecture on the meta device (shapes and attributes, no weights)."""
+    from dd2dist.teachers import OFFICIAL_ARCHS, build_family
+
+    arch = {teacher_cfg.family: OFFICIAL_ARCHS[teacher_cfg.official]} if teacher_cfg.official else {
+        "var": teacher_cfg.var, "llamagen": teacher_cfg.llamagen}
+    with torch.device("meta"):
+        return build_family(teacher_cfg.family, var=arch.get("var"), llamagen=arch.get("llamagen"))
+
+
 def validate_teacher_checkpoint(teacher_cfg) -> None:
     """A dd2dist teacher checkpoint must hold exactly the configured architecture's tensors, shape for shape.
 
@@ -64,10 +78,7 @@ def validate_teacher_checkpoint(teacher_cfg) -> None:
     path = teacher_cfg.checkpoint
     if not path or teacher_cfg.official:
         return
-    from dd2dist.teachers import build_family
-
-    with torch.device("meta"):
-        model = build_family(teacher_cfg.family, var=teacher_cfg.var, llamagen=teacher_cfg.llamagen)
+    model = _meta_teacher(teacher_cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = _load_state(path)
     missing = sorted(set(expected) - set(state))
@@ -88,7 +99,27 @@ def validate_teacher_checkpoint(teacher_cfg) -> None:
             )
 
 
+def validate_data(cfg) -> dict | None:
+    """With ``data.source: shards``: the first samples of the shard set (and its precompute manifest) must have
+    this run's token layout and teacher fingerprint; ConfigError("data.shards", ...) names the shard and both
+    sides. Returns the check's report (None for online data)."""
+    if cfg.data.source != "shards":
+        return None
+    from dd2dist.data.identity import teacher_id, teacher_layout
+    from dd2dist.data.precheck import ShardSetMismatch, check_shard_set
+
+    expected = teacher_layout(_meta_teacher(cfg.teacher), teacher_id(cfg.teacher, cfg.seed))
+    try:
+        report = check_shard_set(cfg.data.shards, expected)
+    except ShardSetMismatch as err:
+        raise ConfigError("data.shards", str(err)) from None
+    for warning in report["warnings"]:
+        log.warning("data.shards: %s", warning)
+    return report
+
+
 def validate_run(cfg) -> None:
     """Every pre-launch check (call in the driver before starting Ray workers)."""
     validate_launch(cfg)
     validate_teacher_checkpoint(cfg.teacher)
+    validate_data(cfg)

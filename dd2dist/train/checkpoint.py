@@ -7,9 +7,12 @@
         ema/rank<r>.compare.pt     the stage2.ema_compare EMAs, {cap: state} (only when configured)
         rng/rank<r>.pt             torch / numpy / python RNG states of this rank
         data/rank<r>.json          the stage-1 data stream position of this rank (when the stream has one)
+        manifest.json              every file above with its size and SHA-256, written last (dd2dist.train.manifest)
 
 A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed when every rank is done, so a directory without
-the ``.tmp`` suffix that holds ``state.json`` is complete.
+the ``.tmp`` suffix that holds ``state.json`` is complete. Complete is not the same as intact: resume and export
+check the manifest (:mod:`dd2dist.train.manifest`), and pruning never deletes the newest checkpoint that passes
+its cheap check.
 """
 
 from __future__ import annotations
@@ -32,23 +35,39 @@ def step_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"step_{iteration:08d}"
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (None when there is none)."""
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Every complete checkpoint under ``root``, newest first ([] when there is none)."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return []
     found = [
         (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
     ]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (None when there is none)."""
+    found = complete_checkpoints(root)
+    return found[0] if found else None
 
 
 def prune(root: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (and stale ``.tmp`` ones) under ``root``."""
+    """Delete all but the newest ``keep_last`` checkpoints (and stale ``.tmp`` ones) under ``root``, always
+    keeping the newest one that passes :func:`dd2dist.train.manifest.quick_check`: when the newest ones are
+    damaged, the checkpoint a resume falls back to is still there."""
+    from dd2dist.train.manifest import quick_check
+
     root = Path(root)
     done = sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
-    for step in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(step_dir(root, step), ignore_errors=True)
+    keep = set(done[-keep_last:]) if keep_last > 0 else set(done)
+    for step in reversed(done):
+        if quick_check(step_dir(root, step)) is None:
+            keep.add(step)
+            break
+    for step in done:
+        if step not in keep:
+            shutil.rmtree(step_dir(root, step), ignore_errors=True)
     latest = done[-1] if done else -1
     for p in root.glob("step_*.tmp"):
         m = re.match(r"^step_(\d{8})\.tmp$", p.name)

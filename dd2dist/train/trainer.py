@@ -10,6 +10,12 @@ Iteration = one optimizer step of one engine, as the :class:`~dd2dist.method.sch
 role switch the trainer sets each engine trainable or frozen and asserts it (``Engine.assert_mode``). Random draws
 come from generators seeded by (seed, rank, iteration, purpose). A non-finite loss on any rank makes every rank
 skip that step (``all_finite`` is collective); skips are counted and logged.
+
+Run safety: every checkpoint carries a manifest (:mod:`dd2dist.train.manifest`) written before it is renamed into
+place; :meth:`Trainer.resume` loads the newest candidate that verifies and records the ones it skipped. With a
+``stop_source`` (:mod:`dd2dist.train.stop`) the ranks agree after every iteration whether any of them was asked to
+stop (SIGTERM, Ctrl-C, the driver); they then all write a checkpoint at that iteration and return
+(``trainer.preempted``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,14 +40,22 @@ from dd2dist.method.schedule import Phase, PhaseKind, Role, Schedule, build_sche
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
 from dd2dist.train import checkpoint as ckpt
+from dd2dist.train import manifest
 from dd2dist.train.batches import BatchSource
+from dd2dist.train.collective import any_rank, gather_objects
 from dd2dist.train.metrics import MetricsLogger, NullLogger
+from dd2dist.train.stop import StopRequest
 
 log = logging.getLogger("dd2dist.train")
 
 CHECKPOINT_VERSION = 1
 CheckpointHook = Callable[[Path, int, dict], None]
 StepCallback = Callable[["Trainer", dict], None]
+StopSource = Callable[[], StopRequest | None]
+
+
+class NoVerifiedCheckpoint(RuntimeError):
+    """Checkpoints exist but none verifies: starting over would silently throw the run away."""
 
 
 @dataclass
@@ -95,6 +109,10 @@ class Trainer:
             ``"generator_regression"`` (the generator as the PF-ODE regression left it, the DD1-style baseline) when
             CSD takes over from the regression. Each call comes before the next phase's first step, so a checkpoint
             after it implies the hook ran; the Ray layer writes the weights to the run's export folder.
+        stop_source: asked on every rank after every iteration (then one small all-reduce agrees on the answer);
+            a request on any rank makes every rank write a checkpoint at that iteration (when ``fit`` has a
+            ``checkpoint_dir`` and the request asks for one) and return from ``fit`` with ``preempted`` set. Give
+            it to every rank or to none (it adds a collective).
     """
 
     def __init__(
@@ -111,6 +129,7 @@ class Trainer:
         init_student: dict[str, Tensor] | None = None,
         student_template: StudentNet | None = None,
         export_hook: Callable[[str, dict[str, Tensor]], None] | None = None,
+        stop_source: StopSource | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
@@ -120,6 +139,10 @@ class Trainer:
         self.checkpoint_hook = checkpoint_hook
         self.callbacks = list(callbacks)
         self.stop = False  # a callback may set it: fit() returns after the current iteration
+        self.stop_source = stop_source
+        self.preempted: StopRequest | None = None  # set when fit() returned on a stop request
+        self.resume_skipped: list[tuple[Path, list[str]]] = []  # checkpoints resume() skipped, and why
+        self.last_save_timing: dict[str, float] = {}
         self._init_student = init_student
         self.export_hook = export_hook
         self._last_logged = -1
@@ -415,6 +438,7 @@ class Trainer:
         """
         every = checkpoint_every or self.cfg.launch.checkpoint_every
         self._keep_last = keep_last or self.cfg.launch.num_to_keep
+        self.preempted = None
         log_every = self.cfg.tracking.log_every
         while not self.done:
             phase = self.phase
@@ -432,20 +456,42 @@ class Trainer:
             self.last_metrics = metrics
             if self.state.iteration % log_every == 0:
                 self._log(metrics)
-            if checkpoint_dir is not None and self.state.iteration % every == 0:
+            request = self._agreed_stop()
+            if request is not None:
+                log.warning("rank %d: stopping after iteration %d (%s)%s", self.rank, self.state.iteration,
+                            request.reason, ", writing a checkpoint" if request.checkpoint else ", no checkpoint")
+                self.preempted = request
+            if checkpoint_dir is not None and (self.state.iteration % every == 0
+                                               or (request is not None and request.checkpoint)):
                 self.save(checkpoint_dir)
             for cb in self.callbacks:
                 cb(self, metrics)
+            if request is not None:
+                break
             if self.stop:
                 self.stop = False
                 break
-        if checkpoint_dir is not None:
-            latest = ckpt.latest_checkpoint(checkpoint_dir)
-            if latest is None or latest != ckpt.step_dir(checkpoint_dir, self.state.iteration):
+        if checkpoint_dir is not None and (self.preempted is None or self.preempted.checkpoint):
+            here = ckpt.step_dir(checkpoint_dir, self.state.iteration)
+            if not (here / ckpt.STATE_FILE).is_file() or manifest.quick_check(here) is not None:
                 self.save(checkpoint_dir)
         if self.last_metrics:
             self._log(self.last_metrics)
         return self.last_metrics
+
+    def _agreed_stop(self) -> StopRequest | None:
+        """The stop request of any rank, the same on every rank (None without a ``stop_source``). A request that
+        arrives with the last iteration is ignored: the run is complete and finishes normally."""
+        if self.stop_source is None:
+            return None
+        local = self.stop_source()
+        stop, no_checkpoint = any_rank([local is not None, local is not None and not local.checkpoint])
+        if not stop:
+            return None
+        reasons = sorted({r for r in gather_objects(local.reason if local is not None else None) if r})
+        if self.state.iteration >= self.schedule.total_iterations:
+            return None
+        return StopRequest("; ".join(reasons), checkpoint=not no_checkpoint)
 
     def _log(self, metrics: dict[str, float]) -> None:
         """Log once per iteration (the end-of-fit flush must not repeat a step already logged)."""
@@ -460,7 +506,9 @@ class Trainer:
     # checkpoints
     # ------------------------------------------------------------------------------------------------------
     def save(self, root: str | Path) -> Path:
-        """Write a complete checkpoint of this run under ``root/step_XXXXXXXX`` (every rank calls this)."""
+        """Write a complete checkpoint of this run under ``root/step_XXXXXXXX`` (every rank calls this), its
+        manifest last; the write and manifest times go to the logger as ``checkpoint/*``."""
+        t_start = time.perf_counter()
         final = ckpt.step_dir(root, self.state.iteration)
         tmp = final.with_name(final.name + ".tmp")
         for name, engine in self.engines.items():
@@ -484,6 +532,11 @@ class Trainer:
                 "seed": self.cfg.seed, "extra": self.extra_state,
             })
         self.factory.barrier()
+        t_manifest = time.perf_counter()
+        built = manifest.build_manifest(tmp, self.state.iteration)  # every rank hashes a share of the files
+        if self.rank == 0:
+            manifest.write_manifest(tmp, built)
+        manifest_s = time.perf_counter() - t_manifest
         if self.rank == 0:
             ckpt.finalize(tmp, final)
         self.factory.barrier()
@@ -491,8 +544,17 @@ class Trainer:
             # node-local disks (no shared file system): this node's ranks finalise their own share; the Ray layer
             # merges the workers' directories into one checkpoint
             ckpt.finalize_local(tmp, final)
+        self.last_save_timing = {
+            "checkpoint/write_s": time.perf_counter() - t_start, "checkpoint/manifest_s": manifest_s,
+            "checkpoint/files": float(len(built["files"])),
+            "checkpoint/bytes": float(sum(e["size"] for e in built["files"].values())),
+        }
+        self.logger.log_metrics(self.last_save_timing, self.state.iteration)
         if self.checkpoint_hook is not None:
-            self.checkpoint_hook(final, self.state.iteration, dict(self.last_metrics))
+            metrics = {**self.last_metrics, **self.last_save_timing}
+            if self.preempted is not None:
+                metrics["preempted"] = 1.0
+            self.checkpoint_hook(final, self.state.iteration, metrics)
         if self.rank == 0 and getattr(self, "_keep_last", None):
             ckpt.prune(root, self._keep_last)
         return final
@@ -535,11 +597,40 @@ class Trainer:
             ema.load_state_dict(saved[cap])
 
     def resume_latest(self, root: str | Path) -> Path | None:
-        """Load the newest complete checkpoint under ``root``; returns it (None when there is none)."""
-        latest = ckpt.latest_checkpoint(root)
-        if latest is not None:
-            self.load(latest)
-        return latest
+        """Load the newest checkpoint under ``root`` that verifies (see :meth:`resume`); None when there is none."""
+        return self.resume(ckpt.complete_checkpoints(root))
+
+    def resume(self, candidates: Sequence[str | Path]) -> Path | None:
+        """Load the first of ``candidates`` (newest first) that verifies against its manifest; returns it.
+
+        Collective: every rank re-hashes a share of each candidate's files, and all ranks follow rank 0's order,
+        so they load the same checkpoint. Skipped ones are logged with the reason and kept in
+        ``resume_skipped``. None when there is no candidate; :class:`NoVerifiedCheckpoint` when there are some but
+        none verifies (starting over would silently throw the run away).
+        """
+        mine = [Path(p) for p in candidates]
+        lists = gather_objects([str(p) for p in mine])
+        # every rank follows rank 0's order; a rank keeps its own paths when they name the same checkpoints (a
+        # copy downloaded from remote storage lives in a different local folder on each node)
+        same = all([Path(x).name for x in other] == [p.name for p in mine] for other in lists)
+        ordered = mine if same else [Path(p) for p in lists[0]]
+        self.resume_skipped = []
+        for path in ordered:
+            problems = manifest.verify(path)
+            if not problems:
+                if self.resume_skipped and self.rank == 0:
+                    log.warning("resuming from %s, the newest checkpoint that verifies", path)
+                self.load(path)
+                return path
+            self.resume_skipped.append((path, problems))
+            if self.rank == 0:
+                log.warning("checkpoint %s skipped: %s", path, "; ".join(problems))
+        if ordered:
+            detail = " | ".join(f"{p}: {'; '.join(why)}" for p, why in self.resume_skipped)
+            raise NoVerifiedCheckpoint(
+                f"no checkpoint verifies ({detail}); repair or move them away to start over "
+                "(python -m dd2dist.train.manifest verify DIR)")
+        return None
 
     # ------------------------------------------------------------------------------------------------------
     # export
