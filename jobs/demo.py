@@ -48,13 +48,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-FAMILIES = ("var", "llamagen")
-# What a per-family result must hold (tests/test_demo_quick.py checks these keys).
-REQUIRED_KEYS = ("fid_teacher", "fid_stage1", "fid_one_step", "class_consistency_teacher",
-                 "class_consistency_one_step", "seconds")
-# The issue's quality targets: DD2 one-step FID <= 1.6x the teacher's; class consistency within 0.05 of it.
-FID_RATIO_TARGET = 1.6
-CONSISTENCY_GAP_TARGET = 0.05
+from dd2dist.demo.report import FAMILIES, family_summary, markdown_tables, verdict_lines  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -229,292 +223,6 @@ def trained_students(cfg, run_dir: Path) -> dict:
             "timing_source": "MLflow timestamps of the training run"}
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------------
-
-
-def marginal_sampler(tokens_dir: Path, num_classes: int, vocab_size: int, counts=None):
-    """Product of per-position, class-conditional marginals counted over the teacher-token shards (``counts``:
-    those counts when the caller already has them, so the shards are read once)."""
-    import torch
-
-    from dd2dist.eval.token_marginals import shard_token_counts
-
-    if counts is None:
-        counts = shard_token_counts(tokens_dir, num_classes, vocab_size)
-    counts = counts.float()
-    probs = (counts + 1e-6) / (counts + 1e-6).sum(-1, keepdim=True)
-
-    def sample(labels, generator):
-        p = probs[labels]  # (B, N, V)
-        B, N, V = p.shape
-        return torch.multinomial(p.reshape(B * N, V), 1, generator=generator).view(B, N)
-
-    return sample
-
-
-def evaluate_marginals(cfg, teacher, tokens_dir: Path, out_dir: Path, reference=None) -> dict:
-    """The product-of-marginals baseline, measured exactly like the samplers of ``evaluate_run`` (with
-    ``reference`` counts, its token-marginal TV too)."""
-    import torch
-
-    from dd2dist.digits.data import digits_split, to_uint8
-    from dd2dist.eval.classifier import cached_classifier
-    from dd2dist.eval.features import digits_feature_space
-    from dd2dist.eval.metrics import class_consistency, compute_metrics
-    from dd2dist.eval.run_eval import balanced_labels, save_grid
-    from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
-
-    classifier, _, clf_path = cached_classifier()
-    n = cfg.eval.num_samples
-    labels = balanced_labels(n, teacher.num_classes)
-    sample = marginal_sampler(tokens_dir, teacher.num_classes, teacher.vocab_size, reference)
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919)
-    t0 = time.perf_counter()
-    ids = torch.cat([sample(labels[i : i + cfg.eval.batch_size], gen) for i in range(0, n, cfg.eval.batch_size)])
-    with torch.no_grad():
-        images = torch.cat([to_uint8(teacher.decode(ids[i : i + cfg.eval.batch_size]))
-                            for i in range(0, n, cfg.eval.batch_size)])
-    settings = {"method": "marginals", "num_samples": n, "labels": "balanced (i mod num_classes)",
-                "tokens": f"independent per position from the class-conditional marginals of {tokens_dir}",
-                "generation_seconds": time.perf_counter() - t0}
-    res = compute_metrics(images, digits_split("heldout").uint8(), digits_feature_space(clf_path),
-                          sampling=settings, batch_size=64)
-    res.update(class_consistency(images, labels, classifier, teacher.num_classes))
-    if reference is not None:  # drawn from the very marginals it is compared with: the finite-sample floor
-        res["token_marginal_tv"] = marginal_tv(
-            class_position_counts(ids, labels, teacher.num_classes, teacher.vocab_size), reference)
-    res["grid"] = str(save_grid(images, out_dir / "grid_marginals.png"))
-    return res
-
-
-def train_vs_heldout_floor(num: int) -> dict:
-    """FID of real training digits vs the held-out ones at the evaluation's sample count (the best reachable)."""
-    from dd2dist.digits.data import digits_split
-    from dd2dist.eval.classifier import cached_classifier
-    from dd2dist.eval.features import digits_feature_space
-    from dd2dist.eval.metrics import compute_metrics
-
-    _, info, clf_path = cached_classifier()
-    train = digits_split("train").uint8()[:num]
-    floor = compute_metrics(train, digits_split("heldout").uint8(), digits_feature_space(clf_path),
-                            sampling={"source": f"first {train.shape[0]} train digits"})
-    return {"fid": floor["fid"], "classifier_heldout_accuracy": info["heldout_accuracy"], "classifier": clf_path}
-
-
-def evaluate_family(cfg, teacher, run_dir: Path, log_fn=log) -> dict:
-    """``dd2dist.eval.run_eval.evaluate_run`` (teacher, stage-1, one-step, snapped, teacher-refined) plus the
-    product-of-marginals baseline and the real-data floor; returns the report (``results`` per method)."""
-    from dd2dist.eval.run_eval import evaluate_run
-    from dd2dist.eval.token_marginals import shard_token_counts
-
-    out_dir = run_dir / "eval"
-    tokens_dir = run_dir / "tokens"
-    # the teacher-token shards are the teacher's marginals: every sampler's token-marginal TV is measured from them
-    reference = None
-    if tokens_dir.is_dir():
-        reference = shard_token_counts(tokens_dir, teacher.num_classes, teacher.vocab_size)
-    report = evaluate_run(cfg, log=lambda m: log_fn(f"[{cfg.teacher.family}] {m}"), out_dir=out_dir,
-                          token_reference=reference)
-    for needed in ("teacher", "stage1", "one_step"):
-        if needed not in report["results"]:
-            raise RuntimeError(f"evaluation of {run_dir} has no {needed!r} result (missing weights?)")
-    if tokens_dir.is_dir():
-        report["results"]["marginals"] = res = evaluate_marginals(cfg, teacher, tokens_dir, out_dir, reference)
-        log_fn(f"[{cfg.teacher.family}]   marginals: FID {res['fid']:.3f} class consistency "
-               f"{res['class_consistency']:.3f}")
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    report["floor"] = train_vs_heldout_floor(cfg.eval.num_samples)
-    return report
-
-
-# ---- figures -------------------------------------------------------------------------------------------------
-
-GRID_METHODS = ("teacher", "stage1", "one_step", "refined_2", "marginals")
-GRID_TITLES = {"teacher": "teacher (AR)", "stage1": "stage-1 model, one step", "one_step": "DD2 one-step",
-               "one_step_snapped": "DD2 one-step, snapped", "one_step_compact": "DD2 one-step, compact head",
-               "refined_2": "DD2 + teacher, 2 steps",
-               "refined_3": "DD2 + teacher, 3 steps", "marginals": "product of marginals"}
-
-
-def save_sample_figure(results: dict, path: Path, title: str, columns: int = 6) -> Path:
-    """One PNG: the first ``columns`` samples of every class (rows) for each sampler, read back from the
-    per-sampler grids ``evaluate_run`` writes (10 columns = classes 0..9, one sample per class per row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
-    import matplotlib.pyplot as plt
-
-    names = [n for n in GRID_METHODS if n in results and results[n].get("grid")]
-    fig, axes = plt.subplots(1, len(names), figsize=(1.75 * len(names), 3.1), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        grid = mpimg.imread(results[name]["grid"])  # tile rows: sample index; tile columns: class
-        cell = (grid.shape[1] - 1) // 10  # save_image pads 1 pixel around each tile
-        rows = min(columns, (grid.shape[0] - 1) // cell)
-        tiles = grid[1 : 1 + rows * cell, 1 : 1 + 10 * cell].reshape(rows, cell, 10, cell, grid.shape[2])
-        by_class = tiles.transpose(2, 1, 0, 3, 4).reshape(10 * cell, rows * cell, grid.shape[2])  # tiles moved only
-        ax.imshow(by_class, interpolation="nearest")
-        ax.set_title(GRID_TITLES.get(name, name), fontsize=7)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-LOSS_KEYS = ("student_head/loss", "student/loss", "generator/regression_loss", "guidance/loss", "generator/loss")
-
-
-def loss_histories(run_id: str, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
-    """The training losses of an MLflow run: {key: [(iteration, value)]}."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    out = {}
-    for key in LOSS_KEYS:
-        hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        if hist:
-            out[key] = hist
-    return out
-
-
-def save_loss_curves(histories: dict[str, dict], path: Path) -> Path:
-    """One PNG, one panel per family: the stage-1 GTS loss, the generator's PF-ODE regression loss (when the recipe
-    has that phase), the guidance FCS loss and the generator CSD loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.2), squeeze=False)
-    for ax, (family, hist) in zip(axes[0], histories.items()):
-        for key, values in hist.items():
-            steps, vals = zip(*values)
-            ax.plot(steps, vals, label=key, lw=1, color=f"C{LOSS_KEYS.index(key)}")  # one colour per loss
-        ax.set_title(f"{family}: training losses (MLflow)", fontsize=9)
-        ax.set_xlabel("iteration (optimizer steps of all roles)")
-        ax.set_yscale("symlog", linthresh=1e-2)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ---- results -------------------------------------------------------------------------------------------------
-
-
-def family_summary(evaluation: dict, train: dict, teacher_report: dict, cfg, seconds: float, run: dict) -> dict:
-    """The flat per-family record of results.json."""
-    methods = evaluation["results"]
-    out: dict[str, Any] = {}
-    for name, m in methods.items():
-        out[f"fid_{name}"] = m["fid"]
-        out[f"precision_{name}"] = m["precision"]
-        out[f"recall_{name}"] = m["recall"]
-        out[f"isc_{name}"] = m["isc_mean"]
-        out[f"class_consistency_{name}"] = m["class_consistency"]
-        if "token_marginal_tv" in m:
-            out[f"token_marginal_tv_{name}"] = m["token_marginal_tv"]["mean"]
-    out["fid_train_vs_heldout"] = evaluation["floor"]["fid"]
-    out["fid_ratio_one_step"] = methods["one_step"]["fid"] / max(methods["teacher"]["fid"], 1e-12)
-    out["class_consistency_gap"] = abs(methods["one_step"]["class_consistency"]
-                                       - methods["teacher"]["class_consistency"])
-    # one standard error of that difference (independent binomial fractions): how much of the gap is sampling noise
-    out["class_consistency_gap_se"] = math.hypot(methods["one_step"].get("class_consistency_se", 0.0),
-                                                 methods["teacher"].get("class_consistency_se", 0.0))
-    out["targets"] = {
-        "fid_ratio_max": FID_RATIO_TARGET, "fid_ratio_met": out["fid_ratio_one_step"] <= FID_RATIO_TARGET,
-        "class_consistency_gap_max": CONSISTENCY_GAP_TARGET,
-        "class_consistency_met": out["class_consistency_gap"] <= CONSISTENCY_GAP_TARGET,
-    }
-    if "one_step_compact" in methods:  # the same generator with its compact sampling head, on the same noise
-        compact = methods["one_step_compact"]
-        out["fid_ratio_one_step_compact"] = compact["fid"] / max(methods["teacher"]["fid"], 1e-12)
-        out["class_consistency_gap_compact"] = abs(compact["class_consistency"]
-                                                   - methods["teacher"]["class_consistency"])
-        out["targets"]["fid_ratio_met_compact"] = out["fid_ratio_one_step_compact"] <= FID_RATIO_TARGET
-        out["targets"]["class_consistency_met_compact"] = (out["class_consistency_gap_compact"]
-                                                           <= CONSISTENCY_GAP_TARGET)
-    out["classifier_heldout_accuracy"] = evaluation["floor"]["classifier_heldout_accuracy"]
-    out["seconds"] = seconds
-    out["seconds_by_step"] = run["seconds_by_step"]
-    out["timing_source"] = run.get("timing_source", "measured in this run")
-    out["sampling"] = {
-        "teacher": asdict(cfg.teacher.sampling), "num_samples": cfg.eval.num_samples,
-        "per_class": cfg.eval.num_samples // cfg.teacher.arch.num_classes,
-        "reference": "digits held-out split (359 images)", "feature_space": "digits classifier (penultimate)",
-        "methods": {name: m["sampling"] for name, m in methods.items()},
-    }
-    out["teacher"] = {"checkpoint": teacher_report["checkpoint"], "reused": teacher_report.get("reused", False),
-                      "training_seconds": teacher_report.get("seconds")}
-    out["token_shards"] = run["token_shards"]
-    out["mlflow"] = run["mlflow"]
-    out["export"] = train["stage2"]["export"]
-    out["stage1_model"] = train["stage1_file"]
-    out["iterations"] = train["stage2"]["iteration"]
-    out["grid"] = run["grid"]
-    out["metrics"] = methods
-    out["feature_space"] = evaluation["feature_space"]
-    return out
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def markdown_tables(results: dict) -> str:
-    """The quality table (one block per family) and the per-step timings, as Markdown."""
-    lines = ["| family | sampler | FID | precision | recall | IS | class consistency | token-marginal TV |",
-             "|---|---|---|---|---|---|---|---|"]
-    for family in FAMILIES:
-        if family not in results:
-            continue
-        r = results[family]
-        for name, m in r["metrics"].items():
-            lines.append(f"| {family} | {GRID_TITLES.get(name, name)} | {_fmt(m['fid'])} | {_fmt(m['precision'])} | "
-                         f"{_fmt(m['recall'])} | {_fmt(m['isc_mean'], 2)} | {_fmt(m['class_consistency'])} | "
-                         f"{_fmt(m.get('token_marginal_tv', {}).get('mean'))} |")
-        lines.append(f"| {family} | *train digits vs held-out (floor)* | {_fmt(r['fid_train_vs_heldout'])} "
-                     "| | | | | |")
-    lines += ["", "| family | teacher | teacher tokens | stage 1 | stage 2 | compact head | evaluation | total (s) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for family in FAMILIES:
-        if family in results:
-            s = results[family]["seconds_by_step"]
-            lines.append(f"| {family} | {s['teacher']:.0f}{' (reused)' if results[family]['teacher']['reused'] else ''}"
-                         f" | {s['tokens']:.0f} | {s['stage1']:.0f} | {s['stage2']:.0f} | "
-                         f"{_fmt(s.get('compact_head'), 0)} | {s['evaluation']:.0f} | "
-                         f"{results[family]['seconds']:.0f} |")
-    settings = results.get("settings", {})
-    if settings.get("seconds_teachers_concurrent") is not None:
-        together, total = settings["seconds_teachers_concurrent"], settings["seconds_total"]
-        lines += ["", f"The teachers were trained at once (one CPU each): {together:.0f} s of wall time for the "
-                  f"teacher column together; the whole demo took {total:.0f} s."]
-    return "\n".join(lines) + "\n"
-
-
-def print_summary(results: dict) -> None:
-    print("\n" + markdown_tables(results))
-    for family in FAMILIES:
-        if family not in results:
-            continue
-        r = results[family]
-        print(f"{family}: one-step FID / teacher FID = {r['fid_ratio_one_step']:.2f} (target <= {FID_RATIO_TARGET}); "
-              f"class-consistency gap {r['class_consistency_gap']:.3f} +- {r['class_consistency_gap_se']:.3f} "
-              f"(1 s.e.; target <= {CONSISTENCY_GAP_TARGET})")
-        if "fid_ratio_one_step_compact" in r:
-            print(f"  with the compact sampling head: FID ratio {r['fid_ratio_one_step_compact']:.2f}, "
-                  f"class-consistency gap {r['class_consistency_gap_compact']:.3f}")
-        print(f"  MLflow run {r['mlflow']['run_id']} in {r['mlflow']['tracking_uri']}")
-        print(f"  sample grid {r['grid']}   generator {r['export']}")
-    sys.stdout.flush()
-
-
 # ---- driver --------------------------------------------------------------------------------------------------
 
 
@@ -551,9 +259,9 @@ def train_teachers_concurrently(families: list[str], args: argparse.Namespace, p
 def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_teacher: dict | None = None) -> dict:
     import torch
 
+    from dd2dist.demo.evaluation import evaluate_family, log_evaluation
+    from dd2dist.demo.figures import save_sample_figure
     from dd2dist.digits.teacher_job import train_digits_teacher
-    from dd2dist.eval.run_eval import log_to_mlflow
-    from dd2dist.teachers import build_teacher
     from dd2dist.tracking import open_run
 
     t_start = time.perf_counter()
@@ -585,8 +293,6 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
         cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False,
                             extra=args.overrides)
         clean_run_dir(run_dir)
-    torch.manual_seed(cfg.seed)
-    teacher = build_teacher(cfg.teacher)
 
     t0 = time.perf_counter()
     token_info: dict[str, Any] = {"stage1_source": cfg.data.source}
@@ -619,15 +325,17 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
         compact_report = fit_or_reuse_compact_head(cfg, run_dir, reuse=args.eval_only)
         steps["compact_head"] = time.perf_counter() - t0
 
-    log(f"[{family}] 4/5 evaluation: {cfg.eval.num_samples} samples per sampler vs the held-out digits")
+    log(f"[{family}] 4/5 evaluation: {cfg.eval.num_samples} samples per sampler against an independent teacher "
+        "draw (and the held-out digits)")
     t0 = time.perf_counter()
-    evaluation = evaluate_family(cfg, teacher, run_dir)
+    evaluation = evaluate_family(cfg, run_dir, log=lambda m: log(f"[{family}] {m}"))
     steps["evaluation"] = time.perf_counter() - t0
 
     log(f"[{family}] 5/5 figures and MLflow")
-    grid = save_sample_figure(evaluation["results"], run_dir / "eval" / "samples.png",
+    grid = save_sample_figure(evaluation["samplers"], run_dir / "eval" / "samples.png",
                               f"{family} digits (rows: classes 0-9)")
-    run_id = log_to_mlflow(cfg, evaluation)  # eval/<method>/<metric> at the final iteration, grids, report
+    # eval/<sampler>/<metric> at the final iteration, grids, report
+    run_id = log_evaluation(cfg, evaluation, step=train["stage2"]["iteration"])
     tracker = open_run(cfg, progress=False)  # the same run again: the demo's own artefacts, then FINISHED
     mlflow_info = {"run_id": run_id, "tracking_uri": tracker.tracking_uri if tracker else None,
                    "experiment": cfg.tracking.experiment}
@@ -644,6 +352,8 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
         tracker.log_artifact(grid, "eval")
         tracker.log_artifact(run_dir / "eval" / "summary.json", "eval")
         tracker.set_tags({"demo": "quick" if args.quick else "full"})
+        from dd2dist.demo.figures import loss_histories
+
         summary["loss_history"] = loss_histories(tracker.run_id, tracker.tracking_uri)
         tracker.close("FINISHED")
     return summary
@@ -704,6 +414,8 @@ def main(argv: list[str]) -> int:
             ray.shutdown()
     if code == 0:
         histories = {f: r.pop("loss_history", {}) for f, r in results.items()}
+        from dd2dist.demo.figures import save_loss_curves
+
         curves = save_loss_curves(histories, out / "loss_curves.png") if any(histories.values()) else None
         import torch
 
@@ -722,7 +434,8 @@ def main(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (out / "results.md").write_text(markdown_tables(results))
-        print_summary(results)
+        print("\n" + markdown_tables(results))
+        print("\n".join(verdict_lines(results)), flush=True)
         print(f"results: {out / 'results.json'} (tables: {out / 'results.md'}; loss curves: {curves}); "
               f"total {results['settings']['seconds_total']:.0f} s")
     return code

@@ -61,6 +61,7 @@ class FidelityOptions:
     refine_steps: tuple[int, ...] | None = None  # None: the run's eval.refine_steps
     prc_neighborhood: int = 3
     nll_samples: int = 2_000  # sequences per set whose teacher NLL is computed (a mean: fewer suffice)
+    grid_dir: str | None = None  # save a PNG grid of each set's first 100 images here (rows: classes 0-9 in turn)
 
 
 @dataclass
@@ -165,8 +166,8 @@ def feature_scores(feats: Tensor, reference: Tensor, prc_neighborhood: int = 3) 
 
 
 class FeatureScorer:
-    """Features of uint8 images in a :class:`~dd2dist.eval.features.FeatureSpace`, computed once per set (FID and
-    precision / recall read the same layer in every space this project has)."""
+    """Features of uint8 images in a :class:`~dd2dist.eval.features.FeatureSpace`, computed once per set: the layer
+    FID and precision / recall read (the same one in every space this project has) and the IS logits."""
 
     def __init__(self, space, batch_size: int = 500):
         from torch_fidelity.utils import create_feature_extractor
@@ -175,15 +176,27 @@ class FeatureScorer:
             raise ValueError(f"feature space {space.extractor}: FID reads {space.fid_layer!r} but precision / recall "
                              f"{space.prc_layer!r}; the fidelity benchmark scores both on one layer")
         self.batch_size = batch_size
+        self.layers = (space.fid_layer, space.isc_layer)
         self.extractor = create_feature_extractor(
-            space.extractor, [space.fid_layer], feature_extractor_weights_path=space.weights_path, cuda=False,
+            space.extractor, list(self.layers), feature_extractor_weights_path=space.weights_path, cuda=False,
             verbose=False)
 
     @torch.no_grad()
-    def features(self, images: Tensor) -> Tensor:
-        """(M, D) fp64 features of uint8 images (M, 3, H, W)."""
-        return torch.cat([self.extractor(images[s : s + self.batch_size].contiguous())[0].double().cpu()
-                          for s in range(0, images.shape[0], self.batch_size)])
+    def features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """((M, D) fp64 features, (M, K) IS logits) of uint8 images (M, 3, H, W)."""
+        feats, logits = [], []
+        for s in range(0, images.shape[0], self.batch_size):
+            f, lg = self.extractor(images[s : s + self.batch_size].contiguous())
+            feats.append(f.double().cpu())
+            logits.append(lg.double().cpu())
+        return torch.cat(feats), torch.cat(logits)
+
+
+def inception_score(logits: Tensor) -> float:
+    """torch-fidelity's Inception Score of IS logits (M, K), 10 splits (fewer for tiny sets)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    return float(isc_features_to_metric(logits, splits=max(1, min(10, logits.shape[0] // 2)))["inception_score_mean"])
 
 
 @torch.no_grad()
@@ -249,7 +262,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
                        log: Callable[[str], None] = print) -> dict:
     """Score every sampler of the run in ``run_dir`` against the teacher's own samples; returns the report."""
     from dd2dist.data.identity import build_seeded_teacher
-    from dd2dist.eval.run_eval import _feature_space
+    from dd2dist.eval.run_eval import teacher_feature_space
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -267,7 +280,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         raise ValueError(f"unknown fidelity sampler(s) {unknown}; choose from {', '.join(ALL_SAMPLERS)}")
     nets = _load_nets(cfg, teacher, run_dir, opts.samplers)
     refine = tuple(cfg.eval.refine_steps if opts.refine_steps is None else opts.refine_steps)
-    space, heldout, classifier = _feature_space(cfg, teacher, space_kind)
+    space, heldout, classifier = teacher_feature_space(cfg, teacher, space_kind)
     scorer = FeatureScorer(space, batch)
     seconds: dict[str, float] = {}
 
@@ -280,56 +293,59 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     # the reference (A), the floor's second teacher draw (B) and the draw the marginals are counted on (C)
     ref_ids, _ = timed("reference", lambda: teacher_draw(teacher, labels, sampling, base + DRAW_OFFSETS["reference"],
                                                          batch))
-    draws: dict[str, Draw] = {}
-    plan: list[tuple[str, Callable[[], Tensor], str]] = []  # (name, make tokens, how they are decoded)
+    # (name, seed base of its draws, make its tokens from that base, how they are decoded); a continuous sampler
+    # and its snapped form share one draw
+    plan: list[tuple[str, int, Callable[[int], Tensor], str]] = []
     if "teacher" in opts.samplers:
-        plan.append(("teacher", lambda: teacher_draw(teacher, labels, sampling, base + DRAW_OFFSETS["teacher"], batch),
-                     "ids"))
+        plan.append(("teacher", base + DRAW_OFFSETS["teacher"],
+                     lambda seed: teacher_draw(teacher, labels, sampling, seed, batch), "ids"))
     if "marginals" in opts.samplers:
-        def marginals() -> Tensor:
+        def marginals(seed: int) -> Tensor:
             counted = teacher_draw(teacher, labels, sampling, base + DRAW_OFFSETS["marginal_counts"], batch)
-            counts = class_position_counts(counted, labels, C, V)
-            return marginal_product_draw(counts, labels, base + DRAW_OFFSETS["marginals"])
-        plan.append(("marginals", marginals, "ids"))
+            return marginal_product_draw(class_position_counts(counted, labels, C, V), labels, seed)
+        plan.append(("marginals", base + DRAW_OFFSETS["marginals"], marginals, "ids"))
     for key in ("one_step", "stage1", "dd1"):
-        if key not in nets:
-            continue
-        offset = base + DRAW_OFFSETS[key]
-        if key in opts.samplers:
-            plan.append((key, lambda net=nets[key], o=offset: one_step_draw(net, labels, o, batch), "continuous"))
-        if f"{key}_snapped" in opts.samplers:
-            plan.append((f"{key}_snapped", lambda net=nets[key], o=offset: one_step_draw(net, labels, o, batch),
-                         "snapped"))
+        if key in nets:
+            make = (lambda seed, net=nets[key]: one_step_draw(net, labels, seed, batch))
+            plan += [(name, base + DRAW_OFFSETS[key], make, kind)
+                     for name, kind in ((key, "continuous"), (f"{key}_snapped", "snapped")) if name in opts.samplers]
     if "one_step_compact" in nets:  # on one_step's noise: the two differ by the head alone
-        plan.append(("one_step_compact", lambda: one_step_draw(nets["one_step_compact"], labels,
-                                                               base + DRAW_OFFSETS["one_step"], batch), "continuous"))
+        plan.append(("one_step_compact", base + DRAW_OFFSETS["one_step"],
+                     lambda seed: one_step_draw(nets["one_step_compact"], labels, seed, batch), "continuous"))
     if "refined" in opts.samplers and "one_step" in nets:
         for k in refine:
-            plan.append((f"refined_{k}", lambda k=k: refined_draw(nets["one_step"], teacher, labels, k, sampling,
-                                                                  base + DRAW_OFFSETS["one_step"], batch), "ids"))
+            plan.append((f"refined_{k}", base + DRAW_OFFSETS["one_step"],
+                         lambda seed, k=k: refined_draw(nets["one_step"], teacher, labels, k, sampling, seed, batch),
+                         "ids"))
 
-    for name, make, kind in plan:
-        tokens, sec = timed(name, make)
+    draws: dict[str, Draw] = {}
+    drawn: dict[tuple, tuple[Tensor, float]] = {}  # (make, seed) -> tokens, seconds
+    for name, seed, make, kind in plan:
+        if (make, seed) not in drawn:
+            drawn[(make, seed)] = timed(name, lambda make=make, seed=seed: make(seed))
+        tokens, sec = drawn[(make, seed)]
         ids = teacher.quantize(tokens) if tokens.is_floating_point() else tokens
         images = decode(teacher, ids if kind in ("ids", "snapped") else tokens, batch)
-        draws[name] = Draw(ids=ids.long(), images=images, seconds=sec,
-                           settings={"tokens": {"ids": "codes", "snapped": "nearest codes of the continuous output",
-                                                "continuous": "continuous output, decoded as is"}[kind]})
+        draws[name] = Draw(ids=ids.long(), images=images, seconds=sec, settings={
+            "tokens": {"ids": "codes", "snapped": "nearest codes of the continuous output",
+                       "continuous": "continuous output, decoded as is"}[kind],
+            "seed_base": seed, "seeding": "the batch starting at sample i draws from seed_base + i"})
         log(f"  drew {name}: {n} samples in {sec:.1f} s")
 
     t0 = time.perf_counter()
     ref_images = decode(teacher, ref_ids, batch)
-    ref_feats = scorer.features(ref_images)
+    ref_feats, _ = scorer.features(ref_images)
     # real held-out images (digits): the same sets also scored against data, the secondary column
-    heldout_feats = scorer.features(heldout) if torch.is_tensor(heldout) else None
+    heldout_feats = scorer.features(heldout)[0] if torch.is_tensor(heldout) else None
     ref_marg = class_position_counts(ref_ids, labels, C, V)
     ref_pairs = pair_counts(ref_ids, labels, C, V)
     n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
     ref_nll = teacher_nll(teacher, ref_ids[:n_nll], labels[:n_nll], sampling, batch)
     results: dict[str, dict] = {}
     for name, draw in draws.items():
-        feats = scorer.features(draw.images)
+        feats, logits = scorer.features(draw.images)
         res = feature_scores(feats, ref_feats, opts.prc_neighborhood)
+        res["isc_mean"] = inception_score(logits)
         if heldout_feats is not None:
             data = feature_scores(feats, heldout_feats, opts.prc_neighborhood)
             res.update({"fid_heldout": data["fid_to_teacher"], "precision_heldout": data["precision"],
@@ -337,7 +353,13 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         if classifier is not None:
             from dd2dist.eval.metrics import class_consistency
 
-            res["class_consistency"] = class_consistency(draw.images, labels, classifier, C)["class_consistency"]
+            consistency = class_consistency(draw.images, labels, classifier, C)
+            res["class_consistency"] = consistency["class_consistency"]
+            res["class_consistency_se"] = consistency["class_consistency_se"]
+        if opts.grid_dir is not None:
+            from dd2dist.eval.run_eval import save_grid
+
+            res["grid"] = str(save_grid(draw.images, Path(opts.grid_dir) / f"grid_{name}.png"))
         res["token_marginal_tv"] = marginal_tv(class_position_counts(draw.ids, labels, C, V), ref_marg)["mean"]
         pairs = pair_tv(pair_counts(draw.ids, labels, C, V), ref_pairs)
         res["pair_tv"], res["pair_tv_by_distance"] = pairs["mean"], pairs["by_distance"]

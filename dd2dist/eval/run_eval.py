@@ -206,7 +206,7 @@ def evaluate_run(
         net.load_state_dict(load_student_weights(stage1_path))
         nets["stage1"] = net.eval().requires_grad_(False).for_sampling()
 
-    space, reference, classifier = _feature_space(cfg, teacher, space_kind)
+    space, reference, classifier = teacher_feature_space(cfg, teacher, space_kind)
     seed_base = int(cfg.seed) * 1_000_003 + 7919  # fixed, documented seed range per run seed
     results: dict[str, Any] = {}
     jobs = [(m, 0) for m in wanted if m != "refined"] + [("refined", k) for k in cfg.eval.refine_steps
@@ -256,7 +256,7 @@ def _sampling_dict(sampling) -> dict:
     return asdict(sampling)
 
 
-def _feature_space(cfg, teacher: ARTeacher, kind: str):
+def teacher_feature_space(cfg, teacher: ARTeacher, kind: str):
     """(FeatureSpace, reference images or npz path, classifier or None) for this teacher."""
     from dd2dist.digits.data import IMAGE_SIZE, NUM_CLASSES, digits_split
     from dd2dist.eval.features import digits_feature_space, inception_feature_space
