@@ -1,4 +1,11 @@
-"""GPU check of the VAR teacher: forced-vs-cached parity on CUDA, then sampler timings at true sizes (random weights)."""
+"""VAR teacher sampler benchmark on a GPU: forced-vs-cached parity, then sampler timings at the released sizes.
+
+Random weights (sampling speed does not depend on them), bf16 timings of VAR-d16/d20/d24/d30 at batch 1 and 16, fp32
+and bf16 parity of the KV-cached sampler against one teacher-forced pass. Writes ``$OUT/var_samplers.json``; the
+figures are in docs/results.md (GPU teacher samplers). ``--quick`` runs the tiny config only (works on a CPU).
+
+    OUT=runs/bench python jobs/gpu_var_samplers.py
+"""
 
 import json
 import os
@@ -22,7 +29,7 @@ torch.backends.cudnn.allow_tf32 = False
 
 def log(msg):
     print(msg, flush=True)
-    with open(os.path.join(out_dir, "bench_var.json"), "w") as f:
+    with open(os.path.join(out_dir, "var_samplers.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 
@@ -111,8 +118,13 @@ else:
     d16 = OFFICIAL_ARCHS["var_d16"]
     parity(d16, "d16_fp32_default_sampling", 2, Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=900, top_p=0.95))
     parity(d16, "d16_fp32_no_cfg_no_filter", 2, Sampling(cfg=0.0, cfg_schedule="var_linear"))
-    parity(d16, "d16_bf16_default_sampling", 2, Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=900, top_p=0.95),
-           torch.bfloat16)
+    parity(
+        d16,
+        "d16_bf16_default_sampling",
+        2,
+        Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=900, top_p=0.95),
+        torch.bfloat16,
+    )
     for kind in ("var_d16", "var_d20", "var_d24", "var_d30"):
         timing(kind, OFFICIAL_ARCHS[kind], [1, 16], 5, torch.bfloat16)
 log("done")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The exact one-step check for several seeds at once, one process (one thread) per run, on a many-core host.
-# Used on the lent GPU machine's CPU cores (16) to add seeds beside the 2-core runs; the GPU is not used.
-#   bash docs/toy/run_seeds.sh            (writes $OUT/toy_seeds.tar.gz: toy_<family>_s<seed>.json / .log)
+# The exact one-step check for several seeds at once, one process (one thread) per run, on a many-core host
+# (7 runs side by side: VAR seeds 0-2, LlamaGen seeds 0-2, LlamaGen with V = 8 codes; ~10 minutes; no GPU used).
+# It regenerates the 16-core rows of the exact-check table in docs/results.md.
+#   bash jobs/toy_seeds.sh            (writes $OUT/toy_seeds.tar.gz: toy_<family>_s<seed>.json / .log)
 set -u
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 FINAL=${OUT:-/tmp}
