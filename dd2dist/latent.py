@@ -1,6 +1,6 @@
 """Codebook space, rectified-flow noising and the teacher's closed-form posterior: the heart of DD2.
 
-Everything here is pure torch and computed in fp32 (method.md §2). Conventions:
+Everything here is pure torch and computed in fp32 (docs/method.md §2-§3). Conventions:
 
 * tokens live in the codebook-embedding space: ``x`` is (B, N, Ce), the codebook ``C`` is (V, Ce);
 * rectified flow with t=0 data and t=1 noise: ``x_t = (1 - t) x0 + t eps``;
@@ -142,7 +142,7 @@ def posterior(
     t_min: float = T_MIN,
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
 ) -> Posterior:
-    """Closed-form posterior of the teacher's per-position mixture (method.md §2, Eq.1).
+    """Closed-form posterior of the teacher's per-position mixture (docs/method.md §3.1, Eq.1).
 
     Args:
         log_probs: (B, N, V) teacher log-probs (after CFG/top-k/top-p; -inf for filtered codes).

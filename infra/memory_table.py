@@ -15,9 +15,9 @@ Model (ZeRO paper, mixed-precision Adam), Ψ = parameters of one network, N = ra
   (dd2dist's default, engine.zero_stage_teacher = 3).
 - activations, the EMA generator and framework buffers come on top (see docs/scaling.md).
 
-Parameter counts: teachers from teachers.md §1.1 / §2.1 (verified against the released checkpoints); the
+Parameter counts: teachers from docs/teachers.md §2.1 / §3.1 (verified against the released checkpoints); the
 student is the teacher's backbone without its token classifier (VAR: Linear C→4096 with bias; LlamaGen: the
-16384×D input embedding and the D→16384 output matrix), plus the MLP head (method.md §4.3: ~20–25M).
+16384×D input embedding and the D→16384 output matrix), plus the MLP head (~20–25M; docs/method.md §5.2).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 2**30
-HEAD_PARAMS = 22_500_000  # MLP head, middle of method.md's ~20-25M estimate
+HEAD_PARAMS = 22_500_000  # MLP head, middle of a ~20-25M estimate (docs/method.md §5.2)
 BYTES_TRAINED = 16  # bf16 weight + bf16 grad + fp32 master, m, v
 BYTES_FROZEN = 2  # bf16 weight
 ZERO_STAGES = (0, 1, 2, 3)
@@ -43,7 +43,7 @@ class Model:
     name: str
     teacher_params: int
     removed_params: int
-    paper_student_params: float  # method.md §4.3, for comparison only
+    paper_student_params: float  # the paper's Tab.1 (docs/method.md §13.1), for comparison only
 
     @property
     def student_params(self) -> int:
@@ -106,7 +106,7 @@ def memory_markdown(world_size: int) -> str:
     return "\n".join(lines)
 
 
-# Paper wall-clock on 8×A800 (method.md §6 Tab.8 per stage, §8 Tab.3 totals and DD1).
+# Paper wall-clock on 8×A800 (docs/method.md §13.4: Tab.8 per stage, Tab.3 totals and DD1).
 PAPER_HOURS = {
     "VAR-d16": {"adaptation": 0.0, "stage1_head": 60.1, "stage1_full": 8.0, "stage2": 42.6, "alignment": 4.8,
                 "total": 115.5, "dd1_total": 296.9},

@@ -1,6 +1,6 @@
 """Bytes per sample and samples per shard of dd2dist's token shards (WebDataset tars).
 
-One sample (architecture.md §3 Data) = ``tokens.tok16`` (int16, 2 B per token: VAR 680 tokens, LlamaGen 256),
+One sample (docs/scaling.md §4) = ``tokens.tok16`` (int16, 2 B per token: VAR 680 tokens, LlamaGen 256),
 ``cond.cls`` (decimal label), ``label.i64`` (8 B) and ``meta.json``. A tar stores every member as a 512-byte
 header plus its data padded to 512 bytes, so small members cost far more than their payload. WebDataset's
 writers stamp members with a float ``time.time()`` by default, which Python's tarfile can only store in an

@@ -1,4 +1,4 @@
-"""Stage 0 for LlamaGen (method.md §4.4): give the teacher an MLP input adapter for continuous 8-d token inputs.
+"""Stage 0 for LlamaGen (docs/method.md §6): give the teacher an MLP input adapter for continuous 8-d token inputs.
 
     python jobs/adapt_llamagen.py --config configs/experiments/llamagen_stage0.yaml --output DIR [--set KEY=VALUE ...]
         [--device auto|cpu|cuda]

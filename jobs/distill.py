@@ -90,5 +90,6 @@ if __name__ == "__main__":
     code = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
-    # ZeRO-3 process groups can abort at interpreter exit after the work is done (environment.md): skip finalisers.
+    # ZeRO-3 process groups can abort at interpreter exit after the work is done (docs/environment.md §3):
+    # skip finalisers.
     os._exit(code)

@@ -59,7 +59,7 @@ def test_paper_hours_add_up() -> None:
     for name, hours in mt.PAPER_HOURS.items():
         stages = sum(hours[k] for k in ("adaptation", "stage1_head", "stage1_full", "stage2", "alignment"))
         assert stages == pytest.approx(hours["total"], abs=0.05), name
-    # method.md Tab.3 speed-ups: 2.6x, 2.8x, 6.3x, 12.3x.
+    # Tab.3 speed-ups (docs/method.md §13.4): 2.6x, 2.8x, 6.3x, 12.3x.
     speedups = [round(h["dd1_total"] / h["total"], 1) for h in mt.PAPER_HOURS.values()]
     assert speedups == [2.6, 2.8, 6.3, 12.3]
 

@@ -106,7 +106,7 @@ def test_zero3_trainables_are_accepted():
 def test_teacher_modules_import_first_inside_the_meta_block_of_validation():
     """validate_teacher_checkpoint builds the teacher under ``torch.device("meta")``; in a fresh process (``python
     jobs/distill.py``) that is where each teacher module is first imported, so no module-level value may need a
-    real tensor (session 13: a torch-computed constant in teachers.llamagen made every LlamaGen distill fail)."""
+    real tensor (a torch-computed module constant in teachers.llamagen once made every LlamaGen distill fail there)."""
     import subprocess
     import sys
 

@@ -1,6 +1,6 @@
-"""The paper recipes in configs/experiments/ carry method.md's Tab.10 / Tab.11 numbers.
+"""The paper recipes in configs/experiments/ carry the paper's Tab.10 / Tab.11 numbers (docs/method.md §13).
 
-The table below is written from method.md §6 (Tab.10, Tab.11 and their notes) and §5.1/§9 (distillation targets),
+The table below is written from docs/method.md §13.2-13.3 (Tab.10, Tab.11 and their notes) and §13.5 (targets),
 not from the YAML files, so a wrong value in a recipe fails here. Batches are global: per-rank micro-batch x
 grad_accum x workers.
 """
@@ -21,7 +21,8 @@ from dd2dist.teachers import OFFICIAL_ARCHS, build_teacher
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"
 
-# method.md §6. guidance/generator iterations are per phase: (before alignment, alignment-only, after alignment).
+# docs/method.md §13.2-13.3. guidance/generator iterations are per phase: (before alignment, alignment-only,
+# after alignment).
 PAPER = {
     "var_d16": dict(
         official="var_d16", s1_lr=2e-4, s1_batch=512, head_only=300_000, full=30_000,
@@ -45,7 +46,7 @@ PAPER = {
     ),
 }
 RECIPES = [*PAPER, "llamagen_t2i_xl"]
-# DD2's parameter counts (method.md §8, Tab.1 #Param): the head size is not stated, these pin our choice of it.
+# DD2's parameter counts (docs/method.md §13.1, Tab.1 #Param): the head size is not stated, these pin our choice of it.
 PAPER_STUDENT_PARAMS = {"var_d16": 329e6, "var_d20": 619e6, "var_d24": 1.04e9, "llamagen_l": 335e6}
 
 
@@ -89,7 +90,7 @@ def test_recipe_matches_paper_tables(name):
     assert ("alignment" in cfg.stages) is p["alignment"]
     if p["alignment"]:
         assert cfg.alignment.guidance_per_generator_after == p["K"][1]
-    # EMA (method.md §6.4) and the distillation target (§5.1, §9)
+    # EMA (docs/method.md §10.4, §13.3) and the distillation target (§13.5)
     assert (s2.ema_max, s2.ema_warmup) == (0.9999, "progressive")
     assert s2.csd_loss == "sid" and s2.csd_alpha == 1.0
     assert cfg.teacher.sampling.cfg == p["cfg"] and cfg.teacher.sampling.top_k == p["top_k"]

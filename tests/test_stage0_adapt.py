@@ -1,4 +1,4 @@
-"""jobs/adapt_llamagen.py (LlamaGen stage 0, method.md §4.4) end to end on the tiny config.
+"""jobs/adapt_llamagen.py (LlamaGen stage 0, docs/method.md §6) end to end on the tiny config.
 
 The fine-tune data here are real-image-like token shards with a strong class structure (token i of class y is
 (5y + i) mod V nine times in ten), written through the project's shard writer with the tiny teacher's id, so that a
@@ -171,7 +171,7 @@ def test_bad_configs_exit_2_naming_the_key(config, overrides, key, tmp_path, cap
 def test_paper_stage0_config_values():
     cfg = load_config(FULL, check_paths=False)
     assert cfg.teacher.official == "llamagen_l"
-    assert cfg.stage0.finetune_steps == 200_000  # method.md §4.4
+    assert cfg.stage0.finetune_steps == 200_000  # docs/method.md §6
     assert cfg.stage0.regress_batch == 0  # all 16384 codes
     assert (cfg.stage0.lr, tuple(cfg.stage0.betas), cfg.stage0.cond_drop_prob) == (1e-4, (0.9, 0.95), 0.1)
 

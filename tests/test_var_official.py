@@ -21,7 +21,7 @@ TINY = VARConfig()  # depth 2, width 64, 4 heads, patch_nums (1,2,4), 10 classes
 
 
 def _hand_built_model_sd(seed: int = 0) -> OrderedDict:
-    """teachers.md §1.2 written out by hand for the tiny size (C=64, H=4, L=21, V=64, Cvae=8)."""
+    """docs/teachers.md §2.5 written out by hand for the tiny size (C=64, H=4, L=21, V=64, Cvae=8)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
     lvl = torch.tensor([0] + [1] * 4 + [2] * 16)

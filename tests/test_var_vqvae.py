@@ -34,7 +34,7 @@ def test_true_size_parameter_count_and_key_count():
     assert sum(p.numel() for p in model.parameters()) == 108_948_355
     sd = model.state_dict()
     assert len(sd) == 324
-    # skip convs and quantizer shapes straight from teachers.md §1.3
+    # skip convs and quantizer shapes straight from docs/teachers.md §2.2
     assert tuple(sd["encoder.down.2.block.0.nin_shortcut.weight"].shape) == (320, 160, 1, 1)
     assert tuple(sd["encoder.down.4.block.0.nin_shortcut.weight"].shape) == (640, 320, 1, 1)
     assert tuple(sd["decoder.up.3.block.0.nin_shortcut.weight"].shape) == (320, 640, 1, 1)

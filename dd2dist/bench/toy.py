@@ -1,4 +1,5 @@
-"""The exact one-step check (issue #3): DD2 on an enumerable teacher, scored by total variation to its exact joint.
+"""The exact one-step check (``jobs/benchmark.py toy``): DD2 on an enumerable teacher, scored by total variation
+to its exact joint.
 
     python jobs/benchmark.py toy --family var --seed 0 --out runs/bench/toy_var.json
 

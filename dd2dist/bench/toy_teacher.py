@@ -1,4 +1,5 @@
-"""A tiny, enumerable, strongly correlated teacher of the real classes (issue #3, "The exact check").
+"""A tiny, enumerable, strongly correlated teacher of the real classes (the exact one-step check,
+``jobs/benchmark.py toy``).
 
 The teacher is a real :class:`~dd2dist.teachers.var.VARTeacher` or
 :class:`~dd2dist.teachers.llamagen.LlamaGenTeacher` with a fixed, well-separated codebook of V codes in R^Ce and
@@ -178,7 +179,7 @@ def teacher_arch(spec: ToyTeacherSpec) -> tuple[str, VARConfig | None, LlamaGenC
         return "var", arch, None
     tok16 = VQ16Config(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, vocab_size=spec.vocab,
                        embed_dim=spec.embed_dim)
-    # the mlp adapter takes continuous inputs natively (DD2's adapted LlamaGen, method.md §4.4): the generator
+    # the mlp adapter takes continuous inputs natively (DD2's adapted LlamaGen, docs/method.md §6): the generator
     # feeds raw noise to the backbone and must not have it snapped to a code
     arch16 = LlamaGenConfig(n_layer=spec.depth, n_head=spec.heads, dim=spec.width, ffn_dim=4 * spec.width,
                             grid=spec.grid, num_classes=spec.num_classes, input_adapter="mlp", tokenizer=tok16)

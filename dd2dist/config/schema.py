@@ -3,7 +3,7 @@
 ``configs/base.yaml`` writes these defaults out (a test keeps the two equal). Ranges and file paths are declared
 in field metadata and enforced by :func:`dd2dist.config.typed.from_dict` when a config is loaded; cross-field
 rules live in each section's ``__post_init__`` and raise :class:`ConfigError` with a key relative to the
-section (the loader prefixes the section's own key). Paper values (method.md §6, Tab.10/11) are quoted in the
+section (the loader prefixes the section's own key). Paper values (docs/method.md §13, Tab.10/11) are quoted in the
 comments where the tiny default differs.
 
 Owners of later subsystems add their fields to their own section class; keep each section one class.
@@ -40,7 +40,7 @@ def _is_uri(path: str) -> bool:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """The frozen AR teacher (teachers.md) and the sampling setting that is the distillation target."""
+    """The frozen AR teacher (docs/teachers.md) and the sampling setting that is the distillation target."""
 
     family: Literal["var", "llamagen"] = "var"
     official: str | None = _f(None, choices=tuple(OFFICIAL_ARCHS))  # released arch; None = our own var/llamagen
@@ -48,7 +48,7 @@ class TeacherConfig:
     tokenizer_checkpoint: str | None = _f(None, path="file")  # official VQ weights (needed with `official`)
     var: VARConfig = _section(VARConfig)  # architecture when family=var and official is None
     llamagen: LlamaGenConfig = _section(LlamaGenConfig)  # architecture when family=llamagen and official is None
-    # Target distribution of the distillation (method.md §2, §9: CFG 2.0; paper top-k 900 for VAR, 8000 for
+    # Target distribution of the distillation (docs/method.md §3.3, §13.5: CFG 2.0; paper top-k 900 for VAR, 8000 for
     # LlamaGen; tiny vocabularies keep filtering off). VAR's own rule is "var_linear", LlamaGen's "constant".
     sampling: Sampling = field(default_factory=lambda: Sampling(cfg=2.0, cfg_schedule="var_linear"))
     dtype: Literal["float32", "bfloat16"] = "float32"  # teacher forward precision (closed form stays fp32)
@@ -94,12 +94,12 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Generator / guidance networks: teacher backbone + MAR-style AdaLN MLP head (method.md §4.3 [PROP])."""
+    """Generator / guidance networks: teacher backbone + MAR-style AdaLN MLP head (docs/method.md §5.2)."""
 
     head_width: int = _f(128, gt=0)  # MLP width w (paper-scale proposal: 1024)
     head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
-    generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (method.md §4.3 [I])
+    generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (docs/method.md §5.4)
     # LlamaGen students reading vectors through the soft rule: "mlp" adds a zero-initialised MLP of each raw input
     # vector to its embedding (dd2dist/nets/vector_input.py), so the generator sees its noise, not just its code cell
     noise_input: Literal["none", "mlp"] = "none"
@@ -127,7 +127,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Stage0Config:
-    """LlamaGen continuous-input adaptation (method.md §4.4), run by jobs/adapt_llamagen.py before stage 1.
+    """LlamaGen continuous-input adaptation (docs/method.md §6), run by jobs/adapt_llamagen.py before stage 1.
 
     (1) regress an MLP input adapter onto ``tok_embeddings`` over all normalised codes, (2) fine-tune the whole GPT
     with AR cross-entropy on ``data.shards`` (or on raw teacher samples when ``data.source`` is online), at
@@ -149,7 +149,7 @@ class Stage0Config:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """AR-diffusion tuning with the GTS loss (method.md §5.1; paper values Tab.10)."""
+    """AR-diffusion tuning with the GTS loss (docs/method.md §7; paper values Tab.10)."""
 
     steps: int = _f(40, ge=0)  # full-model steps, after the head-only ones (paper: 30k VAR, 100k LlamaGen)
     head_only_steps: int = _f(10, ge=0)  # head trained with the backbone frozen first (paper VAR: 300k; LlamaGen 0)
@@ -164,9 +164,9 @@ class Stage1Config:
 
 @dataclass(frozen=True)
 class Stage2Config:
-    """Main distillation: generator CSD steps and guidance FCS steps (method.md §5.2-5.3, §6; Tab.11)."""
+    """Main distillation: generator CSD steps and guidance FCS steps (docs/method.md §8-§10; Tab.11)."""
 
-    # Optional start (not in the paper; dd2dist.method.ode_init): generator steps regressing onto the teacher's
+    # Optional start (not in the paper; docs/method.md §12.2): generator steps regressing onto the teacher's
     # PF-ODE noise -> token pairs before the alternation; 0 = off. The regression has its own LR and warm-up; the
     # generator's AdamW moments and LR clock restart when CSD begins (regression and CSD gradients differ in scale)
     ode_init_steps: int = _f(0, ge=0)
@@ -186,12 +186,12 @@ class Stage2Config:
     betas: tuple[float, float] = _f((0.9, 0.95), ge=0.0, lt=1.0)  # Adam betas, both networks
     weight_decay: float = _f(0.0, ge=0.0)
     grad_clip: float = _f(1.0, ge=0.0)  # max global grad norm per network; 0 = off
-    fcs_samples: int = _f(4, ge=1)  # m (t, eps) draws per position per guidance backbone pass (method.md §4.2)
+    fcs_samples: int = _f(4, ge=1)  # m (t, eps) draws per position per guidance backbone pass (docs/method.md §8)
     csd_loss: Literal["sid", "dmd"] = "sid"  # SiD divergence, or the DMD/KL-gradient fallback
     csd_alpha: float = _f(1.0, ge=0.0)  # SiD alpha
     csd_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # CSD t ~ U(csd_t_min, csd_t_max)
     csd_t_max: float = _f(0.96, gt=0.0, lt=1.0)
-    # What the teacher is conditioned on in CSD: the generator's continuous prefix (method.md §4.3 [I, strong]) or
+    # What the teacher is conditioned on in CSD: the generator's continuous prefix (docs/method.md §5.4) or
     # its nearest codes ("snap"): the teacher is only trained on codes, and quantised samples are what is scored
     teacher_prefix: Literal["continuous", "snap"] = "continuous"
     # What ψ's backbone is teacher-forced on (FCS and CSD): sg(q) itself, or its nearest codes ("snap": ψ then
@@ -215,7 +215,7 @@ class Stage2Config:
 
 @dataclass(frozen=True)
 class AlignmentConfig:
-    """Optional performance alignment inside stage 2 (method.md §6.3; paper: VAR-d16/d20 only)."""
+    """Optional performance alignment inside stage 2 (docs/method.md §10.5; paper: VAR-d16/d20 only)."""
 
     enabled: bool = False
     after_generator_steps: int = _f(10, ge=0)  # generator steps before the alignment starts (paper d16: 8k)
@@ -226,7 +226,7 @@ class AlignmentConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How each network is executed (architecture.md §3 Engines)."""
+    """How each network is executed (ZeRO stage per network; memory per stage in docs/scaling.md §3)."""
 
     kind: Literal["torch", "deepspeed"] = "torch"  # plain torch (single process / DDP-free) or DeepSpeed engines
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision (fp16 is refused by DeepSpeed on CPU)

@@ -1,6 +1,6 @@
 """Token shards: the sample schema and codec, a validating shard writer, and the streaming training reader.
 
-One sample of a token shard (``architecture.md`` §3) is a group of tar members sharing a ``__key__``:
+One sample of a token shard (format: docs/scaling.md §4) is a group of tar members sharing a ``__key__``:
 ``tokens.tok16`` (headerless little-endian int16), the condition (``cond.cls`` + ``label.i64``, or
 ``text.f16`` + ``text_mask.u8``) and ``meta.json``. See :mod:`dd2dist.data.schema`.
 """

@@ -2,7 +2,7 @@
 
 1. Streaming: samples/s of one rank's :class:`TokenStream` over VAR-d16-shaped token shards (680 int16 ids,
    vocabulary 4096), in-process and with one loader process, against the paper's per-GPU consumption rates
-   (computed below from the DD2 paper's batch sizes, iteration counts and wall-clock on 8 GPUs, method.md §6)
+   (computed below from the DD2 paper's batch sizes, iteration counts and wall-clock on 8 GPUs, docs/method.md §13)
    or ``--consumption-rate``. The target is >= 10x the highest consumer.
 2. Decoding: images/s of the DALI CPU pipeline (1 and 2 threads) and of the PIL reference, same JPEGs, same
    decode -> resize shorter side -> centre crop -> [-1, 1] chain.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-# DD2 paper (method.md §6, Tab.7/8/11), VAR-d16 on 8 GPUs: (iterations, batch, hours).
+# DD2 paper (docs/method.md §13, Tab.8/11), VAR-d16 on 8 GPUs: (iterations, batch, hours).
 _PAPER_D16 = {
     "stage1_head_only": (300_000, 512, 60.1),
     "stage1_full": (30_000, 512, 8.0),

@@ -1,4 +1,4 @@
-"""The token-shard sample schema and its codec (``architecture.md`` §3).
+"""The token-shard sample schema and its codec (format: docs/scaling.md §4).
 
 A sample is the set of tar members ``<key>.<component>``:
 

@@ -1,4 +1,4 @@
-"""Sampling from a distilled generator (method.md §7), and loading an exported one without DeepSpeed.
+"""Sampling from a distilled generator (docs/method.md §11), and loading an exported one without DeepSpeed.
 
 * :func:`one_step`: q = G(eps, y), one forward pass; continuous tokens (decoded as is, [PROP]) and their nearest
   codes (the snapping ablation).

@@ -53,7 +53,7 @@ def build_benchmark_teacher(model: str) -> tuple[ARTeacher, Sampling]:
     """A randomly initialised teacher of a named geometry and the sampling setting it is timed with.
 
     ``digits_var`` / ``digits_llamagen``: the architectures of ``configs/digits/*.yaml``; ``var_d16`` /
-    ``llamagen_l``: the released geometries (teachers.md), CFG on (VAR's ramp 2.0, LlamaGen constant 2.0).
+    ``llamagen_l``: the released geometries (docs/teachers.md), CFG on (VAR's ramp 2.0, LlamaGen constant 2.0).
     """
     from dd2dist.config import load_config
     from dd2dist.teachers import OFFICIAL_ARCHS, build_family

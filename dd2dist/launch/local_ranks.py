@@ -46,7 +46,7 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
         code = 1
     queue.close()
     queue.join_thread()  # flush the queue's feeder thread before leaving
-    # ZeRO-3 with 2 ranks can abort at interpreter exit (environment.md): leave without running finalisers.
+    # ZeRO-3 with 2 ranks can abort at interpreter exit (docs/environment.md §3): leave without running finalisers.
     os._exit(code)
 
 

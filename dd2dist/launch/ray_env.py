@@ -1,4 +1,4 @@
-"""Starting or joining Ray with the settings measured to work on our machines (environment.md)."""
+"""Starting or joining Ray with the settings measured to work on CPU machines (docs/environment.md §2)."""
 
 from __future__ import annotations
 

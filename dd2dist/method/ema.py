@@ -1,4 +1,4 @@
-"""Exponential moving average of the generator with SiD/DD2's progressive decay (method.md §6.4).
+"""Exponential moving average of the generator with SiD/DD2's progressive decay (docs/method.md §10.4).
 
 The EMA averages ``engine.local_param_tensors()``: full tensors for a plain-torch engine, this rank's partitions
 under ZeRO-3, so it shards exactly like the engine and each rank saves its own share.
@@ -18,7 +18,7 @@ def ema_decay(updates: int, ema_max: float, warmup: Literal["progressive", "none
     """Decay used for the EMA update number ``updates`` (0-based).
 
     ``progressive``: min(ema_max, (n + 1) / (n + rampup)) — with the paper's rampup = 10, 0.1 at the first update,
-    reaching 0.9999 after ~90k (method.md §6.4, "very important for stability"). Its averaging horizon is about
+    reaching 0.9999 after ~90k (docs/method.md §10.4). Its averaging horizon is about
     (n + rampup) / (rampup - 1) updates: a smaller ``rampup`` averages over a larger fraction of the run (2: about
     the last half), which suits short runs. ``none``: ema_max from the start.
     """

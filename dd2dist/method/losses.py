@@ -1,4 +1,4 @@
-"""The three DD2 losses as pure functions (method.md §5): GTS (stage 1), FCS (guidance), CSD (generator).
+"""The three DD2 losses as pure functions (docs/method.md §7-§9): GTS (stage 1), FCS (guidance), CSD (generator).
 
 Conventions: tokens are codebook vectors (B, N, Ce); rectified flow ``x_t = (1 - t) x0 + t eps`` with one time per
 position (B, N); every net predicts velocity ``v = dx/dt`` and ``x0 = x_t - t v``. Random draws come from the
@@ -51,7 +51,7 @@ def gts_loss(
     t_min: float = 0.02,
     teacher_log_probs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Stage-1 Ground-Truth-Score loss in velocity space (method.md §5.1, [PROP] velocity form).
+    """Stage-1 Ground-Truth-Score loss in velocity space (docs/method.md §7, §12.5).
 
     ``x0`` is a clean teacher-sampled sequence (B, N, Ce). The student is teacher-forced on it; per position
     t ~ U(t_min, 1) and eps ~ N(0, I) give x_t, and the head regresses the teacher's closed-form velocity at x_t
@@ -90,11 +90,11 @@ def fcs_loss(
     t_min: float = 0.02,
     prefix: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Guidance (fake-score) loss on detached generator samples (method.md §5.2, velocity form [PROP]).
+    """Guidance (fake-score) loss on detached generator samples (docs/method.md §8, velocity form).
 
     One teacher-forced backbone pass on sg(q) (or on ``prefix``, e.g. its nearest codes, see
     ``stage2.guidance_prefix``), then ``num_samples`` independent (t, eps) draws per position through the head
-    (MAR's multi-sample trick, m=4 [PROP]); target velocity ``eps - q``; t ~ U(t_min, 1).
+    (MAR's multi-sample trick, m=4); target velocity ``eps - q``; t ~ U(t_min, 1).
     """
     q = q.detach().float()
     B, N, Ce = q.shape
@@ -127,22 +127,22 @@ def csd_loss(
     teacher_prefix: Literal["continuous", "snap"] = "continuous",
     guidance_prefix: Literal["continuous", "snap"] = "continuous",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Conditional Score Distillation loss of the generator (method.md §5.3, §12).
+    """Conditional Score Distillation loss of the generator (docs/method.md §9).
 
     ``q`` (B, N, Ce) is the generator output *with* its graph. The prefix is stop-gradient: the teacher's
     log-probs and the guidance backbone features are computed under ``no_grad`` on sg(q). Per position,
-    t ~ U(t_min, t_max) ([PROP]: SiD's t_max ≈ 0.96) and x_t = (1 - t) q + t eps keep the graph to q_i, which
-    reaches (a) the explicit q_i in the loss and (b) the closed-form teacher x̂0 (autograd through the softmax
+    t ~ U(t_min, t_max) (SiD's t_max ≈ 0.96; docs/method.md §12.6) and x_t = (1 - t) q + t eps keep the graph to
+    q_i, which reaches (a) the explicit q_i in the loss and (b) the closed-form teacher x̂0 (autograd through the softmax
     mixture) and ψ's head (ψ's parameters must be frozen by the caller). ``w = sg(mean |q - x̂0_Φ|)`` per
-    sample over all tokens and channels ([PROP]).
+    sample over all tokens and channels.
 
     ``kind="sid"``: per token ``(x̂0_Φ - x̂0_ψ)ᵀ[(x̂0_Φ - q) - α (x̂0_Φ - x̂0_ψ)] / w``, summed over channels and
     averaged over tokens (α=1 gives ``(x̂0_Φ - x̂0_ψ)ᵀ(x̂0_ψ - q) / w``).
-    ``kind="dmd"`` [PROP fallback]: ``0.5 ||q - sg(q - (x̂0_ψ - x̂0_Φ) / w)||²``, the DMD/KL gradient without
-    backpropagating through either score model.
+    ``kind="dmd"`` (fallback, docs/method.md §9.3): ``0.5 ||q - sg(q - (x̂0_ψ - x̂0_Φ) / w)||²``, the DMD/KL
+    gradient without backpropagating through either score model.
 
     ``teacher_prefix="snap"`` conditions the teacher on the nearest codes of sg(q) instead of sg(q) itself (an
-    option beside method.md §4.3, whose default feeds the continuous outputs): the teacher's conditionals are only
+    option of docs/method.md §12.1; the default feeds the continuous outputs): the teacher's conditionals are only
     trained on code prefixes, and what is finally scored is the quantised sequence. ``guidance_prefix="snap"``
     does the same for ψ's backbone (it must match how ψ is trained, :func:`fcs_loss` ``prefix``); with both
     snapped, CSD compares the two conditionals given the quantised prefix, whose product is the quantised joint.

@@ -9,10 +9,10 @@ samples. Token i is then a deterministic function of eps_<=i, which is what the 
 (its backbone reads eps_<i, its head eps_i), so the generator can be *regressed* onto the pairs: the
 noise -> data construction of Distilled Decoding 1, used here as a starting point for CSD.
 
-Why (issue #7, digits LlamaGen teacher): after the stage-1 (GTS) start, the generator's one-step output is the
-posterior mean of each position, and CSD spends thousands of steps spreading it over the codes (per-position
-marginal TV 0.44 against the teacher's 0.145 after 600 steps). Regression puts the right mass on each code from
-the start; CSD then only sharpens what regression blurs at the region boundaries.
+Why (docs/method.md §12.2; measured on the digits LlamaGen teacher): after the stage-1 (GTS) start, the generator's
+one-step output is the posterior mean of each position, and CSD spends thousands of steps spreading it over the
+codes (per-position marginal TV 0.44 against the teacher's 0.145 after 600 steps). Regression puts the right mass on
+each code from the start; CSD then only sharpens what regression blurs at the region boundaries.
 
 Pure torch: the teacher is any :class:`ARTeacher` (or a ZeRO-3 teacher's module, whose sampler is collective).
 """

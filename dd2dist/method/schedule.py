@@ -1,7 +1,7 @@
 """What trains when: phases, the alternation of guidance and generator steps, and per-optimizer LR warm-up.
 
 FastGen-style: the schedule is a plain object the trainer asks "which engine steps at iteration i of this
-phase?". One iteration = one optimizer step of one engine. The phases come from the config (method.md §6):
+phase?". One iteration = one optimizer step of one engine. The phases come from the config (docs/method.md §10):
 
   stage1_head   GTS, head only, backbone frozen (VAR; paper 300k)         role: student_head
   stage1        GTS, the full student                                     role: student

@@ -1,11 +1,11 @@
-"""A compact sampling head for a trained generator, fitted to its full head by regression (issue #7 speed).
+"""A compact sampling head for a trained generator, fitted to its full head by regression (docs/method.md §12.4).
 
 The one-step generator runs its head at one fixed time (t = 1), on its own noise eps_i and the backbone features
 f_i(eps_<i, y). So after training the head is one function v(eps, f) on one known input distribution, and a smaller
 net can be regressed onto it with as many exact draws of (eps, y) -> (eps_i, f_i, v_i) as it likes: no data, no
 teacher, no loss of the training recipe. That matters where the backbone is small next to the head: at the digits
 size the width-128, depth-2 head that the quality needs costs ~20% of a teacher-forced pass, against ~6% of the
-paper's heads, and training with a narrower head throughout lost the quality targets (session 9: width 64 gave
+paper's heads, and training with a narrower head throughout lost the quality targets (width 64 gave
 1.73x / 1.77x the teachers' FID; its guidance network shrank with it).
 
 :class:`CompactHead` is the AdaLN MLP head of :mod:`dd2dist.nets.head` at a fixed time, with its own width and

@@ -1,6 +1,6 @@
 """The MAR-style AdaLN MLP head shared by the stage-1 model, the guidance network and the generator.
 
-method.md §4.3 [PROP]: Linear(Ce -> w) on the noisy token x_t; a sinusoidal t-embedding through an MLP, added to
+docs/method.md §5.2: Linear(Ce -> w) on the noisy token x_t; a sinusoidal t-embedding through an MLP, added to
 Linear(f_i) of the backbone feature, is the conditioning vector c; ``depth`` AdaLN residual blocks modulated by c;
 an AdaLN final layer and a zero-initialised Linear(w -> Ce). The output is a velocity (dx/dt, pointing toward
 noise), so a fresh head predicts v = 0 (x0 = x_t).
@@ -115,7 +115,7 @@ class MLPHead(nn.Module):
         else:
             t = t.expand(x_t.shape[:-1])
         c = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(dtype)) + self.cond_proj(feats.to(dtype))
-        # one SiLU(c) for every AdaLN layer instead of one each (depth + 1 full-size SiLUs; issue #7 speed)
+        # one SiLU(c) for every AdaLN layer instead of one each (depth + 1 full-size SiLUs; sampling speed)
         c_act = F.silu(c)
         h = self.input_proj(x_t.to(dtype))
         for block in self.blocks:
@@ -133,8 +133,8 @@ class FixedTimeHead(nn.Module):
     """``MLPHead`` at one fixed time, folded for sampling: v(x_t, f) = head(x_t, t, f) to fp32 rounding.
 
     The one-step generator always runs its head at t = 1, and at the digits size the head's 57 small ops cost
-    ~20% of a teacher-forced pass at batch 1, 27 once folded (issue #7's speed target is one-step <= 1.1x that
-    pass). Folded:
+    ~20% of a teacher-forced pass at batch 1, 27 once folded (the speed target is one-step <= 1.1x that pass,
+    docs/method.md §12.4). Folded:
     * the time MLP's output is a constant, added to ``cond_proj``'s bias;
     * every AdaLN layer projects the same SiLU(c): their Linears are stacked into one (w -> (3 depth + 2) w) matrix
       multiply, with the ``1 +`` of each scale moved into its bias;

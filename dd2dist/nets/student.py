@@ -5,9 +5,9 @@
 * generator θ: ``generate(eps, cond)`` feeds the noise itself to the backbone — the teacher's ``features`` has the
   one-AR-step shift built in, so row i sees only the noise of earlier AR steps — and the head maps each
   position's own noise to ``q_i = eps_i - v(eps_i, t=generator_time, f_i)``: one Euler step from t=1 to 0, the
-  whole sequence in one pass (method.md §3, §4.3).
+  whole sequence in one pass (docs/method.md §4, §5.4).
 
-VAR variant of "shift by one scale" (method.md §4.3 [I/PROP]): the noise of scales < k is treated as code vectors in
+VAR variant of "shift by one scale" (docs/method.md §5.5, §12.8): the noise of scales < k is treated as code vectors in
 VAR's own next-scale input construction (accumulate f_hat through the φ convs, area-downsample, ``word_embed``);
 that is exactly ``VARTeacher.features`` on the noise sequence. We chose it over DD1's extra 1x1 level because it
 reuses the teacher's input path unchanged and keeps the same causal dependency.
@@ -23,9 +23,9 @@ already reads vectors through a trained ``mlp`` adapter (a stage-0 adapted teach
 the student reads vectors through the teacher's own ``soft`` rule, ``softmax(x·Cᵀ/τ) @ tok_embeddings``, with a
 sharp τ (:func:`sharp_soft_tau`): on code vectors it equals the teacher's ``snap`` lookup to within 1% of the
 weight, elsewhere it is a convex mix of embedding rows, so an input can never outweigh the class prefix in the
-residual stream; ``tok_embeddings`` stays a trainable table. Issue #7 measured why not a fresh ``input_mlp``
-regressed onto ``tok_embeddings`` over the 64 codes of the digits teacher: exact on codes (norm 0.27) it returned
-norm 359 on N(0, I) noise, so the generator's token rows swamped the class (class-driven feature change 0.01 at
+residual stream; ``tok_embeddings`` stays a trainable table (docs/method.md §12.7). Why not a fresh ``input_mlp``
+regressed onto ``tok_embeddings`` over the 64 codes of the digits teacher, as measured: exact on codes (norm 0.27) it
+returned norm 359 on N(0, I) noise, so the generator's token rows swamped the class (class-driven feature change 0.01 at
 positions >= 1 against 9.1 for the teacher on the same noise), and trained, it blew up to norm 609 on codes within
 50 stage-1 steps: stage 1 lost the class (AR-diffusion class consistency 0.12 against 0.57 with this rule).
 """

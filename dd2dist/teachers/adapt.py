@@ -1,4 +1,4 @@
-"""Stage 0 for LlamaGen (method.md §4.4): make the teacher accept continuous 8-d token inputs.
+"""Stage 0 for LlamaGen (docs/method.md §6): make the teacher accept continuous 8-d token inputs.
 
 1. :func:`with_mlp_adapter` swaps the input lookup table for a fresh ``input_mlp`` (R^Ce -> R^D);
    :func:`regress_input_mlp` fits it onto ``tok_embeddings`` over all normalised codes.

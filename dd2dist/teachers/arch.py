@@ -1,7 +1,7 @@
 """Architecture hyper-parameters of the teacher families and their tokenizers (frozen dataclasses).
 
-Defaults are the tiny CPU sizes of teachers.md §4; :data:`OFFICIAL_ARCHS` holds the released models' sizes
-(teachers.md §1.1, §1.3, §2.1, §2.3). These dataclasses are also the ``teacher.var`` / ``teacher.llamagen``
+Defaults are the tiny CPU sizes of docs/teachers.md §5; :data:`OFFICIAL_ARCHS` holds the released models' sizes
+(docs/teachers.md §2.1, §2.2, §3.1, §3.2). These dataclasses are also the ``teacher.var`` / ``teacher.llamagen``
 sections of the YAML config.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class VARVQConfig:
-    """VAR's multi-scale residual VQVAE (teachers.md §1.3). Channel counts must be multiples of 32."""
+    """VAR's multi-scale residual VQVAE (docs/teachers.md §2.2). Channel counts must be multiples of 32."""
 
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 2)  # len-1 downsamplings: (1,2,2) -> 4x
@@ -27,7 +27,8 @@ class VARVQConfig:
 
 @dataclass(frozen=True)
 class VARConfig:
-    """VAR transformer (teachers.md §1.1): width = 64*depth unless ``width`` is set; heads = width/64 unless set."""
+    """VAR transformer (docs/teachers.md §2.1): width = 64*depth unless ``width`` is set; heads = width/64 unless
+    set."""
 
     depth: int = 2
     width: int = 64
@@ -41,7 +42,7 @@ class VARConfig:
 
 @dataclass(frozen=True)
 class VQ16Config:
-    """LlamaGen's VQ-16 tokenizer (teachers.md §2.3)."""
+    """LlamaGen's VQ-16 tokenizer (docs/teachers.md §3.2)."""
 
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 2)
@@ -54,7 +55,7 @@ class VQ16Config:
 
 @dataclass(frozen=True)
 class LlamaGenConfig:
-    """LlamaGen GPT (teachers.md §2.1). ``ffn_dim`` 0 means round_up(int(8*dim/3), multiple_of)."""
+    """LlamaGen GPT (docs/teachers.md §3.1). ``ffn_dim`` 0 means round_up(int(8*dim/3), multiple_of)."""
 
     n_layer: int = 2
     n_head: int = 4
@@ -67,7 +68,7 @@ class LlamaGenConfig:
     caption_dim: int = 0  # 2048 for text-to-image (T5-XL features); 0 = class-conditional
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    input_adapter: str = "snap"  # snap | soft | mlp: how continuous (B,N,Ce) inputs enter (teachers.md §2.5)
+    input_adapter: str = "snap"  # snap | soft | mlp: how continuous (B,N,Ce) inputs enter (docs/teachers.md §3.3)
     soft_tau: float = 0.1
     adapter_hidden: int = 0  # mlp adapter width; 0 = dim
     tokenizer: VQ16Config = field(default_factory=VQ16Config)

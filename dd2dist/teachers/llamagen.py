@@ -1,8 +1,8 @@
 """LlamaGen (next-token, raster order) teacher: our own GPT, teacher-forced pass and static-KV-cache sampler.
 
-Facts implemented here are teachers.md §2.1 (Llama-style GPT: fp32 RMSNorm, SwiGLU, fused ``wqkv``, interleaved
-2-D RoPE whose condition rows are zero, no biases), §2.4 (sampling: constant CFG, temperature, top-k, top-p), §2.5
-(teacher forcing, continuous-input adapters) and §2.6 (text-to-image: caption projection, learned null caption,
+Facts implemented here are docs/teachers.md §3.1 (Llama-style GPT: fp32 RMSNorm, SwiGLU, fused ``wqkv``, interleaved
+2-D RoPE whose condition rows are zero, no biases), §3.4 (sampling: constant CFG, temperature, top-k, top-p), §3.3
+(teacher forcing, continuous-input adapters) and §3.6 (text-to-image: caption projection, learned null caption,
 left-padded text with the "causal AND key-valid OR diagonal" attention mask). Parameter names follow the released
 ``c2i_*.pt`` / ``t2i_*.pt`` files (under ``gpt.``) so :mod:`dd2dist.teachers.llamagen_official` maps them 1:1.
 
@@ -310,7 +310,7 @@ def soft_input_weights(x: Tensor, codebook: Tensor, tau: float) -> Tensor:
     """The soft input rule's code weights softmax(x·cᵀ/τ) (..., V), fp32, with subnormal weights set to zero.
 
     At a sharp τ most far codes' weights underflow into fp32 subnormals, which x86 CPUs multiply several times
-    slower (issue #7: the mix with ``tok_embeddings`` took 1.06 ms instead of 0.18 at batch 64 of the digits
+    slower (measured: the mix with ``tok_embeddings`` took 1.06 ms instead of 0.18 at batch 64 of the digits
     generator); zeroing them moves each weight by less than 1.2e-38. One ``threshold`` op (keep w > the largest
     subnormal) instead of a compare and a masked fill: at batch 1 the generator's cost is its op count.
     """

@@ -1,7 +1,7 @@
 """Released LlamaGen checkpoints (``c2i_{B,L}_256.pt``, ``t2i_XL_stage1_256.pt`` + ``vq_ds16_*.pt``) <-> our
 :class:`~dd2dist.teachers.llamagen.LlamaGenTeacher`.
 
-The official layouts (teachers.md §2.2, §2.3) are written out as key -> shape tables built from the architecture
+The official layouts (docs/teachers.md §3.5, §3.2) are written out as key -> shape tables built from the architecture
 alone, so a file is checked against the published format rather than against our own modules. The key maps are
 explicit tables (official name -> our name). Ignorable entries: ``freqs_cis`` / ``causal_mask`` and any
 ``*.kv_cache.*`` in model files (derived or run-time state), ``quantize.codebook_used`` in tokenizer files (a

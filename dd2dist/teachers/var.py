@@ -1,7 +1,7 @@
 """VAR (next-scale prediction) teacher: our own transformer, teacher-forced pass and KV-cached sampler.
 
-Facts implemented here are teachers.md §1.1 (AdaLN blocks, L2-normalised attention, block-causal mask, class
-token used as SOS and as AdaLN condition), §1.4 (sampling) and §1.5 (teacher forcing from continuous vectors).
+Facts implemented here are docs/teachers.md §2.1 (AdaLN blocks, L2-normalised attention, block-causal mask, class
+token used as SOS and as AdaLN condition), §2.4 (sampling) and §2.3 (teacher forcing from continuous vectors).
 Parameter names follow the released ``var_d*.pth`` so :mod:`dd2dist.teachers.var_official` maps them 1:1.
 
 Deliberate departures from the released code: labels are never dropped (the released forward drops them even in

@@ -1,6 +1,6 @@
 """Released VAR checkpoints (``var_d{16,20,24,30}.pth`` + ``vae_ch160v4096z32.pth``) <-> our :class:`VARTeacher`.
 
-The official layouts (teachers.md §1.2, §1.3) are written out here as key -> shape tables built from the
+The official layouts (docs/teachers.md §2.5, §2.2) are written out here as key -> shape tables built from the
 architecture alone, so a file is checked against the published format rather than against our own modules.
 The key maps are explicit tables (official name -> our name). The three derived buffers of the model file
 (``lvl_1L``, ``attn_bias_for_masking``, ``blocks.*.attn.zero_k_bias``) are compared with our recomputed values

@@ -1,4 +1,4 @@
-"""VAR's multi-scale residual VQVAE tokenizer (teachers.md §1.3, §1.5), our own implementation.
+"""VAR's multi-scale residual VQVAE tokenizer (docs/teachers.md §2.2, §2.3), our own implementation.
 
 The module tree mirrors the released ``vae_ch160v4096z32.pth`` so its keys map one to one:
 ``encoder`` / ``decoder`` (conv_in, down|up.{l}.block/attn/downsample|upsample, mid.block_1/attn_1/block_2,

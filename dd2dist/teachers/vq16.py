@@ -1,4 +1,4 @@
-"""LlamaGen's VQ-16 image tokenizer (teachers.md §2.3), our own implementation.
+"""LlamaGen's VQ-16 image tokenizer (docs/teachers.md §3.2), our own implementation.
 
 The module tree mirrors the released ``vq_ds16_c2i.pt`` / ``vq_ds16_t2i.pt`` so their keys map one to one:
 ``encoder.conv_blocks.{l}.res/attn/downsample`` (attention at the last, lowest-resolution level, with separate

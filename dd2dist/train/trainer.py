@@ -240,7 +240,7 @@ class Trainer:
             init = self._init_student
         if group == "stage2" and init is None and not loading:
             log.warning("stage 2 starts without a stage-1 model in this run: generator and guidance are the "
-                        "teacher backbone + a zero head (method.md Tab.4: expect a much worse start)")
+                        "teacher backbone + a zero head (docs/method.md §13.1, Tab.4: expect a much worse start)")
         self.engines = {}
         self.ema = None
         self.ema_compare = {}

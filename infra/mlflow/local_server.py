@@ -6,8 +6,8 @@ instead of S3). `make mlflow-server` runs it; then point runs at it with
 
     python infra/mlflow/local_server.py [--root runs/mlflow] [--port 5000] [--workers 1]
 
-Measured here (environment.md): ~4 s to ready and ~500 MB with one worker and the job runner off; the
-defaults (4 workers + job runner) take 3.2 GB.
+Measured on a 2-core CPU machine (docs/environment.md §5): ~4 s to ready and ~500 MB with one worker and the job
+runner off; the defaults (4 workers + job runner) take 3.2 GB.
 """
 
 from __future__ import annotations
