@@ -1,4 +1,5 @@
-"""docs/benchmarks.md quotes the raw GPU JSON in docs/gpu_raw/ faithfully (every table row checked against it)."""
+"""docs/results.md quotes the raw GPU JSON faithfully: every table row of its GPU teacher sampler section (§5) is
+checked against docs/results/gpu_samplers/, and the GPU speed table (§4) against docs/results/speed/."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = (REPO / "docs" / "benchmarks.md").read_text()
-RAW = REPO / "docs" / "gpu_raw"
+DOC = (REPO / "docs" / "results.md").read_text()
+RAW = REPO / "docs" / "results" / "gpu_samplers"
+SPEED_RAW = REPO / "docs" / "results" / "speed" / "gpu_2026-11-26_h100.json"
+LLAMAGEN_CURRENT = "llamagen_samplers_h200.json"
+LLAMAGEN_BEFORE = "llamagen_samplers_h200_before_fused_decode.json"
+COMPILE_REPEATS = ("llamagen_compiled_step_h200_run1.json", "llamagen_compiled_step_h200_run2.json")
 
 
 def _raw(name: str) -> dict:
@@ -36,7 +41,7 @@ def _close(cell: str, value: float) -> bool:
 
 
 def test_names_the_gpu_and_torch_of_the_raw_files():
-    for name in ("var_samplers_h200.json", "llamagen_gpu_v2.json", "llamagen_gpu_compile.json"):
+    for name in ("var_samplers_h200.json", LLAMAGEN_CURRENT, COMPILE_REPEATS[0]):
         raw = _raw(name)
         assert raw["device"] in DOC and raw["torch"] in DOC
 
@@ -72,10 +77,10 @@ def test_paper_anchors_are_quoted():
         assert value in DOC
 
 
-@pytest.mark.parametrize("column, name", [(3, "llamagen_gpu_v1.json"), (4, "llamagen_gpu_v2.json")])
+@pytest.mark.parametrize("column, name", [(3, LLAMAGEN_CURRENT), (4, LLAMAGEN_BEFORE)])
 def test_llamagen_sampler_table(column, name):
     runs = _raw(name)["L_sampling_cfg2_topk900_no_vq_decode"]
-    rows = _rows("| batch | dtype | CUDA graph | run v1")
+    rows = _rows("| batch | dtype | CUDA graph | current sampler")
     assert len(rows) == 8
     for cells in rows:
         graph = cells[2] == "yes"
@@ -87,7 +92,7 @@ def test_llamagen_sampler_table(column, name):
 
 
 def test_llamagen_compile_table():
-    runs = [_raw(n)["L_bf16_graph_cfg2_topk900"] for n in ("llamagen_gpu_compile.json", "llamagen_gpu_compile_v2.json")]
+    runs = [_raw(n)["L_bf16_graph_cfg2_topk900"] for n in COMPILE_REPEATS]
     rows = _rows("| batch | compiled decode step |")
     assert len(rows) == 4
     for cells in rows:
@@ -98,5 +103,20 @@ def test_llamagen_compile_table():
             assert _close(cell, row["s_per_image"]) and _close(first, row["first_call_s"]), cells
 
 
-def test_llamagen_v1_file_is_the_published_samplers_file():
-    assert _raw("llamagen_samplers_h200.json") == _raw("llamagen_gpu_v1.json")
+def test_gpu_speed_table():
+    """The H100 one-step vs teacher table of §4: milliseconds per batch and the one-step / teacher-forced ratio."""
+    raw = json.loads(SPEED_RAW.read_text())
+    assert raw["device"] in DOC and raw["torch"] in DOC
+    names = {"VAR-d16": "var_d16", "LlamaGen-L": "llamagen_l", "digits VAR": "digits_var",
+             "digits LlamaGen": "digits_llamagen"}
+    rows = _rows("| model | B | teacher AR | +dec | one-step")
+    assert len(rows) == 8
+    for cells in rows:
+        (result,) = [r for r in raw["results"] if r["model"] == names[cells[0]] and r["batch_size"] == int(cells[1])]
+        t = result["timings"]
+        for cell, key in zip(cells[2:7], ("teacher_ar", "teacher_ar_decode", "one_step", "one_step_decode",
+                                          "teacher_forced")):
+            assert _close(cell, 1000 * t[key]["median_s"]), (cells, key)
+        speedup = t["teacher_ar_decode"]["median_s"] / t["one_step_decode"]["median_s"]
+        assert _close(cells[7].rstrip("×"), speedup), cells
+        assert _close(cells[8], result["one_step_over_teacher_forced"]), cells
