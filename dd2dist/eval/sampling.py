@@ -1,7 +1,7 @@
 """Sampling from a distilled generator (docs/method.md §11), and loading an exported one without DeepSpeed.
 
-* :func:`one_step`: q = G(eps, y), one forward pass; continuous tokens (decoded as is, [PROP]) and their nearest
-  codes (the snapping ablation).
+* :func:`one_step`: q = G(eps, y), one forward pass; continuous tokens (decoded as is, docs/method.md §11.3) and
+  their nearest codes (the snapping ablation).
 * :func:`teacher_refined`: DD2's Alg.4: generate once, then the teacher re-samples the last k-1 AR steps one by
   one, each conditioned on everything before it (for VAR a step is a whole scale), for k steps in total.
 * :func:`load_generator`: ``generator.safetensors`` + ``config.yaml`` written by ``Trainer.export_generator``.
