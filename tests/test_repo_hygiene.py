@@ -29,6 +29,7 @@ OUTSIDE = [
 ]
 NOTES_NAMES = ("method", "teachers", "environment", "architecture")
 NOTES_CITE = re.compile(r"(?<![\w/.-])(" + "|".join(NOTES_NAMES) + r")\.md\b")
+NOTES_TAG = re.compile(r"\[(?:PROP|I/PROP|C-SiD|I, strong)\]")  # claim tags that only mean something in those notes
 
 # (b) development history
 HISTORY_TEXT = [
@@ -135,6 +136,9 @@ def test_no_citation_of_notes_the_repository_does_not_ship():
                 continue
             line, content = line_of(text, m.start())
             offenders.append(f"{path}:{line}: cites {m.group(0)} (write docs/{m.group(0)}): {content[:160]}")
+        for m in NOTES_TAG.finditer(text):
+            line, content = line_of(text, m.start())
+            offenders.append(f"{path}:{line}: claim tag {m.group(0)} of notes outside the repository: {content[:160]}")
     assert not offenders, report(offenders, "citations of notes outside the repository")
 
 
