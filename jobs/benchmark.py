@@ -5,6 +5,7 @@
     python jobs/benchmark.py train --out runs/bench/train.json                           # stage-2 iteration on Ray
     python jobs/benchmark.py speed --out runs/bench/speed.json                           # one-step vs AR sampler
     python jobs/benchmark.py fidelity --run runs/demo/var --out runs/bench/fidelity_var.json  # samplers vs teacher
+    python jobs/benchmark.py probe --run runs/demo/llamagen                              # earlier noise seen?
     python jobs/benchmark.py manifest --out runs/bench/manifest.json                     # checkpoint manifest cost
 
 Each subcommand lives in its subsystem and takes its own flags (``python jobs/benchmark.py toy --help``).
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "train": "dd2dist.bench.train",
     "speed": "dd2dist.eval.speed",
     "fidelity": "dd2dist.eval.fidelity",
+    "probe": "dd2dist.eval.noise_probe",
     "manifest": "dd2dist.bench.checkpoint_manifest",
 }
 
