@@ -26,7 +26,7 @@ def test_inner_sections_pause_the_outer_one():
 
 
 def test_state_bytes_count_parameters_and_adam_moments():
-    from dd2dist.engine.factory import OptimSpec
+    from dd2dist.engine.optim import OptimSpec
     from dd2dist.engine.torch_engine import TorchEngine
 
     module = torch.nn.Linear(10, 4)  # 44 fp32 parameters

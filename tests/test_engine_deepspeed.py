@@ -30,7 +30,7 @@ def _loss(model, x, y):
 
 
 def _spec():
-    from dd2dist.engine.factory import OptimSpec
+    from dd2dist.engine.optim import OptimSpec
 
     return OptimSpec(lr=1e-2, lr_start=1e-3, warmup_steps=3, grad_clip=0.05, weight_decay=0.01, betas=(0.9, 0.95))
 
@@ -58,7 +58,7 @@ def _trainable_worker(rank: int, world: int, stages: list[int], tmp: str):
 
 
 def _train_one(rank: int, stage: int, tmp: str):
-    from dd2dist.engine.deepspeed_engine import DeepSpeedEngine
+    from dd2dist.engine.deepspeed_trainable import DeepSpeedEngine
 
     engine = DeepSpeedEngine("generator", _mlp(), _spec(), zero_stage=stage)
     assert not engine.trainable  # starts frozen, like TorchEngine
@@ -124,12 +124,10 @@ def _teacher_worker(rank: int, world: int, paths: dict):
 
 def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
     from dd2dist.config import load_config
-    from dd2dist.engine.deepspeed_engine import (
-        DeepSpeedEngineFactory,
-        DeepSpeedFrozenEngine,
-        build_partitioned_teacher,
-        param_bytes_ratio,
-    )
+    from dd2dist.engine.deepspeed_factory import DeepSpeedEngineFactory
+    from dd2dist.engine.deepspeed_frozen import DeepSpeedFrozenEngine
+    from dd2dist.engine.param_bytes import param_bytes_ratio
+    from dd2dist.launch.partitioned_models import build_partitioned_teacher
     from dd2dist.method.ode_init import teacher_ode_tokens
     from dd2dist.teachers import Cond, build_teacher
 
@@ -202,7 +200,7 @@ def _dtype_worker(rank: int, world: int, path: str):
     from deepspeed.accelerator import get_accelerator
 
     from dd2dist.config import load_config
-    from dd2dist.engine.deepspeed_engine import build_partitioned_teacher
+    from dd2dist.launch.partitioned_models import build_partitioned_teacher
 
     get_accelerator().is_fp16_supported = lambda: False  # what DeepSpeed's CPU accelerator says on such machines
     cfg = load_config(None)
@@ -225,7 +223,7 @@ def test_partitioned_teacher_keeps_the_configured_precision_without_fp16_support
 
 def _mismatch_worker(rank: int, world: int, path: str):
     from dd2dist.config import load_config
-    from dd2dist.engine.deepspeed_engine import build_partitioned_teacher
+    from dd2dist.launch.partitioned_models import build_partitioned_teacher
 
     cfg = load_config(None, ["teacher.var.width=32", "teacher.var.num_heads=2"])
     try:

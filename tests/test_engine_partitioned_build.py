@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dd2dist.config import load_config
-from dd2dist.engine.deepspeed_engine import student_from_teacher_checkpoint
+from dd2dist.launch.partitioned_models import student_from_teacher_checkpoint
 from dd2dist.launch.ray_train import partition_at_build
 from dd2dist.nets import StudentNet
 from dd2dist.teachers import build_teacher

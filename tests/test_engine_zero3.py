@@ -126,13 +126,15 @@ def test_routed_calls_run_through_forward_hooks():
 
 
 def test_trainable_config_stage3_partitions_everything():
-    from dd2dist.engine.deepspeed_engine import trainable_ds_config
+    from dd2dist.engine.ds_config import trainable_ds_config
+    from dd2dist.engine.optim import OptimSpec
 
-    zero = trainable_ds_config(zero_stage=3, precision="fp32", grad_clip=1.0)["zero_optimization"]
+    spec = OptimSpec(lr=1e-3, grad_clip=1.0)
+    zero = trainable_ds_config(spec, zero_stage=3, precision="fp32")["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
-    assert trainable_ds_config(zero_stage=2, precision="fp32", grad_clip=1.0)["zero_optimization"] == {"stage": 2}
+    assert trainable_ds_config(spec, zero_stage=2, precision="fp32")["zero_optimization"] == {"stage": 2}
     with pytest.raises(ValueError, match="zero_stage_<trainable>=4"):
-        trainable_ds_config(zero_stage=4, precision="fp32", grad_clip=1.0)
+        trainable_ds_config(spec, zero_stage=4, precision="fp32")
 
 
 # ---- two ranks ------------------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def _batch(teacher, rank: int, step: int):
 
 
 def _spec():
-    from dd2dist.engine.factory import OptimSpec
+    from dd2dist.engine.optim import OptimSpec
 
     return OptimSpec(lr=LR, lr_start=LR / 2, warmup_steps=2, grad_clip=1.0, weight_decay=0.01)
 
@@ -212,7 +214,8 @@ def _ema_weights(engine, ema) -> dict[str, torch.Tensor]:
 
 
 def _run(rank: int, family: str, stage: int, tmp: str) -> dict:
-    from dd2dist.engine.deepspeed_engine import DeepSpeedEngine, param_bytes_ratio
+    from dd2dist.engine.deepspeed_trainable import DeepSpeedEngine
+    from dd2dist.engine.param_bytes import param_bytes_ratio
     from dd2dist.method.ema import EMA
 
     cfg, teacher, net = _student_and_teacher(FAMILIES[family])
@@ -275,7 +278,8 @@ def _close(a: dict, b: dict) -> bool:
 
 
 def _run_direct_reads(rank: int, stage: int) -> dict:
-    from dd2dist.engine.deepspeed_engine import DeepSpeedEngine, param_bytes_ratio
+    from dd2dist.engine.deepspeed_trainable import DeepSpeedEngine
+    from dd2dist.engine.param_bytes import param_bytes_ratio
 
     # two micro-batches per step: ZeRO-3 accumulates into its gradient partitions across backward calls
     gen = DeepSpeedEngine("generator", DirectReadNet(), _spec(), zero_stage=stage, grad_accum=2)
@@ -290,7 +294,7 @@ def _run_direct_reads(rank: int, stage: int) -> dict:
 
 def _fresh_load(rank: int, stage: int, tmp: str) -> tuple[bool, int]:
     """Save while trainable, load into a freshly built engine (frozen, as the trainer's resume builds them)."""
-    from dd2dist.engine.deepspeed_engine import DeepSpeedEngine
+    from dd2dist.engine.deepspeed_trainable import DeepSpeedEngine
 
     engines = [DeepSpeedEngine(name, DirectReadNet(), _spec(), zero_stage=stage) for name in ("generator", "guidance")]
     _direct_read_step(rank, 1, *engines, [])

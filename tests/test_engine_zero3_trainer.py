@@ -25,7 +25,7 @@ STOP_IN_STAGE2 = 14
 
 def _trainer(tmp: str, zero: int, rank: int, world: int):
     from dd2dist.config import load_config
-    from dd2dist.engine.deepspeed_engine import DeepSpeedEngineFactory
+    from dd2dist.engine.deepspeed_factory import DeepSpeedEngineFactory
     from dd2dist.teachers import build_teacher
     from dd2dist.train import Trainer
 
@@ -37,7 +37,7 @@ def _trainer(tmp: str, zero: int, rank: int, world: int):
 
 
 def _final(trainer) -> dict:
-    from dd2dist.engine.deepspeed_engine import param_bytes_ratio
+    from dd2dist.engine.param_bytes import param_bytes_ratio
 
     return {
         "iteration": trainer.state.iteration,
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
 
 
 def _ratio(engine) -> float:
-    from dd2dist.engine.deepspeed_engine import param_bytes_ratio
+    from dd2dist.engine.param_bytes import param_bytes_ratio
 
     return param_bytes_ratio(engine)
 

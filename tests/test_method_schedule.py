@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dd2dist.config.schema import AlignmentConfig, ExperimentConfig, Stage1Config, Stage2Config
-from dd2dist.engine.factory import OptimSpec
+from dd2dist.engine.optim import OptimSpec
 from dd2dist.method import EMA, build_schedule, derive_seed, ema_decay, generator_warmup_steps, make_generator
 
 

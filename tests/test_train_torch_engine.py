@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dd2dist.engine.factory import EngineFactory, OptimSpec, TorchEngineFactory
+from dd2dist.engine.factory import EngineFactory, TorchEngineFactory
+from dd2dist.engine.optim import OptimSpec
 from dd2dist.engine.torch_engine import TorchEngine
 
 

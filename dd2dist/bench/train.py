@@ -107,7 +107,7 @@ def engine_state_bytes(engine) -> int:
     """Parameter + optimizer-state bytes this rank holds for one engine (ZeRO partitions count their share)."""
     import torch
 
-    from dd2dist.engine.deepspeed_engine import local_param_bytes
+    from dd2dist.engine.param_bytes import local_param_bytes
 
     total = local_param_bytes(engine.module)
     optimizer = getattr(engine, "_optimizer", None) or getattr(engine, "optimizer", None)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dd2dist.engine.base import Engine, StepStats
-from dd2dist.engine.factory import OptimSpec
+from dd2dist.engine.optim import OptimSpec
 
 
 class TorchEngine(Engine):
@@ -32,10 +32,7 @@ class TorchEngine(Engine):
 
     def _new_optimizer(self, optim: OptimSpec) -> torch.optim.Optimizer:
         # foreach=False keeps the update order-independent of tensor grouping: bit-exact resume across runs
-        return torch.optim.AdamW(
-            self._params, lr=optim.lr_at(0), betas=tuple(optim.betas), eps=optim.eps,
-            weight_decay=optim.weight_decay, foreach=False,
-        )
+        return torch.optim.AdamW(self._params, **optim.adamw_kwargs(), foreach=False)
 
     # ---- mode -----------------------------------------------------------------------------------------
     @property

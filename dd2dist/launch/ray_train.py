@@ -124,7 +124,7 @@ def _resume(trainer, root: Path, cfg, rank: int, tracker) -> None:
 
 def _make_factory(cfg):
     if cfg.engine.kind == "deepspeed":
-        from dd2dist.engine.deepspeed_engine import DeepSpeedEngineFactory
+        from dd2dist.engine.deepspeed_factory import DeepSpeedEngineFactory
 
         precision = "bf16" if cfg.teacher.dtype == "bfloat16" else "fp32"
         return DeepSpeedEngineFactory(cfg.engine, use_gpu=cfg.launch.use_gpu, teacher_precision=precision)
@@ -149,7 +149,7 @@ def _build_teacher(cfg, factory):
         from dd2dist.teachers import build_teacher
 
         return build_teacher(cfg.teacher), None
-    from dd2dist.engine.deepspeed_engine import build_partitioned_teacher, student_from_teacher_checkpoint
+    from dd2dist.launch.partitioned_models import build_partitioned_teacher, student_from_teacher_checkpoint
 
     teacher = build_partitioned_teacher(cfg.teacher, cfg.teacher.checkpoint, precision=factory.teacher_precision,
                                         use_gpu=cfg.launch.use_gpu)

@@ -11,7 +11,7 @@ phase?". One iteration = one optimizer step of one engine. The phases come from 
   stage2_after  alternation again with the post-alignment K (paper: 2)
 
 LR warm-up is measured in each optimizer's *own* steps (a scheduler never ticks when its optimizer did not
-step; see ``dd2dist.engine.factory.OptimSpec.lr_at``); the generator warm-up, given in guidance iterations
+step; see ``dd2dist.engine.optim.OptimSpec.lr_at``); the generator warm-up, given in guidance iterations
 (Tab.11), is converted with the stage-2 K by :func:`generator_warmup_steps`.
 """
 

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from dd2dist.engine.base import Engine, all_finite
-from dd2dist.engine.factory import EngineFactory, OptimSpec
+from dd2dist.engine.factory import EngineFactory
+from dd2dist.engine.optim import OptimSpec
 from dd2dist.method.ema import EMA
 from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
 from dd2dist.method.ode_init import regression_loss
@@ -100,7 +101,7 @@ class Trainer:
             RNG or touch the engines' weights if exact resume matters.
         student_template: the initial student (teacher backbone + fresh head) when ``teacher`` is already
             partitioned (ZeRO-3 built by ``build_partitioned_teacher``), e.g. from
-            ``dd2dist.engine.deepspeed_engine.student_from_teacher_checkpoint``; None copies it from ``teacher``.
+            ``dd2dist.launch.partitioned_models.student_from_teacher_checkpoint``; None copies it from ``teacher``.
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
             for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
             starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
