@@ -296,6 +296,17 @@ def test_export_hook_gets_the_stage1_student_once_before_stage2(tmp_path):
     assert calls == []
 
 
+def test_online_stage1_batches_follow_the_teachers_declared_sampler_capability():
+    with_lp = _trainer()
+    x0, _, lp = with_lp.batches.stage1(0, 0)
+    assert type(with_lp.teacher_engine.module).sample_returns_log_probs and lp.shape == (4, 14, 16)
+    teacher = _teacher()
+    teacher.sample_returns_log_probs = False  # a sampler without log-probs: GTS then computes them itself
+    without = Trainer(_cfg(), teacher, TorchEngineFactory())
+    same_x0, _, none = without.batches.stage1(0, 0)
+    assert none is None and torch.equal(same_x0, x0)
+
+
 def test_grad_accum_micro_batches_get_balanced_distinct_labels():
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
     a, b = tr.batches.labels(4, 3, 0, "x"), tr.batches.labels(4, 3, 1, "x")  # iteration 3, micro-batches 0, 1
