@@ -1,10 +1,11 @@
 """The trainer's one callback protocol: every event reaches the callbacks in order (phases, logged metrics, steps,
 checkpoints, exports), and pruning waits until they have seen a checkpoint."""
 
+import pytest
 from test_train_trainer import _cfg, _trainer
 
 from dd2dist.config.schema import AlignmentConfig
-from dd2dist.train import TrainerCallback
+from dd2dist.train import OnStep, TrainerCallback
 
 TOTAL = 3 + 3 + 9  # head-only, full stage 1, stage 2 (K = 2, 3 generator steps)
 
@@ -58,3 +59,12 @@ def test_a_callback_receives_phases_steps_checkpoints_and_exports_in_order(tmp_p
     assert rec.events == _expected(4)
     assert second.events == rec.events  # every callback, in the order given
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_{TOTAL:08d}"]
+
+
+def test_anything_but_a_callback_is_refused_up_front():
+    with pytest.raises(TypeError, match="OnStep"):
+        _trainer(callbacks=[lambda trainer, metrics: None])
+    seen = []
+    tr = _trainer(callbacks=[OnStep(lambda trainer, metrics: seen.append(trainer.state.iteration))])
+    tr.fit(max_iterations=2)
+    assert seen == [1, 2]

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from dd2dist.train.trainer import Trainer
 
 
+EVENTS = ("on_phase", "on_log", "on_step", "on_checkpoint", "on_export")
+
+
 class TrainerCallback:
     """Subclass and override the events you need; every method is a no-op here."""
 
@@ -67,3 +70,15 @@ class LogMetrics(TrainerCallback):
 
     def on_log(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         self.logger.log_metrics(metrics, step)
+
+
+def check_callbacks(callbacks) -> list[TrainerCallback]:
+    """The callbacks as a list; a plain function (a step callback of old) or an object missing an event is refused
+    here rather than at the first event that reaches it, possibly hours into a run."""
+    out = list(callbacks)
+    for cb in out:
+        missing = [e for e in EVENTS if not callable(getattr(cb, e, None))]
+        if missing:
+            raise TypeError(f"{cb!r} is not a TrainerCallback (no {', '.join(missing)}): subclass "
+                            "dd2dist.train.callbacks.TrainerCallback, or wrap a step function in OnStep")
+    return out

@@ -44,7 +44,7 @@ from dd2dist.teachers.base import ARTeacher
 from dd2dist.train import checkpoint as ckpt
 from dd2dist.train import manifest
 from dd2dist.train.batches import BatchSource
-from dd2dist.train.callbacks import TrainerCallback
+from dd2dist.train.callbacks import TrainerCallback, check_callbacks
 from dd2dist.train.collective import any_rank, gather_objects
 from dd2dist.train.stop import StopRequest
 
@@ -124,7 +124,7 @@ class Trainer:
         self.rank, self.world_size = int(rank), int(world_size)
         self.factory = engine_factory
         self.device = torch.device(getattr(engine_factory, "device", "cpu"))
-        self.callbacks: list[TrainerCallback] = list(callbacks)
+        self.callbacks: list[TrainerCallback] = check_callbacks(callbacks)
         self.stop = False  # a callback may set it: fit() returns after the current iteration
         self.stop_source = stop_source
         self.preempted: StopRequest | None = None  # set when fit() returned on a stop request
