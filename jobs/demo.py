@@ -146,7 +146,7 @@ def train_students(cfg, run_dir: Path) -> dict:
     """Stage 1 then stage 2 in one Ray Train launch; returns the launch summary and the split of its time.
 
     The workers export the stage-1 student to ``<run>/export/stage1_student.safetensors`` when stage 2 takes over
-    (``dd2dist.launch.ray_train.stage1_export_hook``; ``dd2dist.eval.run_eval`` evaluates it from there). The
+    (``dd2dist.launch.callbacks.PhaseExport``; ``dd2dist.eval.run_eval`` evaluates it from there). The
     stage-1 time is the launch's start to that file's write (start-up included), stage 2 the rest.
     """
     from dd2dist.launch.ray_train import STAGE1_FILE, export_dir, launch

@@ -22,7 +22,7 @@ from dd2dist.method.ode_init import ode_times, pf_ode_codes, regression_loss, te
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers import LlamaGenConfig, VARConfig, VARVQConfig, build_family
 from dd2dist.teachers.base import Cond, Sampling
-from dd2dist.train import Trainer
+from dd2dist.train import OnStep, Trainer
 
 VAR_ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
                      tokenizer=VARVQConfig(vocab_size=16, embed_dim=4))
@@ -195,7 +195,7 @@ def test_trainer_regresses_the_generator_only_and_resumes_exactly_inside_the_pha
             seen.append((metrics, {k: v.clone() for k, v in tr.engines["guidance"].full_state_dict().items()}))
 
     ref = make()
-    ref.callbacks.append(watch)
+    ref.callbacks.append(OnStep(watch))
     ref.fit()
     assert ref.state.iteration == 2 + 4 + 6
     assert len(seen) == 4 and all("generator/regression_loss" in m for m, _ in seen)
@@ -223,7 +223,7 @@ def test_regression_has_its_own_lr_and_csd_restarts_the_generator_optimizer():
         if "generator/lr" in metrics:
             gen_steps.append((tr.phase.name, metrics["generator/lr"], metrics["generator/optimizer_steps"]))
 
-    tr.callbacks.append(watch)
+    tr.callbacks.append(OnStep(watch))
     tr.fit()
     regress = [(lr, n) for name, lr, n in gen_steps if name == "stage2_ode_init"]
     csd = [(lr, n) for name, lr, n in gen_steps if name == "stage2"]
@@ -264,32 +264,33 @@ def test_pairs_come_in_blocks_of_one_sampler_call_and_resume_inside_a_block():
     assert torch.equal(fresh[1].labels, steps[4][1].labels)
 
 
-def test_export_hook_gets_the_regression_generator_once_before_csd(tmp_path):
+def test_export_callback_gets_the_regression_generator_once_before_csd(tmp_path):
     """The DD1-style baseline of the fidelity benchmark: the generator exactly as the regression left it."""
-    got = []
+    from test_train_trainer import Exports
 
-    def make(hook=None):
+    def make(*callbacks):
         torch.manual_seed(0)
-        return Trainer(_cfg(4), _teacher("var"), TorchEngineFactory(), export_hook=hook)
+        return Trainer(_cfg(4), _teacher("var"), TorchEngineFactory(), callbacks=callbacks)
 
-    tr = make(lambda name, state: got.append((name, {k: v.clone() for k, v in state.items()},
-                                             tr.state.iteration)))
+    exports = Exports()
+    got = exports.got
+    tr = make(exports)
     tr.fit(max_iterations=2 + 4)  # stage 1 and the whole regression: CSD has not been entered yet
     regressed = {k: v.clone() for k, v in tr.engines["generator"].full_state_dict().items()}
-    assert [name for name, _, _ in got] == ["stage1_student"]
+    assert [name for name, *_ in got] == ["stage1_student"]
     tr.fit()
-    assert [name for name, _, _ in got] == ["stage1_student", "generator_regression"]
-    _, state, iteration = got[1]
+    assert [name for name, *_ in got] == ["stage1_student", "generator_regression"]
+    _, state, iteration, _ = got[1]
     assert iteration == 6
     assert state.keys() == regressed.keys() and all(torch.equal(state[k], regressed[k]) for k in state)
     # a run resumed inside CSD exported it already: no second call
     a = make()
     a.fit(checkpoint_dir=tmp_path, max_iterations=8)
-    calls = []
-    b = make(lambda name, state: calls.append(name))
+    later = Exports()
+    b = make(later)
     b.resume_latest(tmp_path)
     b.fit()
-    assert calls == []
+    assert later.got == []
 
 
 def test_regression_anchor_adds_the_pair_loss_to_csd_and_resumes_exactly(tmp_path):
@@ -304,7 +305,7 @@ def test_regression_anchor_adds_the_pair_loss_to_csd_and_resumes_exactly(tmp_pat
 
     seen = []
     ref = make()
-    ref.callbacks.append(lambda tr, m: seen.append(m) if "generator/loss" in m else None)
+    ref.callbacks.append(OnStep(lambda tr, m: seen.append(m) if "generator/loss" in m else None))
     ref.fit()
     assert len(seen) == 4 and all("generator/regression_loss" in m for m in seen)
     # four generator steps, 3 per block (ode_pairs_per_call): resume inside the second block

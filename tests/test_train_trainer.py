@@ -19,7 +19,7 @@ from dd2dist.config.schema import (
 from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.teachers import VARConfig, VARVQConfig, build_family
 from dd2dist.teachers.base import Sampling
-from dd2dist.train import JsonlLogger, Trainer
+from dd2dist.train import JsonlLogger, LogMetrics, OnStep, Trainer, TrainerCallback
 from dd2dist.train.checkpoint import latest_checkpoint
 
 ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
@@ -107,11 +107,12 @@ def test_resume_equals_uninterrupted(tmp_path, uninterrupted, stop_at):
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     hooked = []
 
-    def hook(d, step, metrics):  # the checkpoint is complete when the hook runs
-        assert d.is_dir() and (d / "state.json").is_file() and not d.name.endswith(".tmp")
-        hooked.append((d, step, dict(metrics)))
+    class Hook(TrainerCallback):
+        def on_checkpoint(self, trainer, d, metrics):  # the checkpoint is complete when the callback runs
+            assert d.is_dir() and (d / "state.json").is_file() and not d.name.endswith(".tmp")
+            hooked.append((d, trainer.state.iteration, dict(metrics)))
 
-    tr = _trainer(checkpoint_hook=hook)
+    tr = _trainer(callbacks=[Hook()])
     tr.extra_state["mlflow_run_id"] = "abc123"
     tr.fit(checkpoint_dir=tmp_path, checkpoint_every=5, max_iterations=11, keep_last=2)
     assert [s for _, s, _ in hooked] == [5, 10, 11]
@@ -144,8 +145,8 @@ def test_nan_guard_skips_the_step(uninterrupted):
     weights, steps = guidance.full_state_dict(), guidance.optimizer_steps
     real_loss = tr._loss
 
-    def poisoned(role, micro, kind):
-        loss, m, b = real_loss(role, micro, kind)
+    def poisoned(role, micro, phase):
+        loss, m, b = real_loss(role, micro, phase)
         return loss * math.nan, m, b
 
     tr._loss = poisoned
@@ -186,7 +187,7 @@ def test_head_only_phase_freezes_backbone():
 
 def test_metrics_logged_per_step(tmp_path):
     logger = JsonlLogger(tmp_path / "m.jsonl")
-    tr = _trainer(logger=logger)
+    tr = _trainer(callbacks=[LogMetrics(logger)])
     tr.fit(max_iterations=TOTAL)
     records = logger.read()
     steps = [r["step"] for r in records if "step" in r]
@@ -251,7 +252,7 @@ def test_callbacks_see_every_iteration_and_can_stop():
         if trainer.state.iteration == 9:
             trainer.stop = True
 
-    tr = _trainer(callbacks=[cb])
+    tr = _trainer(callbacks=[OnStep(cb)])
     tr.fit()
     assert [i for i, _ in seen] == list(range(1, 10)) and tr.state.iteration == 9
     tr.fit()
@@ -269,31 +270,49 @@ def test_stage2_only_run_starts_from_given_student():
     _assert_same(s2.ema.shadow, s2.engines["generator"].local_param_tensors(), "ema")
 
 
-def test_export_hook_gets_the_stage1_student_once_before_stage2(tmp_path):
-    got = []
+class Exports(TrainerCallback):
+    """Records every export: (name, weights, iteration, engine group at the time)."""
 
-    def hook(name, state):
-        assert name == "stage1_student"
-        got.append(({k: v.clone() for k, v in state.items()}, tr.state.iteration, tr.engine_group))
+    def __init__(self):
+        self.got = []
 
-    tr = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), export_hook=hook)
-    tr.fit(max_iterations=6)  # the end of stage 1 (3 head-only + 3 full steps): the hook has not run yet
+    def on_export(self, trainer, name, state):
+        self.got.append((name, {k: v.clone() for k, v in state.items()}, trainer.state.iteration,
+                         trainer.engine_group))
+
+
+def test_export_callback_gets_the_stage1_student_once_before_stage2(tmp_path):
+    exports = Exports()
+    got = exports.got
+    tr = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), callbacks=[exports])
+    tr.fit(max_iterations=6)  # the end of stage 1 (3 head-only + 3 full steps): no export yet
     assert got == []
     stage1 = tr.student_state_dict()
     tr.fit()
     assert len(got) == 1
-    state, iteration, group = got[0]
+    name, state, iteration, group = got[0]
+    assert name == "stage1_student"
     assert iteration == 6 and group == "stage1"  # called before the stage-2 engines replace the student
     _assert_same(state, stage1)
     # a run resumed inside stage 2 has exported it already: no second call
     a = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")))
     a.fit(checkpoint_dir=tmp_path, max_iterations=8)
-    calls = []
-    b = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")),
-                 export_hook=lambda name, state: calls.append(name))
+    later = Exports()
+    b = _trainer(_cfg(alignment=AlignmentConfig(), stages=("stage1", "stage2")), callbacks=[later])
     b.resume_latest(tmp_path)
     b.fit()
-    assert calls == []
+    assert later.got == []
+
+
+def test_online_stage1_batches_follow_the_teachers_declared_sampler_capability():
+    with_lp = _trainer()
+    x0, _, lp = with_lp.batches.stage1(0, 0)
+    assert type(with_lp.teacher_engine.module).sample_returns_log_probs and lp.shape == (4, 14, 16)
+    teacher = _teacher()
+    teacher.sample_returns_log_probs = False  # a sampler without log-probs: GTS then computes them itself
+    without = Trainer(_cfg(), teacher, TorchEngineFactory())
+    same_x0, _, none = without.batches.stage1(0, 0)
+    assert none is None and torch.equal(same_x0, x0)
 
 
 def test_grad_accum_micro_batches_get_balanced_distinct_labels():
@@ -352,7 +371,7 @@ def test_bf16_teacher_gets_fp32_students():
 def test_data_stream_counters_are_logged_with_the_losses(tmp_path):
     cfg = _cfg(stages=("stage1",), data=DataConfig(source="shards", shards="unused"), alignment=AlignmentConfig())
     logger = JsonlLogger(tmp_path / "m.jsonl")
-    Trainer(cfg, _teacher(), TorchEngineFactory(), logger=logger, data=ListStream(14, 16)).fit()
+    Trainer(cfg, _teacher(), TorchEngineFactory(), callbacks=[LogMetrics(logger)], data=ListStream(14, 16)).fit()
     records = [r for r in logger.read() if "step" in r]
     assert records and all("data/samples" in r and "data/samples_skipped" in r for r in records)
     assert records[-1]["data/samples"] == 6 * 4  # 6 stage-1 iterations of batch 4
@@ -478,7 +497,7 @@ def test_stop_request_checkpoints_at_that_iteration_and_resumes_exactly(tmp_path
         if trainer.state.iteration == 9:  # the next iteration's check sees it: the one after 10 never runs
             flag.request("test: SIGTERM")
 
-    first = _shards_trainer(stop_source=flag.get, callbacks=[ask_at_10])
+    first = _shards_trainer(stop_source=flag.get, callbacks=[OnStep(ask_at_10)])
     first.fit(checkpoint_dir=tmp_path, checkpoint_every=1000)
     assert first.state.iteration == 10 and first.preempted.reason == "test: SIGTERM"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010"]
@@ -505,7 +524,7 @@ def test_stop_request_on_the_last_iteration_lets_the_run_finish(tmp_path):
 
     flag = StopFlag()
     tr = _trainer(stop_source=flag.get,
-                  callbacks=[lambda t, m: flag.request("late") if t.state.iteration == TOTAL - 1 else None])
+                  callbacks=[OnStep(lambda t, m: flag.request("late") if t.state.iteration == TOTAL - 1 else None)])
     tr.fit(checkpoint_dir=tmp_path)
     assert tr.done and tr.preempted is None
 

@@ -246,7 +246,7 @@ class LaunchConfig:
     use_gpu: bool = False  # one GPU per worker
     max_failures: int = _f(0, ge=0)  # Ray FailureConfig: restarts from the last checkpoint before giving up
     checkpoint_every: int = _f(50, ge=1)  # optimizer steps between checkpoints
-    num_to_keep: int = _f(2, ge=1)  # checkpoints kept by Ray
+    num_to_keep: int = _f(2, ge=1)  # checkpoints kept under <output>/checkpoints (and by Ray)
     storage_path: str | None = None  # Ray run storage; None = <output_dir>/ray (URIs such as s3:// kept as is)
     ray_address: str | None = None  # existing cluster; the RAY_ADDRESS env var wins; None = start a local Ray
     object_store_mb: int = _f(256, ge=75)  # object store of a locally started Ray (Ray's minimum is 75 MB)

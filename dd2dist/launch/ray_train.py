@@ -6,8 +6,9 @@ log the export as artefacts.
 
 Worker (:func:`train_worker`, one per rank): the process group comes from Ray Train (gloo on CPU, NCCL on GPU)
 and DeepSpeed reuses it. The Trainer writes checkpoints under ``<output>/checkpoints/step_XXXXXXXX`` (every rank
-its shards, then a barrier, the manifest, then rank 0 finalises); the checkpoint hook then reports it to Ray (rank
-0 passes the directory, the others ``None``; every rank calls ``report`` so it is also a barrier). A restarted
+its shards, then a barrier, the manifest, then rank 0 finalises); its callbacks (:mod:`dd2dist.launch.callbacks`)
+then report it to Ray (rank 0 passes the directory, the others ``None``; every rank calls ``report`` so it is also
+a barrier), and the trainer prunes the folder to ``launch.num_to_keep``. A restarted
 worker group (``FailureConfig.max_failures``) and a rerun with the same name and storage resume from the newest
 checkpoint that verifies against its manifest: Ray's ``get_checkpoint()`` or one under ``<output>/checkpoints``,
 newest first; what was skipped and why goes to the log and ``<output>/workers/resume.log``.
@@ -44,26 +45,6 @@ def export_dir(cfg) -> Path:
 
 
 STAGE1_FILE = "stage1_student.safetensors"
-
-
-def phase_export_hook(cfg, rank: int):
-    """Trainer ``export_hook``: rank 0 writes the consolidated weights of a hand-over to
-    ``export/<name>.safetensors`` (STAGE1_FILE; the regression's generator is
-    ``dd2dist.eval.fidelity.REGRESSION_EXPORT``), atomically: a crash leaves the old file or none, never half."""
-
-    def hook(name: str, state) -> None:
-        if rank != 0:
-            return
-        from safetensors.torch import save_file
-
-        path = export_dir(cfg) / f"{name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-                   for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
-
-    return hook
 
 
 # ---- worker ------------------------------------------------------------------------------------------------
@@ -173,17 +154,6 @@ def _final_grid(cfg, trainer, factory, tracker, rank: int) -> None:
             tracker.log_artifact(path, "samples")
 
 
-def _numeric(metrics: dict) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            continue
-        out[key] = value if math.isfinite(value) else float("nan")
-    return out
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """The per-rank training function given to ``TorchTrainer`` (``config`` from :func:`launch`)."""
     cfg = _config_from_text(config["config_yaml"])
@@ -192,8 +162,8 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from dd2dist.train import Trainer
-    from dd2dist.train.metrics import NullLogger
+    from dd2dist.launch.callbacks import PhaseExport, RayReport
+    from dd2dist.train import LogMetrics, Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -205,34 +175,19 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # a random-init teacher (no checkpoint) is the same on every rank and restart
     factory = _make_factory(cfg)
     teacher, student_template = _build_teacher(cfg, factory)
-    logger = NullLogger()
+    callbacks = []
     tracker = None
     if rank == 0 and config.get("run_id") and not dry_run:
         from dd2dist.method.schedule import build_schedule
         from dd2dist.tracking import open_run
 
         tracker = open_run(cfg, run_id=config["run_id"], total=build_schedule(cfg).total_iterations)
-        logger = tracker
+        callbacks.append(LogMetrics(tracker))
     root = checkpoint_root(cfg)
-
-    def report(directory: Path, step: int, metrics: dict) -> None:
-        values = {**_numeric(metrics), "iteration": float(step)}
-        if rank == 0:
-            if tracker is not None:
-                (directory / "tracking.json").write_text(json.dumps({"run_id": tracker.run_id}))
-            ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=directory.name)
-            from dd2dist.train import checkpoint as ckpt
-
-            ckpt.prune(root, cfg.launch.num_to_keep)
-        else:
-            ray.train.report(values, checkpoint=None)
-
-    callbacks = []
     if cfg.tracking.sample_grid_every and not dry_run:
-        from dd2dist.launch.sample_grid import grid_callback
+        from dd2dist.launch.sample_grid import SampleGrid
 
-        callbacks.append(grid_callback(cfg.tracking.sample_grid_every, samples_dir(cfg), tracker, rank))
+        callbacks.append(SampleGrid(cfg.tracking.sample_grid_every, samples_dir(cfg), tracker, rank))
     data = None
     if cfg.data.source == "shards":
         from dd2dist.data import stream_from_config
@@ -240,17 +195,17 @@ def train_worker(config: dict[str, Any]) -> None:
         # each rank reads its own split of the teacher-token shards; the stream's position is checkpointed
         data = stream_from_config(cfg, rank, world, num_tokens=teacher.num_tokens)
     if dry_run:
-        trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
+        trainer = Trainer(cfg, teacher, factory, rank=rank, world_size=world, data=data,
                           student_template=student_template, callbacks=callbacks)
         trainer.fit(max_iterations=1)
         ray.train.report({"iteration": float(trainer.state.iteration), "dry_run": 1.0})
         return
     from dd2dist.launch.preemption import worker_stop_source, write_stop_record
 
+    callbacks += [PhaseExport(export_dir(cfg), rank), RayReport(rank, tracker)]
     with worker_stop_source(config.get("stop_board")) as stop_source:
-        trainer = Trainer(cfg, teacher, factory, logger=logger, rank=rank, world_size=world, data=data,
-                          student_template=student_template, checkpoint_hook=report,
-                          export_hook=phase_export_hook(cfg, rank), callbacks=callbacks, stop_source=stop_source)
+        trainer = Trainer(cfg, teacher, factory, rank=rank, world_size=world, data=data,
+                          student_template=student_template, callbacks=callbacks, stop_source=stop_source)
         _resume(trainer, root, cfg, rank, tracker)
         if tracker is not None and trainer.state.iteration:
             tracker.set_tags({"resumed_from_iteration": trainer.state.iteration})
@@ -360,6 +315,8 @@ def _launch(cfg, dry_run: bool, max_iterations: int | None, locks: list) -> dict
                 name=name,
                 storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
+                # Ray's copies only: resume reads Ray's latest and falls back through <output>/checkpoints, which
+                # the trainer prunes (Trainer._checkpoint), so older Ray copies are never needed
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.launch.num_to_keep),
             ),
         )

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dd2dist.teachers.base import Cond
+from dd2dist.train.callbacks import TrainerCallback
 
 GRID_SEED = 1234  # the same noise for every grid of a run, so grids are comparable over time
 
@@ -53,18 +54,20 @@ def generator_grid(generator_net, teacher, num_classes: int, classes: int = 8, p
     return to_uint8_grid(images, nrow=per_class)
 
 
-def grid_callback(every: int, folder: Path, logger, rank: int):
-    """A Trainer step callback: every ``every`` iterations, a grid of the current (non-EMA) generator."""
+class SampleGrid(TrainerCallback):
+    """Every ``every`` iterations, a grid of the current (non-EMA) generator (collective; rank 0 writes it and
+    hands it to ``logger``, when there is one)."""
 
-    def callback(trainer, metrics: dict) -> None:
+    def __init__(self, every: int, folder: Path, logger, rank: int):
+        self.every, self.folder, self.logger, self.rank = every, Path(folder), logger, rank
+
+    def on_step(self, trainer, metrics: dict) -> None:
         step = trainer.state.iteration
         generator = trainer.engines.get("generator")
-        if every <= 0 or step % every or generator is None:
+        if self.every <= 0 or step % self.every or generator is None:
             return
         grid = generator_grid(generator.callable_module(), trainer.teacher_engine.module, trainer.num_classes)
-        if rank == 0:
-            path = save_png(grid, Path(folder) / f"grid_{step:08d}.png")
-            if logger is not None:
-                logger.log_artifact(path, "samples")
-
-    return callback
+        if self.rank == 0:
+            path = save_png(grid, self.folder / f"grid_{step:08d}.png")
+            if self.logger is not None:
+                self.logger.log_artifact(path, "samples")

@@ -99,6 +99,8 @@ class ARTeacher(nn.Module, abc.ABC):
         steps: list of ``slice`` into the N tokens, one per AR step (VAR: scales; LlamaGen: singletons).
         step_of_token: LongTensor[N] buffer, the AR step of each token.
         default_sampling: the family's distillation-target :class:`Sampling`.
+        sample_returns_log_probs: :meth:`sample` takes ``return_log_probs=True`` and then also returns the
+            (B, N, V) log-probs each token was drawn from.
     """
 
     family: Family
@@ -109,6 +111,7 @@ class ARTeacher(nn.Module, abc.ABC):
     hidden_dim: int
     steps: list[slice]
     default_sampling: Sampling
+    sample_returns_log_probs: bool = False
 
     # ---- codebook space -------------------------------------------------------------------------------
     @abc.abstractmethod

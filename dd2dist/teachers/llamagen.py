@@ -336,6 +336,7 @@ class LlamaGenTeacher(ARTeacher):
     """LlamaGen class- or text-conditional teacher: GPT (``self.gpt``) + VQ-16 tokenizer (``self.tokenizer``)."""
 
     family = "llamagen"
+    sample_returns_log_probs = True
 
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()

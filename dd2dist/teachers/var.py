@@ -227,6 +227,7 @@ class VARTeacher(ARTeacher):
     """VAR class-conditional teacher: transformer + multi-scale VQVAE tokenizer (``self.tokenizer``)."""
 
     family = "var"
+    sample_returns_log_probs = True
 
     def __init__(self, cfg: VARConfig):
         super().__init__()

@@ -1,6 +1,8 @@
-"""The stateful single-process trainer, its checkpoint layout and the metrics-logger interface."""
+"""The stateful single-process trainer, its callback protocol, checkpoint layout and the metrics-logger interface."""
 
+from dd2dist.train.callbacks import LogMetrics, OnStep, TrainerCallback
 from dd2dist.train.metrics import JsonlLogger, MetricsLogger, NullLogger
-from dd2dist.train.trainer import CheckpointHook, StepCallback, Trainer, TrainState
+from dd2dist.train.trainer import Trainer, TrainState
 
-__all__ = ["CheckpointHook", "StepCallback", "JsonlLogger", "MetricsLogger", "NullLogger", "TrainState", "Trainer"]
+__all__ = ["JsonlLogger", "LogMetrics", "MetricsLogger", "NullLogger", "OnStep", "TrainState", "Trainer",
+           "TrainerCallback"]

@@ -4,7 +4,6 @@ labels. Every draw is seeded by (seed, rank, iteration, purpose), so batches are
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 
 import torch
@@ -32,7 +31,7 @@ class BatchSource:
         self.teacher_engine, self.codebook, self.data = teacher_engine, codebook, data
         self.num_classes = int(teacher.num_classes)
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
-        self.sampler_returns_log_probs = "return_log_probs" in inspect.signature(teacher.sample).parameters
+        self.sampler_returns_log_probs = bool(teacher.sample_returns_log_probs)
         self._data_iter = None
         self._ode_block = None  # (key, eps, cond, ids) of the current block of regression pairs
 

@@ -1,6 +1,7 @@
-"""The metrics-logger interface the trainer reports through, and two local implementations.
+"""The metrics-logger interface, and two local implementations.
 
-The MLflow logger (``dd2dist.tracking``) implements the same protocol; only rank 0 logs.
+The trainer reaches a logger through :class:`dd2dist.train.callbacks.LogMetrics`. The MLflow logger
+(``dd2dist.tracking``) implements the same protocol; only rank 0 logs.
 """
 
 from __future__ import annotations

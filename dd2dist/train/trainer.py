@@ -1,9 +1,11 @@
-"""The stateful DD2 trainer: stage 1 (GTS), stage 2 (FCS/CSD alternation), performance alignment.
+"""The stateful trainer: runs a method's phases for one rank, checkpoints them, and resumes them exactly.
 
 One ``Trainer`` per process (rank). It owns no parallelism: engines come from an ``EngineFactory`` (plain torch or
-DeepSpeed), metrics go to a ``MetricsLogger``, and the Ray layer hears about checkpoints through
-``checkpoint_hook(dir, step, metrics)``. Everything it needs to continue exactly is in its checkpoint (see
-:mod:`dd2dist.train.checkpoint`): every engine, the EMA (and the ``stage2.ema_compare`` ones),
+DeepSpeed). What trains when, with which loss and optimizer, and what happens on entering a phase is the method's
+(:class:`dd2dist.method.phases.DD2Phases`): the trainer builds the engines a group lists, runs the loss a role is
+given and carries out the entry actions. Everything else hears about the run through one list of
+:class:`~dd2dist.train.callbacks.TrainerCallback` (metrics, checkpoints, exports, phases, steps). Everything it
+needs to continue exactly is in its checkpoint (see :mod:`dd2dist.train.checkpoint`): every engine, the EMAs,
 counters and phase, RNG and data-stream state.
 
 Iteration = one optimizer step of one engine, as the :class:`~dd2dist.method.schedule.Schedule` says. At every
@@ -33,25 +35,22 @@ from torch import Tensor
 
 from dd2dist.engine.base import Engine, all_finite
 from dd2dist.engine.factory import EngineFactory
-from dd2dist.engine.optim import OptimSpec
 from dd2dist.method.ema import EMA
-from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
-from dd2dist.method.ode_init import regression_loss
-from dd2dist.method.schedule import Phase, PhaseKind, Role, Schedule, build_schedule, generator_warmup_steps
+from dd2dist.method.phases import DD2Phases, EngineGroup, Export, LoadEMA, ResetOptimizer
+from dd2dist.method.schedule import Phase, Role, Schedule
+from dd2dist.method.steps import StepContext
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
 from dd2dist.train import checkpoint as ckpt
 from dd2dist.train import manifest
 from dd2dist.train.batches import BatchSource
+from dd2dist.train.callbacks import TrainerCallback, check_callbacks
 from dd2dist.train.collective import any_rank, gather_objects
-from dd2dist.train.metrics import MetricsLogger, NullLogger
 from dd2dist.train.stop import StopRequest
 
 log = logging.getLogger("dd2dist.train")
 
 CHECKPOINT_VERSION = 1
-CheckpointHook = Callable[[Path, int, dict], None]
-StepCallback = Callable[["Trainer", dict], None]
 StopSource = Callable[[], StopRequest | None]
 
 
@@ -71,11 +70,6 @@ class TrainState:
     samples: int = 0  # sequences consumed over all ranks and roles
 
 
-def _group_of(phase: Phase) -> str:
-    """Phases sharing engines: stage 2, alignment and after-alignment use one generator/guidance pair."""
-    return {"gts_head": "stage1_head", "gts": "stage1"}.get(phase.kind, "stage2")
-
-
 def ema_export_name(cap: float) -> str:
     """File name of the generator exported from the ``stage2.ema_compare`` EMA with decay cap ``cap``."""
     return f"generator_ema{cap:g}.safetensors"
@@ -89,31 +83,27 @@ class Trainer:
         teacher: the frozen teacher, *not yet partitioned*: student nets are copied from it here, before it is
             handed to ``engine_factory.teacher``; its codebook is copied once (the closed form needs it whole).
         engine_factory: builds the engines (``TorchEngineFactory`` in one process).
-        logger: metrics sink (rank 0 gets a real one; pass ``NullLogger`` elsewhere). Default: NullLogger.
         rank, world_size: this process's place in the process group (the factory owns the group).
         data: stage-1 source when ``cfg.data.source == "shards"``: any iterable of batches, each a
             ``dd2dist.data.TokenBatch`` (``.tokens`` ids (B, N), ``.cond()``) or a ``(tokens, labels)`` pair.
-            If it has ``state_dict()`` / ``load_state_dict()`` its position is checkpointed. ``None``: the teacher
-            is sampled online (seeded per step) with the distillation-target sampling.
-        checkpoint_hook: called on every rank after each checkpoint is complete.
-        callbacks: ``cb(trainer, metrics)`` called on every rank after every iteration (evaluation during
-            training, progress bars, early stops via ``trainer.stop = True``); they must not draw from the global
-            RNG or touch the engines' weights if exact resume matters.
+            If it has ``state_dict()`` / ``load_state_dict()`` its position is checkpointed; if it has
+            ``metrics()`` its counters travel with the logged metrics. ``None``: the teacher is sampled online
+            (seeded per step) with the distillation-target sampling.
+        callbacks: :class:`~dd2dist.train.callbacks.TrainerCallback` objects, told in order about phases, logged
+            metrics, steps, checkpoints and exports (see that module for the order of events). Give every rank
+            the callbacks whose events are collective for it (an export's weights are consolidated on every
+            rank either way).
         student_template: the initial student (teacher backbone + fresh head) when ``teacher`` is already
             partitioned (ZeRO-3 built by ``build_partitioned_teacher``), e.g. from
             ``dd2dist.launch.partitioned_models.student_from_teacher_checkpoint``; None copies it from ``teacher``.
         init_student: weights of a trained stage-1 student (``Trainer.student_state_dict()`` of an earlier run)
             for the first engines this run builds (not when they come from a checkpoint): a stage-2-only run
             starts from it (without it, from the teacher backbone + a zero head); a stage-1 run continues it.
-        export_hook: ``hook(name, state)`` called on every rank with consolidated weights at the two hand-overs whose
-            model is evaluated later: ``"stage1_student"`` when stage 2 takes over from stage 1 in this run, and
-            ``"generator_regression"`` (the generator as the PF-ODE regression left it, the DD1-style baseline) when
-            CSD takes over from the regression. Each call comes before the next phase's first step, so a checkpoint
-            after it implies the hook ran; the Ray layer writes the weights to the run's export folder.
         stop_source: asked on every rank after every iteration (then one small all-reduce agrees on the answer);
             a request on any rank makes every rank write a checkpoint at that iteration (when ``fit`` has a
             ``checkpoint_dir`` and the request asks for one) and return from ``fit`` with ``preempted`` set. Give
             it to every rank or to none (it adds a collective).
+        method: the phase rules; default :class:`~dd2dist.method.phases.DD2Phases` of ``cfg``.
     """
 
     def __init__(
@@ -121,36 +111,31 @@ class Trainer:
         cfg,
         teacher: ARTeacher,
         engine_factory: EngineFactory,
-        logger: MetricsLogger | None = None,
         rank: int = 0,
         world_size: int = 1,
         data: Iterable | None = None,
-        checkpoint_hook: CheckpointHook | None = None,
-        callbacks: list[StepCallback] | tuple[StepCallback, ...] = (),
+        callbacks: Sequence[TrainerCallback] = (),
         init_student: dict[str, Tensor] | None = None,
         student_template: StudentNet | None = None,
-        export_hook: Callable[[str, dict[str, Tensor]], None] | None = None,
         stop_source: StopSource | None = None,
+        method: DD2Phases | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
         self.factory = engine_factory
         self.device = torch.device(getattr(engine_factory, "device", "cpu"))
-        self.logger = logger or NullLogger()
-        self.checkpoint_hook = checkpoint_hook
-        self.callbacks = list(callbacks)
+        self.callbacks: list[TrainerCallback] = check_callbacks(callbacks)
         self.stop = False  # a callback may set it: fit() returns after the current iteration
         self.stop_source = stop_source
         self.preempted: StopRequest | None = None  # set when fit() returned on a stop request
         self.resume_skipped: list[tuple[Path, list[str]]] = []  # checkpoints resume() skipped, and why
         self.last_save_timing: dict[str, float] = {}
         self._init_student = init_student
-        self.export_hook = export_hook
         self._last_logged = -1
         self._checked_phase = -1
         self._active_role: Role | None = None
-        self.schedule: Schedule = build_schedule(cfg)
-        self.sampling = cfg.teacher.sampling
+        self.method = method or DD2Phases(cfg)
+        self.schedule: Schedule = self.method.schedule
         if cfg.data.source == "shards" and data is None and "stage1" in cfg.stages:
             raise ValueError("data.source is 'shards' but no data iterable was given to the Trainer")
         self.data = data if cfg.data.source == "shards" else None
@@ -174,6 +159,8 @@ class Trainer:
         self.state = TrainState()
         self.engines: dict[str, Engine] = {}
         self.engine_group: str | None = None
+        self._group: EngineGroup | None = None
+        self._whole_nets: dict[str, StudentNet] = {}  # head-only roles: the whole net their loss runs
         self.student_backbone = None  # the frozen backbone of the head-only phase
         self.ema: EMA | None = None
         self.ema_compare: dict[float, EMA] = {}  # stage2.ema_compare: other decay caps, same trajectory
@@ -181,6 +168,10 @@ class Trainer:
         # JSON-serialisable values other layers keep in the checkpoint (e.g. the MLflow run id); saved by rank 0
         # in state.json and restored by load()
         self.extra_state: dict = {}
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
 
     # ------------------------------------------------------------------------------------------------------
     # engines per phase group
@@ -191,89 +182,60 @@ class Trainer:
             net.load_state_dict(state)
         return net
 
-    def _stage1_spec(self) -> OptimSpec:
-        s1 = self.cfg.stage1
-        return OptimSpec(lr=s1.lr, betas=tuple(s1.betas), weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
-                         lr_start=0.0, warmup_steps=s1.warmup_steps, grad_accum=self.cfg.engine.grad_accum)
-
-    def _stage2_common(self) -> dict:
-        """The optimizer settings every stage-2 network and phase shares (all but the LR and its warm-up)."""
-        s2 = self.cfg.stage2
-        return dict(betas=tuple(s2.betas), weight_decay=s2.weight_decay, grad_clip=s2.grad_clip,
-                    lr_start=s2.lr_start, grad_accum=self.cfg.engine.grad_accum)
-
-    def _stage2_specs(self) -> tuple[OptimSpec, OptimSpec]:
-        s2 = self.cfg.stage2
-        common = self._stage2_common()
-        gen = OptimSpec(lr=s2.generator_lr, warmup_steps=generator_warmup_steps(
-            s2.warmup_guidance_steps, s2.guidance_per_generator), **common)
-        # The paper gives the guidance net the same 1e-6 -> lr ramp; its length is not stated: we use the
-        # generator's length measured in guidance steps (warmup_guidance_steps).
-        gui = OptimSpec(lr=s2.guidance_lr, warmup_steps=s2.warmup_guidance_steps, **common)
-        return gen, gui
-
-    def _regression_spec(self) -> OptimSpec:
-        """The generator's optimizer during the PF-ODE regression phase (its own LR and warm-up)."""
-        s2 = self.cfg.stage2
-        return OptimSpec(lr=s2.ode_init_lr, warmup_steps=s2.ode_init_warmup_steps, **self._stage2_common())
-
     def student_state_dict(self) -> dict[str, Tensor] | None:
-        """Consolidated weights of the stage-1 student as it stands (None outside stage 1); collective."""
-        return self._current_student_state()
-
-    def _current_student_state(self) -> dict[str, Tensor] | None:
-        if "student" in self.engines:
-            return self.engines["student"].full_state_dict()
-        if "student_head" in self.engines:
+        """Consolidated weights of the net the current group hands over (the stage-1 student; None when the
+        group hands over nothing, e.g. in stage 2); collective."""
+        role = self._group.hands_over if self._group is not None else None
+        if role is None or role not in self.engines:
+            return None
+        if role in self._whole_nets:
             state = {k: v.clone() for k, v in self._template.state_dict().items()}
-            for k, v in self.engines["student_head"].full_state_dict().items():
+            for k, v in self.engines[role].full_state_dict().items():
                 state[f"head.{k}"] = v
             return state
-        return None
+        return self.engines[role].full_state_dict()
 
-    def _build_engines(self, group: str, from_previous: bool, loading: bool = False) -> None:
-        """Create the engines of ``group``; with ``from_previous`` initialise from the engines being replaced
+    def _build_engines(self, name: str, from_previous: bool, loading: bool = False) -> None:
+        """Create the engines of group ``name``; with ``from_previous`` initialise from the engines being replaced
         (``loading``: a checkpoint is about to overwrite the weights, so the initial values do not matter)."""
-        init = self._current_student_state() if from_previous else None
-        if group == "stage2" and init is not None and self.export_hook is not None:
-            self.export_hook("stage1_student", init)
+        group = self.method.group(name, self.phase)
+        init = self.student_state_dict() if from_previous else None
+        if group.export_incoming is not None and init is not None:
+            self._emit("on_export", group.export_incoming, init)
         if init is None and self._init_student is not None and not from_previous and not loading:
             init = self._init_student
-        if group == "stage2" and init is None and not loading:
-            log.warning("stage 2 starts without a stage-1 model in this run: generator and guidance are the "
-                        "teacher backbone + a zero head (docs/method.md §13.1, Tab.4: expect a much worse start)")
+        if group.fresh_start_warning is not None and init is None and not loading:
+            log.warning(group.fresh_start_warning)
         self.engines = {}
+        self._whole_nets = {}
         self.ema = None
         self.ema_compare = {}
         self.student_backbone = None
-        if group == "stage1_head":
-            net = self._new_student(init).to(self.device)
-            self.student_backbone = net.backbone
-            self.student_backbone.eval().requires_grad_(False)
-            self.engines["student_head"] = self.factory.trainable("student_head", net.head, self._stage1_spec())
-            self._head_net = net
-        elif group == "stage1":
-            self.engines["student"] = self.factory.trainable("student", self._new_student(init), self._stage1_spec())
-        else:
-            gen_spec, gui_spec = self._stage2_specs()
-            if self.phase is not None and self.phase.kind == "regress":
-                gen_spec = self._regression_spec()  # _enter_phase restarts it with the CSD spec afterwards
-            self.engines["generator"] = self.factory.trainable("generator", self._new_student(init), gen_spec)
-            self.engines["guidance"] = self.factory.trainable("guidance", self._new_student(init), gui_spec)
-            s2 = self.cfg.stage2
-            tensors = self.engines["generator"].local_param_tensors()
-            self.ema = EMA(tensors, s2.ema_max, s2.ema_warmup, s2.ema_rampup)
-            self.ema_compare = {cap: EMA(tensors, cap, s2.ema_warmup, s2.ema_rampup) for cap in s2.ema_compare}
+        for spec in group.nets:
+            if spec.head_only:
+                net = self._new_student(init).to(self.device)
+                self.student_backbone = net.backbone
+                self.student_backbone.eval().requires_grad_(False)
+                self.engines[spec.role] = self.factory.trainable(spec.role, net.head, spec.optim)
+                self._whole_nets[spec.role] = net
+            else:
+                self.engines[spec.role] = self.factory.trainable(spec.role, self._new_student(init), spec.optim)
+        if group.ema is not None:
+            e = group.ema
+            tensors = self.engines[e.role].local_param_tensors()
+            self.ema = EMA(tensors, e.ema_max, e.warmup, e.rampup)
+            self.ema_compare = {cap: EMA(tensors, cap, e.warmup, e.rampup) for cap in e.compare}
         for engine in self.engines.values():
             engine.set_trainable(False)
-        self.engine_group = group
+        self.engine_group = name
+        self._group = group
         self._checked_phase = -1  # new engines: the next phase entry checks their modes again
         self._active_role = None
 
     def _ensure_engines(self, phase: Phase) -> None:
-        group = _group_of(phase)
-        if group != self.engine_group:
-            self._build_engines(group, from_previous=self.engine_group is not None)
+        name = self.method.group_name(phase)
+        if name != self.engine_group:
+            self._build_engines(name, from_previous=self.engine_group is not None)
 
     # ------------------------------------------------------------------------------------------------------
     # modes
@@ -298,46 +260,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # one iteration
     # ------------------------------------------------------------------------------------------------------
-    def _gen(self, purpose: str) -> torch.Generator:
-        return self.batches.generator(self.state.iteration, purpose)
+    def _net(self, role: str):
+        whole = self._whole_nets.get(role)
+        return whole if whole is not None else self.engines[role].callable_module()
 
-    def _loss(self, role: Role, micro: int, kind: PhaseKind) -> tuple[Tensor, dict[str, Tensor], int]:
-        cfg, s2 = self.cfg, self.cfg.stage2
-        teacher = self.teacher_engine.module
-        if role in ("student_head", "student"):
-            x0, cond, lp = self.batches.stage1(self.state.iteration, micro)
-            net = self._head_net if role == "student_head" else self.engines["student"].callable_module()
-            loss, m = gts_loss(net, teacher, self.codebook, x0, cond, self.sampling, self._gen(f"gts/{micro}"),
-                               t_min=cfg.stage1.t_min, teacher_log_probs=lp)
-            return loss, m, x0.shape[0]
-        generator = self.engines["generator"].callable_module()  # ZeRO-3: calls routed through forward
-        guidance = self.engines["guidance"].callable_module()
-        if kind == "regress":  # the generator's PF-ODE regression start (dd2dist.method.ode_init)
-            eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher)
-            loss, m = regression_loss(generator, eps, cond, self.codebook[ids])
-            return loss, m, eps.shape[0]
-        anchor = role == "generator" and s2.regression_weight > 0
-        if anchor:  # CSD on the noise of PF-ODE pairs, whose teacher tokens anchor the generator's map
-            eps, cond, ids = self.batches.ode_pairs(self.state.iteration, self.state.phase_iter, micro, teacher,
-                                                    stride=self.phase.guidance_per_generator + 1)
-        else:
-            eps, cond = self.batches.stage2(self.state.iteration, micro, role)
-        if role == "guidance":
-            with torch.no_grad():
-                q = generator.generate(eps, cond)
-            prefix = snap_to_codes(q, self.codebook, teacher.family) if s2.guidance_prefix == "snap" else None
-            loss, m = fcs_loss(guidance, q, cond, self._gen(f"fcs/{micro}"), num_samples=s2.fcs_samples,
-                               t_min=s2.fcs_t_min, prefix=prefix)
-            return loss, m, eps.shape[0]
-        q = generator.generate(eps, cond)
-        loss, m = csd_loss(q, teacher, guidance, self.codebook, cond, self.sampling, self._gen(f"csd/{micro}"),
-                           kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min, t_max=s2.csd_t_max,
-                           teacher_prefix=s2.teacher_prefix, guidance_prefix=s2.guidance_prefix)
-        if anchor:
-            reg = (q.float() - self.codebook[ids]).pow(2).sum(-1).mean()
-            loss = loss + s2.regression_weight * reg
-            m = {**m, "regression_loss": reg.detach()}
-        return loss, m, eps.shape[0]
+    def _loss(self, role: Role, micro: int, phase: Phase) -> tuple[Tensor, dict[str, Tensor], int]:
+        ctx = StepContext(cfg=self.cfg, phase=phase, iteration=self.state.iteration, phase_iter=self.state.phase_iter,
+                          micro=micro, teacher=self.teacher_engine.module, codebook=self.codebook,
+                          batches=self.batches, net=self._net)
+        return self.method.loss(phase, role)(ctx)
 
     def _autocast(self):
         """bf16 autocast for plain-torch engines with ``engine.precision: bf16`` (DeepSpeed engines hold bf16
@@ -355,7 +286,7 @@ class Trainer:
         finite, batch, extras = True, 0, {}
         for micro in range(self.cfg.engine.grad_accum):
             with self._autocast():
-                loss, m, b = self._loss(role, micro, phase.kind)
+                loss, m, b = self._loss(role, micro, phase)
             batch += b
             extras = m  # logged even when non-finite (the skipped step's loss says what went wrong)
             if not all_finite(loss):
@@ -365,8 +296,8 @@ class Trainer:
         stats = engine.step() if finite else engine.skip_step()
         if stats.skipped:
             self.state.skipped[role] = self.state.skipped.get(role, 0) + 1
-        elif role == "generator":
-            tensors = self.engines["generator"].local_param_tensors()
+        elif self.ema is not None and role == self._group.ema.role:
+            tensors = engine.local_param_tensors()
             for ema in (self.ema, *self.ema_compare.values()):
                 ema.update(tensors)
         dt = time.perf_counter() - t0
@@ -378,8 +309,7 @@ class Trainer:
             "samples_per_s": batch * self.world_size / max(dt, 1e-9), "phase_index": float(self.state.phase_index),
             "skipped_total": float(sum(self.state.skipped.values())),
         })
-        if phase.kind == "alternate":
-            metrics["K"] = float(phase.guidance_per_generator)
+        metrics.update(self.method.step_metrics(phase))
         if self.ema is not None:
             metrics["ema/updates"] = float(self.ema.updates)
         return metrics
@@ -399,19 +329,10 @@ class Trainer:
     def _enter_phase(self, phase: Phase) -> None:
         self._ensure_engines(phase)
         if not self.state.phase_entered:
-            if phase.ema_to_generator_on_entry:
-                # performance alignment (i): the generator continues from its EMA weights. Loaded as a state dict
-                # (collective under ZeRO-3) so the engine also refreshes DeepSpeed's fp32 master copy: in bf16 a
-                # write into the module weights alone would be overwritten from the old master at the next step.
-                self.engines["generator"].load_full_state_dict(self.generator_state_dict(use_ema=True))
-            if phase.kind == "alternate" and self._follows_regression():
-                if self.export_hook is not None:
-                    self.export_hook("generator_regression", self.generator_state_dict(use_ema=False))
-                # CSD after the regression start: fresh AdamW moments and the CSD warm-up from lr_start (the
-                # regression's second moments are of another loss's scale)
-                self.engines["generator"].reset_optimizer(self._stage2_specs()[0])
+            for action in self.method.entry_actions(self.state.phase_index):
+                self._run_entry_action(action)
             self.state.phase_entered = True
-            self.logger.set_tags({"phase": phase.name, "stage": phase.stage})
+            self._emit("on_phase", phase)
         if self._checked_phase != self.state.phase_index:
             # phase switch (or resume): every role of the phase can be made trainable alone, then all are frozen
             for role in phase.roles:
@@ -419,9 +340,19 @@ class Trainer:
             self._set_role(None)
             self._checked_phase = self.state.phase_index
 
-    def _follows_regression(self) -> bool:
-        i = self.state.phase_index
-        return i > 0 and self.schedule.phases[i - 1].kind == "regress"
+    def _run_entry_action(self, action) -> None:
+        engine = self.engines[action.role]
+        if isinstance(action, LoadEMA):
+            # loaded as a state dict (collective under ZeRO-3) so the engine also refreshes DeepSpeed's fp32 master
+            # copy: in bf16 a write into the module weights alone would be overwritten from the old master at the
+            # next step
+            engine.load_full_state_dict(self._ema_state_dict(action.role))
+        elif isinstance(action, Export):
+            self._emit("on_export", action.name, engine.full_state_dict())
+        elif isinstance(action, ResetOptimizer):
+            engine.reset_optimizer(action.optim)
+        else:
+            raise TypeError(f"unknown phase entry action {action!r}")
 
     def fit(
         self,
@@ -434,11 +365,11 @@ class Trainer:
 
         With ``checkpoint_dir``: a checkpoint every ``checkpoint_every`` iterations (default
         ``launch.checkpoint_every``) and one where fit() returns; only the newest ``keep_last`` (default
-        ``launch.num_to_keep``) are kept under ``checkpoint_dir``, older ones are deleted after the hook ran.
+        ``launch.num_to_keep``) are kept under ``checkpoint_dir`` (see :meth:`_checkpoint`).
         ``max_iterations`` stops at that global iteration (tests, time budgets). Returns the last metrics.
         """
         every = checkpoint_every or self.cfg.launch.checkpoint_every
-        self._keep_last = keep_last or self.cfg.launch.num_to_keep
+        keep_last = keep_last or self.cfg.launch.num_to_keep
         self.preempted = None
         log_every = self.cfg.tracking.log_every
         while not self.done:
@@ -464,9 +395,8 @@ class Trainer:
                 self.preempted = request
             if checkpoint_dir is not None and (self.state.iteration % every == 0
                                                or (request is not None and request.checkpoint)):
-                self.save(checkpoint_dir)
-            for cb in self.callbacks:
-                cb(self, metrics)
+                self._checkpoint(checkpoint_dir, keep_last)
+            self._emit("on_step", metrics)
             if request is not None:
                 break
             if self.stop:
@@ -475,7 +405,7 @@ class Trainer:
         if checkpoint_dir is not None and (self.preempted is None or self.preempted.checkpoint):
             here = ckpt.step_dir(checkpoint_dir, self.state.iteration)
             if not (here / ckpt.STATE_FILE).is_file() or manifest.quick_check(here) is not None:
-                self.save(checkpoint_dir)
+                self._checkpoint(checkpoint_dir, keep_last)
         if self.last_metrics:
             self._log(self.last_metrics)
         return self.last_metrics
@@ -500,15 +430,29 @@ class Trainer:
             if self.data is not None and hasattr(self.data, "metrics"):
                 # bad-data counters (skipped samples, corrupt shards) travel with the losses
                 metrics = {**metrics, **{k: float(v) for k, v in self.data.metrics().items()}}
-            self.logger.log_metrics(metrics, self.state.iteration)
+            self._emit("on_log", metrics, self.state.iteration)
             self._last_logged = self.state.iteration
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------------------
+    def _checkpoint(self, root: str | Path, keep_last: int) -> Path:
+        """Save, then prune ``root`` to the newest ``keep_last`` checkpoints.
+
+        Pruning lives here and nowhere else because this is the one place that knows both that the new checkpoint
+        is complete and that every callback has seen it (the Ray layer copies it in ``on_checkpoint``), and it runs
+        for every caller of ``fit``, Ray or not. :func:`dd2dist.train.checkpoint.prune` keeps the newest checkpoint
+        that passes the manifest's cheap check whatever ``keep_last`` says, so the one a resume falls back to stays.
+        """
+        final = self.save(root)
+        if self.rank == 0:
+            ckpt.prune(root, keep_last)
+        return final
+
     def save(self, root: str | Path) -> Path:
         """Write a complete checkpoint of this run under ``root/step_XXXXXXXX`` (every rank calls this), its
-        manifest last; the write and manifest times go to the logger as ``checkpoint/*``."""
+        manifest last; the write and manifest times go to ``on_log`` as ``checkpoint/*``, then ``on_checkpoint``
+        gets the directory. Prunes nothing (``fit`` does)."""
         t_start = time.perf_counter()
         final = ckpt.step_dir(root, self.state.iteration)
         tmp = final.with_name(final.name + ".tmp")
@@ -550,14 +494,11 @@ class Trainer:
             "checkpoint/files": float(len(built["files"])),
             "checkpoint/bytes": float(sum(e["size"] for e in built["files"].values())),
         }
-        self.logger.log_metrics(self.last_save_timing, self.state.iteration)
-        if self.checkpoint_hook is not None:
-            metrics = {**self.last_metrics, **self.last_save_timing}
-            if self.preempted is not None:
-                metrics["preempted"] = 1.0
-            self.checkpoint_hook(final, self.state.iteration, metrics)
-        if self.rank == 0 and getattr(self, "_keep_last", None):
-            ckpt.prune(root, self._keep_last)
+        self._emit("on_log", self.last_save_timing, self.state.iteration)
+        metrics = {**self.last_metrics, **self.last_save_timing}
+        if self.preempted is not None:
+            metrics["preempted"] = 1.0
+        self._emit("on_checkpoint", final, metrics)
         return final
 
     def load(self, directory: str | Path) -> None:
@@ -574,7 +515,9 @@ class Trainer:
         self.state = TrainState(**{k: meta[k] for k in asdict(TrainState()).keys()})
         self.extra_state = dict(meta.get("extra", {}))
         self.engine_group = None
+        self._group = None
         self.engines = {}
+        self._whole_nets = {}
         self._checked_phase = -1
         self._active_role = None
         if meta["engine_group"] is not None:
@@ -637,15 +580,20 @@ class Trainer:
     # export
     # ------------------------------------------------------------------------------------------------------
     def generator_state_dict(self, use_ema: bool = True, ema_cap: float | None = None) -> dict[str, Tensor]:
-        """Consolidated generator weights, by default the EMA ones (collective under ZeRO-3: every rank calls);
-        ``ema_cap`` picks one of the ``stage2.ema_compare`` EMAs instead of the main one."""
-        engine = self.engines.get("generator")
-        if engine is None:
+        """Consolidated weights of the net the method keeps an EMA of (the generator), by default the EMA ones
+        (collective under ZeRO-3: every rank calls); ``ema_cap`` picks one of the ``stage2.ema_compare`` EMAs
+        instead of the main one."""
+        if self.ema is None:
             raise RuntimeError("no generator yet: stage 2 has not started")
+        role = self._group.ema.role
         if not use_ema:
-            return engine.full_state_dict()
+            return self.engines[role].full_state_dict()
+        return self._ema_state_dict(role, ema_cap)
+
+    def _ema_state_dict(self, role: str, ema_cap: float | None = None) -> dict[str, Tensor]:
         if ema_cap is not None and ema_cap not in self.ema_compare:
             raise KeyError(f"no comparison EMA with cap {ema_cap}; stage2.ema_compare is {sorted(self.ema_compare)}")
+        engine = self.engines[role]
         ema = self.ema if ema_cap is None else self.ema_compare[ema_cap]
         with ema.swapped_into(engine.local_param_tensors()):
             return engine.full_state_dict()
