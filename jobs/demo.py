@@ -4,7 +4,7 @@
     python jobs/demo.py --quick --out /tmp/demo_quick     # the same path at smoke-test size (tests)
     python jobs/demo.py --families var --out runs/demo_var --set stage2.generator_steps=600   # any recipe key
 
-Per family (``var``, ``llamagen``), with the recipe ``configs/demo/<family>[_quick].yaml``:
+Per family (``var``, ``llamagen``), with the recipe ``configs/demo/[smoke_]<family>.yaml``:
 
 1. teacher: train (or reuse, cached by config hash) the small VQ tokenizer + AR teacher on the digits train split
    (``dd2dist.digits.teacher_job``: PNG shards -> DALI -> token shards -> AR training);
@@ -77,7 +77,7 @@ def log(msg: str) -> None:
 
 
 def recipe_path(family: str, quick: bool) -> Path:
-    return REPO / "configs" / "demo" / f"{family}{'_quick' if quick else ''}.yaml"
+    return REPO / "configs" / "demo" / f"{'smoke_' if quick else ''}{family}.yaml"
 
 
 def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: Path, check_paths: bool = True,
@@ -102,7 +102,7 @@ def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: P
 def teacher_config(family: str):
     from dd2dist.config import load_config
 
-    return load_config(REPO / "configs" / "digits" / f"{family}.yaml")
+    return load_config(REPO / "configs" / "teachers" / f"digits_{family}.yaml")
 
 
 def stage1_iterations(cfg) -> int:
@@ -361,7 +361,7 @@ def run_family(family: str, args: argparse.Namespace, plan: DemoPlan, trained_te
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke-test size (configs/demo/*_quick.yaml)")
+    parser.add_argument("--quick", action="store_true", help="smoke-test size (configs/demo/smoke_*.yaml)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: var,llamagen")
     parser.add_argument("--out", default="runs/demo", help="demo directory (results.json, one folder per family)")
     parser.add_argument("--teachers", default=None,

@@ -30,7 +30,7 @@ def test_recipes_load_as_two_deepspeed_workers_with_demo_paths(family, quick, tm
 
 def test_bad_eval_sample_count_is_refused_naming_the_key(tmp_path, monkeypatch):
     bad = tmp_path / "var.yaml"
-    bad.write_text(f"defaults: [{REPO / 'configs/demo/var_quick.yaml'}]\neval: {{num_samples: 45}}\n")
+    bad.write_text(f"defaults: [{REPO / 'configs/demo/smoke_var.yaml'}]\neval: {{num_samples: 45}}\n")
     monkeypatch.setattr(demo, "recipe_path", lambda family, quick: bad)
     with pytest.raises(ValueError, match=r"eval\.num_samples \(45\)"):
         demo.family_config("var", True, None, tmp_path / "var", check_paths=False)

@@ -35,7 +35,8 @@ from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, t
 from dd2dist.teachers.base import ARTeacher, Cond
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIGS = {"var": "configs/experiments/toy_var.yaml", "llamagen": "configs/experiments/toy_llamagen.yaml"}
+DEFAULT_CONFIGS = {"var": "configs/experiments/exact_toy_var.yaml",
+                   "llamagen": "configs/experiments/exact_toy_llamagen.yaml"}
 # Measured on this CPU: the VAR generator reached TV 0.40 in 100 generator steps at width 64 but plateaued near 0.5
 # for 1000+ steps at width 32 (it must re-derive scale 1 from noise through the phi convs); LlamaGen did well at 32.
 FAMILY_WIDTH = {"var": 64, "llamagen": 32}
