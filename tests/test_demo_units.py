@@ -1,14 +1,12 @@
 """Fast checks of the demo's own pieces: recipes, the results record and its tables."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
+from dd2dist.demo import pipeline as demo
 
-import demo  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family", demo.FAMILIES)
