@@ -40,6 +40,9 @@ def main(argv: list[str]) -> int:
     # before torch is imported (by the pipeline): one thread per process, and DeepSpeed on its CPU accelerator
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dd2dist.launch.quiet import quiet_driver
+
+    quiet_driver()  # before anything imports Ray
     from dd2dist.demo.pipeline import FAMILIES, DemoArgs, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

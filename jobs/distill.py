@@ -39,6 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    from dd2dist.launch.quiet import quiet_driver
+
+    quiet_driver()  # before anything imports Ray
     from dd2dist.config import ConfigError, config_from_args
 
     args = parse_args(argv)

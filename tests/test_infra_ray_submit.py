@@ -135,6 +135,14 @@ def test_ray_job_submit_smoke_var_deepspeed(tmp_path: Path) -> None:
         assert "succeeded" in result.stdout.lower()
     finally:
         stop_head(head)
+    # what the user reads: a line per phase from rank 0, not Ray Train's reports or DeepSpeed's FutureWarnings;
+    # those are in each rank's full log
+    printed = result.stdout + result.stderr
+    for phase in ("stage1 head  step 2/2", "stage2 generator  step 6/6", "alignment generator  step 2/2"):
+        assert phase in printed, printed[-6000:]
+    assert "TrainingReport(" not in printed and "FutureWarning" not in printed, printed[-6000:]
+    assert "TrainingReport(" in (output / "logs" / "rank0.log").read_text()
+    assert (output / "logs" / "rank1.log").is_file()
 
     generator = output / "export" / "generator.safetensors"
     assert generator.is_file(), f"no exported generator under {output}: {sorted(p.name for p in output.iterdir())}"

@@ -169,7 +169,7 @@ def toy_config(base_cfg, spec: ToyTeacherSpec, seed: int):
     teacher_cfg = replace(base_cfg.teacher, family=family, official=None, checkpoint=None, tokenizer_checkpoint=None,
                           **({"var": var} if family == "var" else {"llamagen": lg}))
     stage2 = replace(base_cfg.stage2, generator_steps=max(base_cfg.stage2.generator_steps, 1_000_000))
-    tracking = replace(base_cfg.tracking, enabled=False, progress_bar=False,
+    tracking = replace(base_cfg.tracking, enabled=False, progress_every_s=0.0,
                        log_every=max(base_cfg.tracking.log_every, 10**9))
     return replace(base_cfg, seed=seed, teacher=teacher_cfg, stage2=stage2, tracking=tracking,
                    stages=("stage1", "stage2"))

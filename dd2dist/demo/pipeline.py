@@ -322,7 +322,7 @@ def run_family(family: str, args: DemoArgs, plan: DemoPlan, trained_teacher: dic
                               f"{family} digits (rows: classes 0-9)")
     # eval/<sampler>/<metric> at the final iteration, grids, report
     run_id = log_evaluation(cfg, evaluation, step=train["stage2"]["iteration"])
-    tracker = open_run(cfg, progress=False)  # the same run again: the demo's own artefacts, then FINISHED
+    tracker = open_run(cfg)  # the same run again: the demo's own artefacts, then FINISHED
     mlflow_info = {"run_id": run_id, "tracking_uri": tracker.tracking_uri if tracker else None,
                    "experiment": cfg.tracking.experiment}
     seconds = time.perf_counter() - t_start + own_teacher_seconds

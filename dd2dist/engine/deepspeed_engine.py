@@ -70,6 +70,14 @@ def ensure_distributed(backend: str | None = None) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from dd2dist.launch.quiet import prints_to_log
+
+    # DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" when it loads its CPU collectives
+    with prints_to_log("deepspeed"):
+        _init_distributed(deepspeed, dist, backend)
+
+
+def _init_distributed(deepspeed, dist, backend: str | None) -> None:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
