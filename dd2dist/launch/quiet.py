@@ -63,7 +63,7 @@ QUIET_EMBEDDED_LOGGERS = {
 }
 
 # Ray Train's own INFO lines (worker group start, process group, "Checkpoint successfully created") go to Ray's
-# session log files only: ray.train.RunConfig(logging_config=...) of every launch.
+# own log files only: ray.train.RunConfig(logging_config=...) of every launch.
 RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 PROGRESS_LOGGER = "dd2dist.progress"
@@ -156,7 +156,7 @@ def rank_logs(output_dir: str | os.PathLike, rank: int) -> Path:
     WARNING or above, tagged with the rank (stderr).
 
     Ray Train sends ``print`` and its own records (e.g. each ``TrainingReport``) to the root and ``ray.train``
-    loggers at INFO; their console handlers are replaced here, Ray's session log files are left as they are.
+    loggers at INFO; their console handlers are replaced here, Ray's own log files are left as they are.
     Python warnings are routed through logging so that they reach the rank's file too."""
     quiet_warnings()
     quiet_loggers(embedded=False)
@@ -194,7 +194,7 @@ def ray_log_dir() -> str | None:
     try:
         import ray
 
-        node = ray._private.worker._global_node  # no public accessor for the session directory
+        node = ray._private.worker._global_node  # no public accessor for Ray's log directory
         return node.get_logs_dir_path() if node is not None else None
     except Exception:  # noqa: BLE001 - only informational
         return None
