@@ -24,7 +24,6 @@ import json
 import math
 import os
 import resource
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,7 +88,6 @@ class MLflowLogger:
         run_id: an existing run to continue (resume); None creates a new run.
         params: flattened config to record (only when the run is new).
         tags: initial tags.
-        progress_total: show a tqdm bar over this many steps (None = no bar).
         add_memory: add peak-memory metrics to every ``log_metrics`` call.
     """
 
@@ -103,7 +101,6 @@ class MLflowLogger:
         run_id: str | None = None,
         params: Mapping[str, str] | None = None,
         tags: Mapping[str, str] | None = None,
-        progress_total: int | None = None,
         add_memory: bool = True,
     ):
         from mlflow.tracking import MlflowClient
@@ -132,11 +129,6 @@ class MLflowLogger:
                 self.set_tags(tags)
         self._last_step: dict[str, int] = {}
         self.add_memory = add_memory
-        self._bar = None
-        if progress_total is not None:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=progress_total, desc=run_name, unit="it", file=sys.stderr, dynamic_ncols=True)
 
     # ---- MetricsLogger ------------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -159,11 +151,6 @@ class MLflowLogger:
             self._last_step[key] = step
         for start in range(0, len(batch), 900):  # MLflow's batch limit is 1000 metrics
             self.client.log_batch(self.run_id, metrics=batch[start:start + 900], synchronous=True)
-        if self._bar is not None and step > self._bar.n:
-            self._bar.update(step - self._bar.n)
-            shown = {k: v for k, v in values.items() if k.endswith("loss")}
-            if shown:
-                self._bar.set_postfix({k.split("/")[0]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload a file (sample grid PNG, exported generator, report) to the run."""
@@ -179,10 +166,7 @@ class MLflowLogger:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, _metric_key(key)))
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the run (FINISHED / FAILED / KILLED) and the progress bar."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """End the run (FINISHED / FAILED / KILLED)."""
         self.client.set_terminated(self.run_id, status=status)
 
     def _log_params(self, params: Mapping[str, str]) -> None:
@@ -207,7 +191,7 @@ def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
-def open_run(cfg, *, run_id: str | None = None, progress: bool | None = None, total: int | None = None):
+def open_run(cfg, *, run_id: str | None = None):
     """The rank-0 logger of a run described by ``cfg`` (ExperimentConfig), or None when tracking is off.
 
     ``run_id`` continues that run; otherwise the id stored in ``<output>/mlflow_run.json`` is continued when it
@@ -224,18 +208,17 @@ def open_run(cfg, *, run_id: str | None = None, progress: bool | None = None, to
             run_id = stored.get("run_id")
     teacher = cfg.teacher.official or f"{cfg.teacher.family}(own)"
     tags = {"teacher": teacher, "run_name": cfg.name, "stages": ",".join(cfg.stages)}
-    show_bar = cfg.tracking.progress_bar if progress is None else progress
     logger = None
     if run_id is not None:
         try:
             logger = MLflowLogger(uri, cfg.tracking.experiment, cfg.name, artifact_root=artifact_root, run_id=run_id,
-                                  tags=tags, progress_total=total if show_bar else None)
+                                  tags=tags)
         except Exception as err:  # the stored run was deleted or belongs to another store: start a new one
             if "RESOURCE_DOES_NOT_EXIST" not in str(err) and "not found" not in str(err).lower():
                 raise
     if logger is None:
         logger = MLflowLogger(uri, cfg.tracking.experiment, cfg.name, artifact_root=artifact_root,
-                              params=flatten_config(cfg), tags=tags, progress_total=total if show_bar else None)
+                              params=flatten_config(cfg), tags=tags)
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": uri}))
     return logger

@@ -203,7 +203,7 @@ def run_stage0(cfg, output: str, device: torch.device) -> dict:
     ce_original = cross_entropy(teacher, eval_batches)
     ce_regressed = cross_entropy(adapted, eval_batches)
 
-    logger = open_run(cfg, total=s0.finetune_steps)
+    logger = open_run(cfg)
     losses = finetune_ar(adapted, train_iter, steps=s0.finetune_steps, lr=s0.lr, betas=tuple(s0.betas),
                          weight_decay=s0.weight_decay, grad_clip=s0.grad_clip, cond_drop_prob=s0.cond_drop_prob,
                          generator=torch.Generator().manual_seed(cfg.seed + 2))

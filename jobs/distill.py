@@ -1,7 +1,7 @@
 """Distil an AR teacher into a one-step generator on Ray Train + DeepSpeed (thin: parse -> validate -> launch).
 
-    python jobs/distill.py --config configs/experiments/tiny_cpu.yaml [--set KEY=VALUE ...] [--output DIR]
-    python jobs/distill.py --config configs/experiments/tiny_cpu.yaml --dry-run     # build all, 1 step, exit
+    python jobs/distill.py --config configs/experiments/smoke_var_deepspeed.yaml [--set KEY=VALUE ...] [--output DIR]
+    python jobs/distill.py --config configs/experiments/smoke_var_deepspeed.yaml --dry-run     # build all, 1 step, exit
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py --config ...
 
 With no RAY_ADDRESS an embedded local Ray is started. Rerunning with the same name (and output) resumes from the
@@ -39,6 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    from dd2dist.launch.quiet import quiet_driver
+
+    quiet_driver()  # before anything imports Ray
     from dd2dist.config import ConfigError, config_from_args
 
     args = parse_args(argv)

@@ -1,7 +1,7 @@
 """Train (or reuse) a small class-conditional teacher on scikit-learn's digits: VQ tokenizer + AR transformer.
 
-    python jobs/train_teacher.py --config configs/digits/var.yaml      --out runs/teachers
-    python jobs/train_teacher.py --config configs/digits/llamagen.yaml --out runs/teachers --quick
+    python jobs/train_teacher.py --config configs/teachers/digits_var.yaml      --out runs/teachers
+    python jobs/train_teacher.py --config configs/teachers/digits_llamagen.yaml --out runs/teachers --quick
 
 Writes ``<out>/teacher-<key>.pt`` (loadable as ``teacher.checkpoint``), ``.json`` (quality report) and ``.yaml``
 (the config with ``teacher.checkpoint`` set: pass it as ``--config`` to the distillation jobs). ``<key>`` hashes

@@ -53,19 +53,20 @@ def precompute_shards(config: str, out: Path, overrides=(), samples: int = 16, s
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
-    """Teacher-token shards of the tiny_cpu recipe's teacher and of the tiny_llamagen recipe's (another teacher)."""
+    """Teacher-token shards of the smoke_var_deepspeed recipe's teacher and of the smoke_llamagen_torch recipe's
+    (another teacher)."""
     root = tmp_path_factory.mktemp("shards")
     experiments = ROOT / "configs" / "experiments"
-    return {"tiny_cpu": precompute_shards(str(experiments / "tiny_cpu.yaml"), root / "tiny_cpu", samples=48),
-            "tiny_llamagen": precompute_shards(str(experiments / "tiny_llamagen.yaml"), root / "tiny_llamagen")}
+    return {name: precompute_shards(str(experiments / f"{name}.yaml"), root / name, **extra)
+            for name, extra in (("smoke_var_deepspeed", {"samples": 48}), ("smoke_llamagen_torch", {}))}
 
 
-TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
-TINY_TOTAL = 32  # iterations of the tiny_cpu schedule
+TINY = str(ROOT / "configs" / "experiments" / "smoke_var_deepspeed.yaml")
+TINY_TOTAL = 32  # iterations of the smoke_var_deepspeed schedule
 
 
 def tiny_config(tmp: Path, name: str, *extra: str):
-    """The tiny_cpu recipe as the Ray tests run it: its own name and output directory under ``tmp``."""
+    """The smoke_var_deepspeed recipe as the Ray tests run it: its own name and output directory under ``tmp``."""
     from dd2dist.config import load_config
 
     return load_config(TINY, [f"name={name}", f"output_dir={tmp / 'runs' / name}", "tracking.log_every=2", *extra])
@@ -79,7 +80,8 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_uninterrupted(tmp_path_factory, ray_session):
-    """One uninterrupted tiny_cpu run on Ray Train (2 DeepSpeed workers): the reference of the resume tests."""
+    """One uninterrupted smoke_var_deepspeed run on Ray Train (2 DeepSpeed workers): the reference of the resume
+    tests."""
     from safetensors.torch import load_file
 
     from dd2dist.launch.ray_train import launch

@@ -23,6 +23,7 @@ from dd2dist.config import (
     parse_override,
     to_yaml,
 )
+from dd2dist.config.loader import RENAMED_CONFIGS
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
 from dd2dist.teachers.base import Sampling
 
@@ -367,3 +368,19 @@ def test_repo_teacher_files_include_as_plain_paths(path, tmp_path):
     exp = _write(tmp_path / "exp.yaml", f"defaults: [{REPO / 'configs' / 'teachers' / path}]\nseed: 4\n")
     cfg = load_config(exp, check_paths=False)
     assert cfg == load_config(REPO / "configs" / "teachers" / path, ["seed=4"], check_paths=False)
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED_CONFIGS))
+def test_renamed_preset_fails_naming_its_new_path(old, monkeypatch):
+    monkeypatch.chdir(REPO)
+    new = RENAMED_CONFIGS[old]
+    assert (REPO / new).is_file() and not (REPO / old).exists()
+    err = _raises(load_config, old)
+    assert "config file not found" in err.message and f"use {REPO / new}" in err.message
+    assert f"use {REPO / new}" in _raises(load_config, REPO / old).message
+
+
+def test_include_of_a_renamed_preset_names_its_new_path(tmp_path):
+    exp = _write(tmp_path / "exp.yaml", f"defaults: [{REPO / 'configs' / 'digits' / 'var.yaml'}]\n")
+    err = _raises(load_config, exp)
+    assert err.key == "defaults" and str(REPO / "configs/teachers/digits_var.yaml") in err.message

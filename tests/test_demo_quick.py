@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -29,7 +28,7 @@ def quick_demo(tmp_path_factory):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     results = json.loads((out / "results.json").read_text())
-    return out, results, proc.stdout
+    return out, results, proc.stdout + proc.stderr  # what a user of the demo reads
 
 
 def _finite(x) -> bool:
@@ -87,7 +86,7 @@ def test_results_hold_every_required_number_in_range(quick_demo):
 def test_artefacts_exist_and_load(quick_demo):
     from dd2dist.eval.sampling import load_generator
 
-    out, results, stdout = quick_demo
+    out, results, printed = quick_demo
     for family in ("var", "llamagen"):
         r = results[family]
         export = Path(r["export"])
@@ -98,9 +97,18 @@ def test_artefacts_exist_and_load(quick_demo):
         assert Path(r["grid"]).is_file() and Path(r["grid"]).stat().st_size > 1000
         manifest = json.loads((Path(r["token_shards"]["dir"]) / "manifest.json").read_text())
         assert manifest["complete"] and manifest["num_samples"] == r["token_shards"]["num_samples"] > 0
-        assert r["mlflow"]["run_id"] in stdout  # the printed table names the run
+        assert r["mlflow"]["run_id"] in printed  # the printed table names the run
+        assert "TrainingReport(" in (out / family / "logs" / "rank0.log").read_text()  # the full log of rank 0
     assert Path(results["settings"]["loss_curves"]).is_file()
     assert (out / "results.md").read_text().count("| var |") >= 8
+
+
+def test_output_is_progress_not_ray_reports_or_dependency_warnings(quick_demo):
+    _, _, printed = quick_demo
+    assert printed.count("stage2 generator  step 3/3") == 2, printed[-6000:]  # rank 0 of each family's launch
+    for noise in ("TrainingReport(", "FutureWarning", "No CUDA runtime is found", "(RayTrainWorker pid=",
+                  "Ray deduplicates logs"):
+        assert noise not in printed, noise
 
 
 def test_mlflow_run_holds_training_and_evaluation(quick_demo):

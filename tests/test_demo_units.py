@@ -1,14 +1,12 @@
 """Fast checks of the demo's own pieces: recipes, the results record and its tables."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
+from dd2dist.demo import pipeline as demo
 
-import demo  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family", demo.FAMILIES)
@@ -30,7 +28,7 @@ def test_recipes_load_as_two_deepspeed_workers_with_demo_paths(family, quick, tm
 
 def test_bad_eval_sample_count_is_refused_naming_the_key(tmp_path, monkeypatch):
     bad = tmp_path / "var.yaml"
-    bad.write_text(f"defaults: [{REPO / 'configs/demo/var_quick.yaml'}]\neval: {{num_samples: 45}}\n")
+    bad.write_text(f"defaults: [{REPO / 'configs/demo/smoke_var.yaml'}]\neval: {{num_samples: 45}}\n")
     monkeypatch.setattr(demo, "recipe_path", lambda family, quick: bad)
     with pytest.raises(ValueError, match=r"eval\.num_samples \(45\)"):
         demo.family_config("var", True, None, tmp_path / "var", check_paths=False)

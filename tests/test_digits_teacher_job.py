@@ -31,8 +31,8 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("teachers")
     os.environ["DD2DIST_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     job = _job()
-    assert job.main(["--config", str(REPO / "configs/digits/var.yaml"), "--out", str(out), "--quick"]) == 0
-    assert job.main(["--config", str(REPO / "configs/digits/llamagen.yaml"), "--out", str(out), "--quick",
+    assert job.main(["--config", str(REPO / "configs/teachers/digits_var.yaml"), "--out", str(out), "--quick"]) == 0
+    assert job.main(["--config", str(REPO / "configs/teachers/digits_llamagen.yaml"), "--out", str(out), "--quick",
                      "--no-eval"]) == 0
     reports = {json.loads(p.read_text())["family"]: json.loads(p.read_text()) for p in out.glob("teacher-*.json")}
     return job, out, reports
@@ -50,7 +50,7 @@ def test_both_families_write_checkpoint_report_and_config(runs):
     q = reports["var"]["quality"]
     assert 0.0 <= q["teacher"]["class_consistency"] <= 1.0 and q["teacher"]["fid"] > 0
     assert q["teacher"]["num_generated"] == 10 * QUICK.eval_per_class
-    assert q["teacher"]["sampling"]["cfg"] == 0.5  # configs/digits/var.yaml's sampling is recorded
+    assert q["teacher"]["sampling"]["cfg"] == 0.5  # configs/teachers/digits_var.yaml's sampling is recorded
     assert "quality" not in reports["llamagen"]
 
 
@@ -71,7 +71,7 @@ def test_second_run_reuses_the_checkpoint(runs):
     ckpt = Path(reports["var"]["checkpoint"])
     mtime = ckpt.stat().st_mtime_ns
     t0 = time.perf_counter()
-    assert job.main(["--config", str(REPO / "configs/digits/var.yaml"), "--out", str(out), "--quick"]) == 0
+    assert job.main(["--config", str(REPO / "configs/teachers/digits_var.yaml"), "--out", str(out), "--quick"]) == 0
     assert time.perf_counter() - t0 < 15
     assert ckpt.stat().st_mtime_ns == mtime and len(list(out.glob("teacher-*.pt"))) == 2
 
@@ -80,7 +80,7 @@ def test_a_new_sampling_setting_reuses_the_weights_and_re_evaluates(runs):
     job, out, reports = runs
     ckpt = Path(reports["var"]["checkpoint"])
     mtime = ckpt.stat().st_mtime_ns
-    assert job.main(["--config", str(REPO / "configs/digits/var.yaml"), "--out", str(out), "--quick",
+    assert job.main(["--config", str(REPO / "configs/teachers/digits_var.yaml"), "--out", str(out), "--quick",
                      "--set", "teacher.sampling.cfg=0.0"]) == 0
     assert ckpt.stat().st_mtime_ns == mtime
     report = json.loads(ckpt.with_suffix(".json").read_text())
@@ -89,22 +89,23 @@ def test_a_new_sampling_setting_reuses_the_weights_and_re_evaluates(runs):
 
 
 def test_cache_key_follows_weights_not_paths():
-    cfg = load_config(REPO / "configs/digits/var.yaml")
+    cfg = load_config(REPO / "configs/teachers/digits_var.yaml")
     key = cache_key(cfg, QUICK)
     assert cache_key(replace(cfg, name="other", output_dir="/tmp/elsewhere"), QUICK) == key
     assert cache_key(replace(cfg, seed=1), QUICK) != key
     assert cache_key(cfg, replace(QUICK, ar_epochs=2)) != key
-    deeper = load_config(REPO / "configs/digits/var.yaml", ["teacher.var.depth=2"])
+    deeper = load_config(REPO / "configs/teachers/digits_var.yaml", ["teacher.var.depth=2"])
     assert cache_key(deeper, QUICK) != key
     # sampling, dtype and the evaluation size do not change the weights
-    other = load_config(REPO / "configs/digits/var.yaml", ["teacher.sampling.cfg=3.0", "teacher.dtype=bfloat16"])
+    other = load_config(REPO / "configs/teachers/digits_var.yaml",
+                        ["teacher.sampling.cfg=3.0", "teacher.dtype=bfloat16"])
     assert cache_key(other, replace(QUICK, eval_per_class=9)) == key
 
 
 def test_refuses_official_and_wrong_class_count(tmp_path):
     from dd2dist.digits.teacher_job import train_digits_teacher
 
-    cfg = load_config(REPO / "configs/digits/var.yaml", ["teacher.var.num_classes=5"])
+    cfg = load_config(REPO / "configs/teachers/digits_var.yaml", ["teacher.var.num_classes=5"])
     with pytest.raises(ValueError, match="num_classes must be 10"):
         train_digits_teacher(cfg, tmp_path, QUICK)
     official = load_config(None, ["teacher.official=var_d16"], check_paths=False)

@@ -14,7 +14,8 @@ from dd2dist.teachers import build_teacher
 from dd2dist.teachers.base import Cond
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"var": ROOT / "configs/experiments/tiny_var.yaml", "llamagen": ROOT / "configs/experiments/tiny_llamagen.yaml"}
+TINY = {"var": ROOT / "configs/experiments/smoke_var_torch.yaml",
+        "llamagen": ROOT / "configs/experiments/smoke_llamagen_torch.yaml"}
 
 
 @pytest.mark.parametrize("family,noise_input", [("var", "none"), ("llamagen", "none"), ("llamagen", "mlp")])

@@ -1,7 +1,7 @@
-"""The tiny_cpu recipe (stage 1 head-only + full, stage 2, performance alignment) with ZeRO-3 generator, guidance and
-stage-1 student, on 2 gloo ranks (the Trainer on DeepSpeed engines, without Ray): stopped after stage 1 and in
-stage 2, resumed from its checkpoints each time, it ends with the same generator, EMA generator and guidance as an
-uninterrupted ZeRO-0 run; each rank holds half of each trainable net; the stage-1 checkpoint consolidates with
+"""The smoke_var_deepspeed recipe (stage 1 head-only + full, stage 2, performance alignment) with ZeRO-3 generator,
+guidance and stage-1 student, on 2 gloo ranks (the Trainer on DeepSpeed engines, without Ray): stopped after stage 1
+and in stage 2, resumed from its checkpoints each time, it ends with the same generator, EMA generator and guidance
+as an uninterrupted ZeRO-0 run; each rank holds half of each trainable net; the stage-1 checkpoint consolidates with
 zero_to_fp32 (what dd2dist.eval reads) to the trainer's own consolidated student.
 """
 
@@ -18,7 +18,7 @@ from dd2dist.launch.local_ranks import run_ranks
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+TINY = str(ROOT / "configs" / "experiments" / "smoke_var_deepspeed.yaml")
 STAGE1_END = 6  # head-only 2 + full 4 iterations
 STOP_IN_STAGE2 = 14
 
@@ -90,7 +90,7 @@ def _assert_close(a: dict, b: dict, atol: float, what: str) -> None:
                                    msg=lambda m, k=key: f"{what} {k}: {m}")
 
 
-def test_tiny_cpu_with_zero3_students_resumes_and_equals_zero0(tmp_path):
+def test_smoke_var_deepspeed_with_zero3_students_resumes_and_equals_zero0(tmp_path):
     per_rank = run_ranks(_worker, 2, str(tmp_path), timeout=240)
     for rank, out in enumerate(per_rank):
         z0, z3 = out[0], out[3]

@@ -37,7 +37,7 @@ def run(tmp_path_factory):
         student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
         stage1=Stage1Config(head_only_steps=0, steps=2, batch_size=4),
         stage2=Stage2Config(generator_steps=2, guidance_per_generator=1, fcs_samples=1, batch_size=4),
-        tracking=TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", progress_bar=False),
+        tracking=TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", progress_every_s=0.0),
         eval=EvalConfig(num_samples=20, batch_size=10, refine_steps=(2,)),
     )
     import os

@@ -79,7 +79,7 @@ def test_gpu_overlay_shape(rendered: dict) -> None:
         assert container["image"] == f"dd2dist:{project_version()}-cuda{cuda.group(1)}"
     job = one(rendered["gpu-8x"], "RayJob")
     assert "--config configs/experiments/" in job["spec"]["entrypoint"]
-    assert "tiny_cpu" not in job["spec"]["entrypoint"]
+    assert "smoke_var_deepspeed" not in job["spec"]["entrypoint"]
 
 
 def test_cpu_overlay_shape(rendered: dict) -> None:
@@ -90,7 +90,7 @@ def test_cpu_overlay_shape(rendered: dict) -> None:
         assert container["image"] == f"dd2dist:{project_version()}-cpu"
     job = one(rendered["cpu-smoke"], "RayJob")
     assert job["spec"]["entrypoint"].startswith(
-        "python jobs/distill.py --config configs/experiments/tiny_cpu.yaml --output /mnt/dd2dist/"
+        "python jobs/distill.py --config configs/experiments/smoke_var_deepspeed.yaml --output /mnt/dd2dist/"
     )
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     assert "working_dir: /workspace/dd2dist" in job["spec"]["runtimeEnvYAML"]

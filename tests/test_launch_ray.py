@@ -1,4 +1,4 @@
-"""Reliability of the Ray Train launch on CPU with 2 workers (tiny_cpu recipe, one Ray for the session):
+"""Reliability of the Ray Train launch on CPU with 2 workers (smoke_var_deepspeed recipe, one Ray for the session):
 
 * exact resume: stop at N, rerun with the same name to 2N == an uninterrupted 2N-step run (rel 1e-5);
 * a worker SIGKILLed mid-run: the worker group restarts from the last checkpoint by itself, finishes with the
@@ -22,7 +22,7 @@ from dd2dist.launch.ray_train import WORKERS_DIR, checkpoint_root, launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOTAL = 32  # iterations of the tiny_cpu schedule
+TOTAL = 32  # iterations of the smoke_var_deepspeed schedule
 HALF = 16
 
 

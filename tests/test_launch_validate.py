@@ -13,7 +13,7 @@ from dd2dist.launch.validate import validate_run
 from dd2dist.teachers import build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+TINY = str(ROOT / "configs" / "experiments" / "smoke_var_deepspeed.yaml")
 
 
 def _distill():
@@ -41,7 +41,7 @@ def _run(argv, capsys, monkeypatch) -> tuple[int, str]:
     return code, err
 
 
-def test_tiny_cpu_recipe_validates():
+def test_smoke_var_deepspeed_recipe_validates():
     cfg = load_config(TINY)
     validate_run(cfg)
     assert cfg.launch.num_workers == 2 and cfg.engine.kind == "deepspeed"
@@ -123,7 +123,7 @@ def test_teacher_modules_import_first_inside_the_meta_block_of_validation():
 
 # ---- teacher-token shards checked before launch -----------------------------------------------------------------
 
-LLAMAGEN = str(ROOT / "configs" / "experiments" / "tiny_llamagen.yaml")
+LLAMAGEN = str(ROOT / "configs" / "experiments" / "smoke_llamagen_torch.yaml")
 
 
 @pytest.fixture
@@ -139,8 +139,8 @@ def _shards_argv(tmp_path, shards, *extra):
 def test_another_teachers_shards_are_refused_before_any_worker(tmp_path, shard_sets, capsys, monkeypatch):
     from dd2dist.data import teacher_id
 
-    code, err = _run(_shards_argv(tmp_path, shard_sets["tiny_llamagen"]), capsys, monkeypatch)
-    first = sorted(shard_sets["tiny_llamagen"].glob("*.tar"))[0]
+    code, err = _run(_shards_argv(tmp_path, shard_sets["smoke_llamagen_torch"]), capsys, monkeypatch)
+    first = sorted(shard_sets["smoke_llamagen_torch"].glob("*.tar"))[0]
     assert code == 2 and err.count("\n") == 1, err  # one message
     assert f"data.shards: shard {first} (sample s000000000) holds another token layout" in err
     assert "llamagen raster:4x4, 16 tokens/sample, vocab 64, 10 classes" in err  # found
@@ -151,7 +151,7 @@ def test_another_teachers_shards_are_refused_before_any_worker(tmp_path, shard_s
 
 def test_same_layout_other_teacher_is_refused_by_fingerprint(tmp_path, shard_sets, capsys, monkeypatch):
     # seed 1: the random-init teacher (no checkpoint) is another teacher with the same architecture
-    code, err = _run(_shards_argv(tmp_path, shard_sets["tiny_cpu"], "--set", "seed=1"), capsys, monkeypatch)
+    code, err = _run(_shards_argv(tmp_path, shard_sets["smoke_var_deepspeed"], "--set", "seed=1"), capsys, monkeypatch)
     assert code == 2 and "was made by teacher var-own-" in err and "this run's teacher is var-own-" in err
     assert "same layout: var var:1,2,4, 21 tokens/sample" in err
 
@@ -160,8 +160,8 @@ def test_a_foreign_shard_in_a_mixed_set_is_named(tmp_path, shard_sets):
     import shutil
 
     mixed = tmp_path / "mixed"
-    shutil.copytree(shard_sets["tiny_cpu"], mixed)
-    foreign = sorted(shard_sets["tiny_llamagen"].glob("*.tar"))[-1]
+    shutil.copytree(shard_sets["smoke_var_deepspeed"], mixed)
+    foreign = sorted(shard_sets["smoke_llamagen_torch"].glob("*.tar"))[-1]
     shutil.copy(foreign, mixed / "zz-foreign.tar")
     with pytest.raises(ConfigError, match=f"shard {mixed / 'zz-foreign.tar'} .*another token layout") as info:
         validate_run(load_config(TINY, ["data.source=shards", f"data.shards={mixed}"]))
@@ -174,7 +174,7 @@ def test_matching_shards_pass_and_a_damaged_one_is_left_to_the_stream(tmp_path, 
     from dd2dist.launch.validate import validate_data
 
     copy = tmp_path / "own"
-    shutil.copytree(shard_sets["tiny_cpu"], copy)
+    shutil.copytree(shard_sets["smoke_var_deepspeed"], copy)
     cfg = load_config(TINY, ["data.source=shards", f"data.shards={copy}"])
     assert validate_data(cfg) == {"shards": 6, "checked": 6, "unreadable": [], "warnings": []}
     damaged = sorted(copy.glob("*.tar"))[0]
@@ -192,7 +192,7 @@ def test_precompute_manifest_of_another_teacher_is_refused(tmp_path, shard_sets)
     import shutil
 
     copy = tmp_path / "own"
-    shutil.copytree(shard_sets["tiny_cpu"], copy)
+    shutil.copytree(shard_sets["smoke_var_deepspeed"], copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "teacher_id": "var-own-000000000000"}))
     with pytest.raises(ConfigError, match=r"manifest.json says these shards were made by teacher var-own-000000000000"):

@@ -1,4 +1,5 @@
-"""Run safety of the Ray Train launch, tiny_cpu recipe, 2 DeepSpeed workers, run as a user runs it (jobs/distill.py):
+"""Run safety of the Ray Train launch, smoke_var_deepspeed recipe, 2 DeepSpeed workers, run as a user runs it
+(jobs/distill.py):
 
 * two runs on one output directory: the second refuses at once naming the first (exit 3, Ray never started);
   SIGTERM on the first run's driver, a real ``python jobs/distill.py`` process, stops it with a checkpoint
@@ -35,7 +36,7 @@ from dd2dist.train import manifest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+TINY = str(ROOT / "configs" / "experiments" / "smoke_var_deepspeed.yaml")
 TOTAL = 32
 
 

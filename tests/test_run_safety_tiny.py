@@ -1,8 +1,8 @@
 """A damaged newest checkpoint of the tiny recipe, one part at a time: resume skips it, names the file, falls back
 to the previous checkpoint and ends exactly where an uninterrupted run does.
 
-The tiny_cpu recipe (stages, model sizes, schedule) with its stage 1 read from real teacher-token shards (so the
-checkpoint holds a data-stream position), run in this process on the plain-torch engine; the same checks on
+The smoke_var_deepspeed recipe (stages, model sizes, schedule) with its stage 1 read from real teacher-token shards
+(so the checkpoint holds a data-stream position), run in this process on the plain-torch engine; the same checks on
 DeepSpeed checkpoints written by Ray Train workers are in tests/test_run_safety_ray.py.
 """
 
@@ -21,7 +21,7 @@ from dd2dist.teachers import build_teacher
 from dd2dist.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+TINY = str(ROOT / "configs" / "experiments" / "smoke_var_deepspeed.yaml")
 TOTAL = 32
 # one file of each part of a stage-2 checkpoint
 PARTS = {"engine state": "engines/generator/module.pt", "EMA": "ema/rank0.pt", "RNG": "rng/rank0.pt",
@@ -46,7 +46,7 @@ def _state(tr: Trainer) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_shards):
-    shards = tiny_shards["tiny_cpu"]
+    shards = tiny_shards["smoke_var_deepspeed"]
     reference = _trainer(shards)
     reference.fit()
     assert reference.done and reference.state.iteration == TOTAL

@@ -23,7 +23,7 @@ from dd2dist.teachers import build_teacher
 from dd2dist.teachers.base import Cond
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "experiments" / "llamagen_stage0_tiny.yaml"
+TINY = REPO / "configs" / "experiments" / "smoke_llamagen_stage0.yaml"
 FULL = REPO / "configs" / "experiments" / "llamagen_stage0.yaml"
 
 
@@ -132,7 +132,7 @@ def test_adapted_checkpoint_loads_through_the_teacher_yaml(shard_run, tmp_path):
 def test_adapted_checkpoint_loads_with_the_printed_overrides(shard_run):
     _, report, _ = shard_run
     overrides = [o.removeprefix("--set ") for o in report["distill_overrides"]]
-    cfg = load_config(REPO / "configs" / "experiments" / "tiny_llamagen.yaml", overrides)
+    cfg = load_config(REPO / "configs" / "experiments" / "smoke_llamagen_torch.yaml", overrides)
     from dd2dist.launch.validate import validate_teacher_checkpoint
 
     validate_teacher_checkpoint(cfg.teacher)  # shapes checked on the meta device, as distill.py does
@@ -152,7 +152,7 @@ def test_online_mode_fine_tunes_on_teacher_samples(tmp_path):
 @pytest.mark.parametrize(
     "config, overrides, key",
     [
-        (REPO / "configs" / "experiments" / "tiny_var.yaml", [], "teacher.family"),
+        (REPO / "configs" / "experiments" / "smoke_var_torch.yaml", [], "teacher.family"),
         (FULL, [], "teacher.checkpoint"),
         (TINY, ["teacher.llamagen.input_adapter=mlp"], "teacher.llamagen.input_adapter"),
         (TINY, ["teacher.llamagen.num_classes=0", "teacher.llamagen.cls_token_num=5",

@@ -14,7 +14,7 @@ from dd2dist.tracking import RUN_FILE, MLflowLogger, flatten_config, local_store
 @pytest.fixture()
 def cfg(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return load_config(None, [f"output_dir={tmp_path / 'runs' / 'trk'}", "name=trk", "tracking.progress_bar=false"])
+    return load_config(None, [f"output_dir={tmp_path / 'runs' / 'trk'}", "name=trk"])
 
 
 def test_store_resolution(tmp_path, monkeypatch, cfg):
@@ -38,7 +38,7 @@ def test_flatten_config_covers_every_leaf(cfg):
 
 
 def test_run_params_metrics_artifacts_and_resume_without_duplicates(cfg, tmp_path):
-    logger = open_run(cfg, total=None)
+    logger = open_run(cfg)
     run_id = logger.run_id
     stored = json.loads((tmp_path / "runs" / "trk" / RUN_FILE).read_text())
     assert stored["run_id"] == run_id
@@ -58,7 +58,7 @@ def test_run_params_metrics_artifacts_and_resume_without_duplicates(cfg, tmp_pat
     assert artifacts == ["samples/grid.png"]
     # the crash: the job dies after step 30; the last checkpoint was at step 20
 
-    resumed = open_run(cfg, total=None)  # picks the run id up from <output>/mlflow_run.json
+    resumed = open_run(cfg)  # picks the run id up from <output>/mlflow_run.json
     assert resumed.run_id == run_id and resumed.resumed
     for step in (30, 40):  # step 30 is recomputed after the resume (same values): not logged twice
         resumed.log_metrics({"generator/loss": step / 10}, step)
@@ -74,7 +74,7 @@ def test_a_missing_stored_run_starts_a_new_one(cfg, tmp_path):
     path = tmp_path / "runs" / "trk" / RUN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": uri}))
-    logger = open_run(cfg, total=None)
+    logger = open_run(cfg)
     assert logger.run_id != "0" * 32 and not logger.resumed
     assert isinstance(logger, MLflowLogger)
 

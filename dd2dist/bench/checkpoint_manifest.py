@@ -8,10 +8,10 @@ file, writing ``manifest.json``: ``checkpoint/manifest_s``) and a full :func:`dd
 (what a resume pays), as medians. Files were just written, so they are read from the page cache, as they are by
 a resume that follows a save; a resume after a reboot reads them from disk once more.
 
-Recipes: ``tiny_cpu`` and the demo's two (``configs/demo/var.yaml``, ``configs/demo/llamagen.yaml``, whose
-students are the demo's: 1-2 M parameters each). ``--run-dir DIR`` also times ``verify`` on the checkpoints of a
-finished run (e.g. a ``jobs/distill.py`` run of tiny_cpu: DeepSpeed files written by 2 Ray workers) and reports
-the ``checkpoint/*`` metrics its rank 0 logged to MLflow.
+Recipes: ``smoke_var_deepspeed`` and the demo's two (``configs/demo/var.yaml``, ``configs/demo/llamagen.yaml``,
+whose students are the demo's: 1-2 M parameters each). ``--run-dir DIR`` also times ``verify`` on the checkpoints
+of a finished run (e.g. a ``jobs/distill.py`` run of smoke_var_deepspeed: DeepSpeed files written by 2 Ray workers)
+and reports the ``checkpoint/*`` metrics its rank 0 logged to MLflow.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {
-    "tiny_cpu": "configs/experiments/tiny_cpu.yaml",
+    "smoke_var_deepspeed": "configs/experiments/smoke_var_deepspeed.yaml",
     "demo_var": "configs/demo/var.yaml",
     "demo_llamagen": "configs/demo/llamagen.yaml",
 }

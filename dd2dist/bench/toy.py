@@ -35,7 +35,8 @@ from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, t
 from dd2dist.teachers.base import ARTeacher, Cond
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIGS = {"var": "configs/experiments/toy_var.yaml", "llamagen": "configs/experiments/toy_llamagen.yaml"}
+DEFAULT_CONFIGS = {"var": "configs/experiments/exact_toy_var.yaml",
+                   "llamagen": "configs/experiments/exact_toy_llamagen.yaml"}
 # Measured on this CPU: the VAR generator reached TV 0.40 in 100 generator steps at width 64 but plateaued near 0.5
 # for 1000+ steps at width 32 (it must re-derive scale 1 from noise through the phi convs); LlamaGen did well at 32.
 FAMILY_WIDTH = {"var": 64, "llamagen": 32}
@@ -168,7 +169,7 @@ def toy_config(base_cfg, spec: ToyTeacherSpec, seed: int):
     teacher_cfg = replace(base_cfg.teacher, family=family, official=None, checkpoint=None, tokenizer_checkpoint=None,
                           **({"var": var} if family == "var" else {"llamagen": lg}))
     stage2 = replace(base_cfg.stage2, generator_steps=max(base_cfg.stage2.generator_steps, 1_000_000))
-    tracking = replace(base_cfg.tracking, enabled=False, progress_bar=False,
+    tracking = replace(base_cfg.tracking, enabled=False, progress_every_s=0.0,
                        log_every=max(base_cfg.tracking.log_every, 10**9))
     return replace(base_cfg, seed=seed, teacher=teacher_cfg, stage2=stage2, tracking=tracking,
                    stages=("stage1", "stage2"))

@@ -144,7 +144,8 @@ def _bench_config(args, workers: int, teacher_stage: int, train_stage: int):
     ]
     overrides += [f"teacher.var.width={args.width}", f"teacher.var.depth={args.depth}",
                   f"teacher.var.num_heads={max(1, args.width // 32)}"]
-    return load_config(str(ROOT / "configs" / "experiments" / "tiny_cpu.yaml"), overrides + list(args.set or []))
+    return load_config(str(ROOT / "configs" / "experiments" / "smoke_var_deepspeed.yaml"),
+                       overrides + list(args.set or []))
 
 
 def bench_worker(config: dict[str, Any]) -> None:

@@ -34,6 +34,35 @@ from dd2dist.config.typed import ConfigError, deep_merge, field_type, from_dict,
 
 INCLUDE_KEYS = ("defaults", "include")
 
+# Presets renamed so that the name says what each is for (smoke test, exact toy check, teacher architecture).
+# Commands, scripts and recorded results still name the old paths: a path that is gone fails naming its successor.
+RENAMED_CONFIGS = {
+    "configs/experiments/tiny_cpu.yaml": "configs/experiments/smoke_var_deepspeed.yaml",
+    "configs/experiments/tiny_var.yaml": "configs/experiments/smoke_var_torch.yaml",
+    "configs/experiments/tiny_llamagen.yaml": "configs/experiments/smoke_llamagen_torch.yaml",
+    "configs/experiments/llamagen_stage0_tiny.yaml": "configs/experiments/smoke_llamagen_stage0.yaml",
+    "configs/experiments/toy_var.yaml": "configs/experiments/exact_toy_var.yaml",
+    "configs/experiments/toy_llamagen.yaml": "configs/experiments/exact_toy_llamagen.yaml",
+    "configs/demo/var_quick.yaml": "configs/demo/smoke_var.yaml",
+    "configs/demo/llamagen_quick.yaml": "configs/demo/smoke_llamagen.yaml",
+    "configs/digits/var.yaml": "configs/teachers/digits_var.yaml",
+    "configs/digits/llamagen.yaml": "configs/teachers/digits_llamagen.yaml",
+}
+
+
+def renamed_to(path: str | os.PathLike) -> str | None:
+    """The new path of a renamed preset when ``path`` names its old one (absolute or relative), else None."""
+    posix = os.path.normpath(os.path.abspath(os.fspath(path))).replace(os.sep, "/")
+    for old, new in RENAMED_CONFIGS.items():
+        if posix.endswith("/" + old):
+            return posix[: -len(old)] + new
+    return None
+
+
+def _missing(path: str) -> str:
+    new = renamed_to(path)
+    return f" (this preset was renamed: use {new})" if new else ""
+
 # YAML 1.2 floats: PyYAML (YAML 1.1) needs a dot and a signed exponent, so `1e-4` would load as a string.
 _FLOAT_RE = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -120,7 +149,8 @@ def _find_include(entry: str, including_file: str) -> str:
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
     tried = ", ".join(os.path.abspath(c) for c in candidates)
-    raise ConfigError("defaults", f"included file {entry!r} not found (tried {tried})", including_file)
+    hint = next((h for h in map(_missing, candidates) if h), "")
+    raise ConfigError("defaults", f"included file {entry!r} not found (tried {tried}){hint}", including_file)
 
 
 def read_yaml_tree(path: str | os.PathLike, _stack: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -130,7 +160,7 @@ def read_yaml_tree(path: str | os.PathLike, _stack: tuple[str, ...] = ()) -> dic
         chain = " -> ".join(list(_stack) + [path])
         raise ConfigError("defaults", f"include cycle: {chain}", path)
     if not os.path.isfile(path):
-        raise ConfigError("", f"config file not found: {path}")
+        raise ConfigError("", f"config file not found: {path}{_missing(path)}")
     with open(path, encoding="utf-8") as fh:
         data = parse_yaml(fh.read(), path)
     if data is None:

@@ -263,7 +263,9 @@ class TrackingConfig:
     experiment: str = "dd2"  # MLflow experiment name
     log_every: int = _f(10, ge=1)  # optimizer steps between metric logs
     sample_grid_every: int = _f(0, ge=0)  # steps between logged sample grids; 0 = only at the end
-    progress_bar: bool = True  # tqdm bar on rank 0
+    # rank 0's progress (dd2dist.launch.progress): a line per phase every this many seconds and when the phase is
+    # done (a bar instead where stdout is a terminal); 0 = none
+    progress_every_s: float = _f(30.0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,3 @@
-"""The pieces of `make demo` that are not orchestration: how a trained family is evaluated (the teacher-referenced
-fidelity benchmark), how the results are summarised and tabulated, and the figures. ``jobs/demo.py`` runs the
-pipeline and calls these."""
+"""`make demo`: the pipeline (:mod:`dd2dist.demo.pipeline`; ``jobs/demo.py`` is its command line) and what it
+calls: how a trained family is evaluated with the teacher-referenced fidelity benchmark (``evaluation``), how the
+results are summarised and tabulated (``report``), and the figures (``figures``)."""

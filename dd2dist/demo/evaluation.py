@@ -54,7 +54,7 @@ def log_evaluation(cfg, report: dict, step: int) -> str | None:
     MLflow run; returns its id (None when tracking is off)."""
     from dd2dist.tracking import open_run
 
-    tracker = open_run(cfg, progress=False)
+    tracker = open_run(cfg)
     if tracker is None:
         return None
     try:

@@ -1,6 +1,6 @@
 """How the small digits teachers are trained (tokenizer, then AR transformer): one frozen dataclass.
 
-The experiment config (``configs/digits/*.yaml``) holds the teacher ARCHITECTURE and its sampling setting; this
+The experiment config (``configs/teachers/digits_*.yaml``) holds the teacher ARCHITECTURE and its sampling setting; this
 recipe holds the optimisation settings of ``jobs/train_teacher.py``. Both are hashed into the cache key of the
 trained checkpoint.
 """

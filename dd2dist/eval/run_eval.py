@@ -293,7 +293,7 @@ def log_to_mlflow(cfg, report: dict) -> str | None:
     run (continued from ``<run>/mlflow_run.json`` when present); returns the run id (None if tracking is off)."""
     from dd2dist.tracking import open_run
 
-    tracker = open_run(cfg, progress=False)
+    tracker = open_run(cfg)
     if tracker is None:
         return None
     try:

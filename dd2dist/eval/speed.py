@@ -52,14 +52,14 @@ TIMINGS = ("teacher_ar", "teacher_ar_decode", "one_step", "one_step_decode", "te
 def build_benchmark_teacher(model: str) -> tuple[ARTeacher, Sampling]:
     """A randomly initialised teacher of a named geometry and the sampling setting it is timed with.
 
-    ``digits_var`` / ``digits_llamagen``: the architectures of ``configs/digits/*.yaml``; ``var_d16`` /
+    ``digits_var`` / ``digits_llamagen``: the architectures of ``configs/teachers/digits_*.yaml``; ``var_d16`` /
     ``llamagen_l``: the released geometries (docs/teachers.md), CFG on (VAR's ramp 2.0, LlamaGen constant 2.0).
     """
     from dd2dist.config import load_config
     from dd2dist.teachers import OFFICIAL_ARCHS, build_family
 
     if model in ("digits_var", "digits_llamagen"):
-        cfg = load_config(REPO / "configs" / "digits" / f"{model.split('_', 1)[1]}.yaml", check_paths=False)
+        cfg = load_config(REPO / "configs" / "teachers" / f"{model}.yaml", check_paths=False)
         family, arch, sampling = cfg.teacher.family, cfg.teacher.arch, cfg.teacher.sampling
     elif model in OFFICIAL_ARCHS:
         arch = OFFICIAL_ARCHS[model]

@@ -14,16 +14,8 @@ RAY_ENV_DEFAULTS = {
 EMBEDDED_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-# Ray Train's placement-group cleaner polls the state API, which an embedded Ray without a dashboard does not serve:
-# it then logs one warning a second for the whole run (766 lines in a 17-minute demo) while everything works
-QUIET_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-WORKER_SETUP_HOOK = "dd2dist.launch.ray_env.quiet_ray_internals"
-
-
-def quiet_ray_internals() -> None:
-    """Ray worker setup hook of the embedded Ray: silence the warnings listed in ``QUIET_RAY_LOGGERS``."""
-    for name in QUIET_RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+# Every process of an embedded Ray applies the warnings filters and logger levels of dd2dist.launch.quiet.
+WORKER_SETUP_HOOK = "dd2dist.launch.quiet.quiet_process"
 
 
 def apply_ray_env(embedded: bool = True) -> None:
@@ -47,11 +39,16 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 256, addr
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
+    from dd2dist.launch.quiet import EMBEDDED_WORKER_ENV, quiet_loggers
+
+    quiet_loggers(embedded=True)  # before ray.init, which logs the token-authentication notice
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=object_store_mb * 1024 * 1024,
         log_to_driver=True,
-        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
+        logging_level=logging.WARNING,  # not "Started a local Ray instance": ray_train prints where its logs are
+        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK,
+                     "env_vars": {k: os.environ.get(k, v) for k, v in EMBEDDED_WORKER_ENV.items()}},
     )
     return True

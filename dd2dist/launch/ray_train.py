@@ -160,13 +160,17 @@ def train_worker(config: dict[str, Any]) -> None:
     if not cfg.launch.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
+
+    from dd2dist.launch.quiet import rank_logs
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank_logs(cfg.output_dir, rank)  # before torch and DeepSpeed are imported: their import-time messages too
     import torch
 
     from dd2dist.launch.callbacks import PhaseExport, RayReport
     from dd2dist.train import LogMetrics, Trainer
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
     dry_run = bool(config.get("dry_run"))
     if not dry_run:
@@ -178,12 +182,18 @@ def train_worker(config: dict[str, Any]) -> None:
     callbacks = []
     tracker = None
     if rank == 0 and config.get("run_id") and not dry_run:
-        from dd2dist.method.schedule import build_schedule
         from dd2dist.tracking import open_run
 
-        tracker = open_run(cfg, run_id=config["run_id"], total=build_schedule(cfg).total_iterations)
+        tracker = open_run(cfg, run_id=config["run_id"])
         callbacks.append(LogMetrics(tracker))
     root = checkpoint_root(cfg)
+    if rank == 0 and cfg.tracking.progress_every_s > 0 and not dry_run:
+        import logging
+
+        from dd2dist.launch.progress import ProgressReporter
+        from dd2dist.launch.quiet import PROGRESS_LOGGER
+
+        callbacks.append(ProgressReporter(cfg.tracking.progress_every_s, emit=logging.getLogger(PROGRESS_LOGGER).info))
     if cfg.tracking.sample_grid_every and not dry_run:
         from dd2dist.launch.sample_grid import SampleGrid
 
@@ -271,11 +281,12 @@ def _launch(cfg, dry_run: bool, max_iterations: int | None, locks: list) -> dict
     from contextlib import nullcontext
 
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from dd2dist.config import dump_yaml, to_yaml
     from dd2dist.launch.preemption import DriverStop, StopAwareTorchConfig, clear_stop_record, read_stop_record
+    from dd2dist.launch.quiet import LOG_DIR, RAY_TRAIN_LOG_LEVEL, ray_log_dir
     from dd2dist.launch.ray_env import init_local_ray
 
     need_cpus = math.ceil(cfg.launch.num_workers * cfg.launch.cpus_per_worker)
@@ -299,7 +310,7 @@ def _launch(cfg, dry_run: bool, max_iterations: int | None, locks: list) -> dict
             storage, name = cfg.launch.storage_path, cfg.name
             from dd2dist.tracking import open_run
 
-            tracker = open_run(cfg, progress=False)  # creates the run (params, tags) or finds the stored one
+            tracker = open_run(cfg)  # creates the run (params, tags) or finds the stored one
             run_id = tracker.run_id if tracker is not None else None
             stop = DriverStop()
             for lock in locks:  # another run took the directory over: stop without writing anything more
@@ -318,8 +329,12 @@ def _launch(cfg, dry_run: bool, max_iterations: int | None, locks: list) -> dict
                 # Ray's copies only: resume reads Ray's latest and falls back through <output>/checkpoints, which
                 # the trainer prunes (Trainer._checkpoint), so older Ray copies are never needed
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.launch.num_to_keep),
+                logging_config=LoggingConfig(log_level=RAY_TRAIN_LOG_LEVEL),
             ),
         )
+        if not dry_run:
+            print(f"{cfg.name}: {cfg.launch.num_workers} {cfg.engine.kind} workers; each rank's log: "
+                  f"{Path(cfg.output_dir) / LOG_DIR}/rank<N>.log; Ray's logs: {ray_log_dir()}", flush=True)
         start = time.perf_counter()
         with stop if stop is not None else nullcontext():
             result = trainer.fit()
