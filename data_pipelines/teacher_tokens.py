@@ -124,7 +124,7 @@ class TokenSampler:
         """Sample ``blocks`` (labels per block), write the samples whose key is not in ``done``."""
         import torch
 
-        from dd2dist.teachers.base import Cond
+        from dd2dist.conditions import Cond
 
         written, t0 = 0, time.perf_counter()
         prefix = f"tokens-w{self.worker:03d}"

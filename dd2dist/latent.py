@@ -14,15 +14,13 @@ Everything here is pure torch and computed in fp32 (docs/method.md §2-§3). Con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:  # imported for annotations only: teachers import this module
-    from dd2dist.teachers.base import Sampling
+from dd2dist.conditions import Sampling
 
 T_MIN = 0.02  # default floor of t (the score scales like 1/t^2); callers that draw t lower pass their own t_min
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 24  # rows * V per posterior chunk: 64 MiB of fp32 logits

@@ -34,8 +34,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from dd2dist.conditions import Cond, Sampling  # noqa: E402
 from dd2dist.config import ConfigError, add_config_args, config_from_args  # noqa: E402
-from dd2dist.teachers.base import Cond, Sampling  # noqa: E402
 
 CHECKPOINT_NAME = "adapted_teacher.pt"
 TEACHER_YAML = "teacher.yaml"

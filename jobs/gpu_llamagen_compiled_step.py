@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 dev = torch.device("cuda")

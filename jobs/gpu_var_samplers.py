@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.var import VARTeacher
 
 quick = "--quick" in sys.argv

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dd2dist.conditions import Sampling
 from dd2dist.config import (
     ConfigError,
     ExperimentConfig,
@@ -24,7 +25,6 @@ from dd2dist.config import (
     to_yaml,
 )
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
-from dd2dist.teachers.base import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "base.yaml"

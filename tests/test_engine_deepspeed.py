@@ -123,6 +123,7 @@ def _teacher_worker(rank: int, world: int, paths: dict):
 
 
 def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
+    from dd2dist.conditions import Cond
     from dd2dist.config import load_config
     from dd2dist.engine.deepspeed_engine import (
         DeepSpeedEngineFactory,
@@ -131,7 +132,7 @@ def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
         param_bytes_ratio,
     )
     from dd2dist.method.ode_init import teacher_ode_tokens
-    from dd2dist.teachers import Cond, build_teacher
+    from dd2dist.teachers import build_teacher
 
     cfg = load_config(None, list(overrides))
     reference = build_teacher(cfg.teacher)

@@ -155,7 +155,7 @@ def _student_and_teacher(overrides: list[str]):
 
 
 def _batch(teacher, rank: int, step: int):
-    from dd2dist.teachers import Cond
+    from dd2dist.conditions import Cond
 
     g = torch.Generator().manual_seed(100 * step + rank)
     eps = torch.randn(3, teacher.num_tokens, teacher.embed_dim, generator=g)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config import dump_yaml
 from dd2dist.config.schema import (
     EvalConfig,
@@ -21,7 +22,6 @@ from dd2dist.data.identity import build_seeded_teacher
 from dd2dist.digits.data import to_uint8
 from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.eval.run_eval import _generate, balanced_labels, evaluate_run, log_to_mlflow, per_sample_noise
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

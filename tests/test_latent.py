@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dd2dist import latent
-from dd2dist.teachers.base import Sampling
+from dd2dist.conditions import Sampling
 
 
 def _setup(B=2, N=3, V=7, Ce=4, seed=0, filtered=True):

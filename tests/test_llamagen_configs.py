@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config.loader import load_config
 from dd2dist.teachers import build_teacher
 from dd2dist.teachers.arch import OFFICIAL_ARCHS
-from dd2dist.teachers.base import Cond
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "teachers"

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import LlamaGenConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

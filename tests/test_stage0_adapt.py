@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config import load_config
 from dd2dist.data import TokenSample, TokenShardWriter
 from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
 from dd2dist.teachers import build_teacher
-from dd2dist.teachers.base import Cond
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "llamagen_stage0_tiny.yaml"

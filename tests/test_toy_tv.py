@@ -18,7 +18,7 @@ from dd2dist.bench.toy_teacher import (
     toy_codebook,
 )
 from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, tv_floor, tv_per_position
-from dd2dist.teachers.base import Cond, Sampling
+from dd2dist.conditions import Cond, Sampling
 
 
 def test_tv_of_a_distribution_with_itself_is_zero():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config.schema import (
     ExperimentConfig,
     Stage1Config,
@@ -14,7 +15,6 @@ from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.eval import load_generator, one_step, teacher_refined
 from dd2dist.nets import StudentNet
 from dd2dist.teachers import VARConfig, VARVQConfig, build_family
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.train import Trainer
 
 ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dd2dist.conditions import Sampling
 from dd2dist.config.schema import (
     AlignmentConfig,
     DataConfig,
@@ -18,7 +19,6 @@ from dd2dist.config.schema import (
 )
 from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.teachers import VARConfig, VARVQConfig, build_family
-from dd2dist.teachers.base import Sampling
 from dd2dist.train import JsonlLogger, Trainer
 from dd2dist.train.checkpoint import latest_checkpoint
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.var import VARTeacher, VARTransformer
 
 CFG_ON = Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=20, top_p=0.9)

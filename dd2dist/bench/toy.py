@@ -32,7 +32,8 @@ from torch import Tensor
 
 from dd2dist.bench.toy_teacher import ToyTeacherSpec, build_toy_teacher, teacher_arch
 from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, tv_floor, tv_per_position
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.conditions import Cond
+from dd2dist.teachers.base import ARTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = {"var": "configs/experiments/toy_var.yaml", "llamagen": "configs/experiments/toy_llamagen.yaml"}

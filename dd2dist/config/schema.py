@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from dd2dist.conditions import Sampling
 from dd2dist.config.typed import ConfigError
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
-from dd2dist.teachers.base import Sampling
 
 Stage = Literal["stage1", "stage2", "alignment"]
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "alignment")

@@ -155,7 +155,7 @@ class ShardSpec:
 
 
 def sampling_dict(sampling: Any) -> dict:
-    """The five sampling settings of a :class:`dd2dist.teachers.Sampling` (or a dict) as a plain dict."""
+    """The five sampling settings of a :class:`dd2dist.conditions.Sampling` (or a dict) as a plain dict."""
     src = sampling if isinstance(sampling, Mapping) else {k: getattr(sampling, k) for k in _SAMPLING_FIELDS}
     return {k: src[k] for k in _SAMPLING_FIELDS}
 

@@ -37,6 +37,7 @@ import braceexpand
 import numpy as np
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.data.schema import TokenSample
 from dd2dist.data.stats import DataStats
 from dd2dist.data.tario import iter_shard_samples, sample_offsets
@@ -85,9 +86,7 @@ class TokenBatch:
     keys: list[str]
 
     def cond(self):
-        """The batch condition as a :class:`dd2dist.teachers.Cond`."""
-        from dd2dist.teachers.base import Cond
-
+        """The batch condition as a :class:`dd2dist.conditions.Cond`."""
         return Cond(labels=self.labels, text=self.text, text_mask=self.text_mask)
 
 

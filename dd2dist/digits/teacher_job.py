@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config import dump_yaml, fingerprint
 from dd2dist.digits.ar_training import train_ar
 from dd2dist.digits.data import NUM_CLASSES, SPLIT_SEED, digits_split, to_uint8
 from dd2dist.digits.recipe import TeacherRecipe
 from dd2dist.digits.vq_training import reconstruction_mse, train_tokenizer
 from dd2dist.teachers import build_family, build_teacher
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 CACHE_VERSION = 1  # bump when the training code changes what a given config produces
 

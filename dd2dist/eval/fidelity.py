@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond
 from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
 from dd2dist.eval.token_pairs import pair_counts, pair_tv
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 REGRESSION_EXPORT = "generator_regression.safetensors"  # the generator as the PF-ODE regression left it
 # Seed offsets of the independent draws, far from evaluate_run's per-run range (seed * 1_000_003 + 7919 + i)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dd2dist.teachers.base import Cond
+from dd2dist.conditions import Cond
 
 
 def ridge_r2(x: Tensor, y: Tensor, train: int, ridge: float = 1e-3) -> float:

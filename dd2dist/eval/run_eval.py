@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond
 from dd2dist.digits.data import to_uint8
 from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 METHODS = ("teacher", "stage1", "one_step", "one_step_snapped", "one_step_compact", "refined")
 STAGE1_EXPORTS = ("stage1_student.safetensors", "stage1_student.pt")

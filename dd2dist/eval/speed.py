@@ -38,10 +38,11 @@ from typing import Any
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config.schema import StudentConfig
 from dd2dist.latent import guidance_weights
 from dd2dist.nets.compact_head import CompactHead, CompactHeadSpec
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = ("digits_var", "digits_llamagen", "var_d16", "llamagen_l")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dd2dist.teachers.base import Cond
+from dd2dist.conditions import Cond
 
 GRID_SEED = 1234  # the same noise for every grid of a run, so grids are comparable over time
 

@@ -8,12 +8,12 @@ explicit key maps. Family modules are imported lazily so that importing the inte
 from __future__ import annotations
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig, VARVQConfig, VQ16Config
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 OFFICIAL_KINDS = tuple(OFFICIAL_ARCHS)
 
 __all__ = [
-    "ARTeacher", "Cond", "Sampling", "VARConfig", "VARVQConfig", "LlamaGenConfig", "VQ16Config",
+    "ARTeacher", "VARConfig", "VARVQConfig", "LlamaGenConfig", "VQ16Config",
     "OFFICIAL_ARCHS", "OFFICIAL_KINDS", "build_family", "build_teacher", "load_official",
 ]
 

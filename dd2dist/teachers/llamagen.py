@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond, Sampling, TokenPicker
 from dd2dist.latent import guidance_weights, process_logits
 from dd2dist.teachers.arch import LlamaGenConfig
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
+from dd2dist.teachers.base import ARTeacher
 from dd2dist.teachers.vq16 import VQ16
 
 INPUT_ADAPTERS = ("snap", "soft", "mlp")

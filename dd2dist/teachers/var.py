@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond, Sampling, TokenPicker
 from dd2dist.latent import guidance_weights, process_logits
 from dd2dist.teachers.arch import VARConfig
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
+from dd2dist.teachers.base import ARTeacher
 from dd2dist.teachers.var_vqvae import VARVQVAE
 
 MAX_LOG_SCALE_MUL = math.log(100.0)  # clamp of the per-head attention temperature (log space)

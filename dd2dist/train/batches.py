@@ -10,10 +10,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond
 from dd2dist.engine.base import Engine
 from dd2dist.method.ode_init import teacher_ode_tokens
 from dd2dist.method.seeding import make_generator
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 
 class BatchSource:
