@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
-from dd2dist.data.schema import TokenSample, sampling_dict
+from dd2dist.data.schema import TokenSample, current_sampling_names, sampling_dict
 from dd2dist.data.writer import TokenShardWriter, read_index_keys, remove_partial_shards
 
 log = logging.getLogger("dd2dist.data")
@@ -156,6 +156,8 @@ def _check_resume(out: Path, settings: Settings) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text()).get("settings", {})
+    if isinstance(old.get("sampling"), dict):
+        old["sampling"] = current_sampling_names(old["sampling"])
     for k, v in asdict(settings).items():
         if old.get(k) != v:
             raise ValueError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -24,19 +24,24 @@ TokenPicker = Callable[[Tensor, slice], Tensor]
 class Sampling:
     """How the teacher turns logits into a sampling distribution.
 
-    ``cfg`` is read by the teacher's own guidance rule (``cfg_schedule``):
-      * ``"constant"`` (LlamaGen): ``logits = uncond + cfg * (cond - uncond)`` at every step; cfg=1 is off.
-      * ``"var_linear"`` (VAR): ``logits = (1 + g_k) cond - g_k uncond`` with ``g_k = cfg * k / (S - 1)`` for
-        AR step k of S; cfg=0 is off.
+    ``guidance_scale`` (the classifier-free guidance scale s) is read by the teacher's own guidance rule
+    (``guidance_schedule``):
+      * ``"constant"`` (LlamaGen): ``logits = uncond + s * (cond - uncond)`` at every step; s=1 is off.
+      * ``"var_linear"`` (VAR): ``logits = (1 + g_k) cond - g_k uncond`` with ``g_k = s * k / (S - 1)`` for
+        AR step k of S; s=0 is off.
     Both are ``uncond + w_k (cond - uncond)``; :func:`dd2dist.latent.guidance_weights` returns w_k.
     Then temperature, top-k (0 = off), top-p (1.0 = off) are applied, as -inf masks.
     """
 
-    cfg: float = 1.0
-    cfg_schedule: Literal["constant", "var_linear"] = "constant"
+    guidance_scale: float = 1.0
+    guidance_schedule: Literal["constant", "var_linear"] = "constant"
     top_k: int = 0
     top_p: float = 1.0
     temperature: float = 1.0
+
+    # Names these fields had in earlier configs and shard metadata: "cfg" read as the config everywhere else.
+    # Readers of stored settings (the config loader, shard meta.json) map them to the current names.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
 
     def with_(self, **kw) -> Sampling:
         return replace(self, **kw)

@@ -42,7 +42,7 @@ TEACHER_YAML = "teacher.yaml"
 REPORT_NAME = "report.json"
 PLOT_NAME = "loss_curve.png"
 # The original model's own conditional: the fine-tune target when no token shards are given.
-RAW_SAMPLING = Sampling(cfg=1.0, cfg_schedule="constant", top_k=0, top_p=1.0, temperature=1.0)
+RAW_SAMPLING = Sampling(guidance_scale=1.0, guidance_schedule="constant", top_k=0, top_p=1.0, temperature=1.0)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

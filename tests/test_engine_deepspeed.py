@@ -113,7 +113,7 @@ def _check_against_reference(results, ref, ref_norms, spec):
         assert torch.equal(results[0]["weights"][key], results[1]["weights"][key])
 
 
-LLAMAGEN = ["teacher.family=llamagen", "teacher.sampling.cfg_schedule=constant"]
+LLAMAGEN = ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant"]
 
 
 def _teacher_worker(rank: int, world: int, paths: dict):

@@ -24,7 +24,7 @@ LR = 2e-3
 ADAM_ATOL = 0.025 * LR  # see the comment in the test
 FAMILIES = {
     "var": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16"],
-    "llamagen": ["teacher.family=llamagen", "teacher.sampling.cfg_schedule=constant", "student.head_width=32",
+    "llamagen": ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant", "student.head_width=32",
                  "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10"],
 }
 # parameters used as tensors rather than through a sub-module call (they must move, identically at ZeRO-0 and 3)

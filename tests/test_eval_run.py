@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cfg = ExperimentConfig(
         name="evaltest", output_dir=str(root / "evaltest"),
-        teacher=TeacherConfig(family="var", sampling=Sampling(cfg=1.0, cfg_schedule="var_linear")),
+        teacher=TeacherConfig(family="var", sampling=Sampling(guidance_scale=1.0, guidance_schedule="var_linear")),
         student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
         stage1=Stage1Config(head_only_steps=0, steps=2, batch_size=4),
         stage2=Stage2Config(generator_steps=2, guidance_per_generator=1, fcs_samples=1, batch_size=4),
@@ -63,7 +63,7 @@ def test_every_method_is_evaluated_with_its_settings(run):
         assert r["num_generated"] == 20 and r["fid"] >= 0 and 0 <= r["class_consistency"] <= 1
         assert r["sampling"]["method"] == name and Path(r["grid"]).is_file()
         assert r["feature_space"]["extractor"] == "dd2dist-digits-classifier"
-    assert res["teacher"]["sampling"]["teacher_sampling"]["cfg"] == 1.0
+    assert res["teacher"]["sampling"]["teacher_sampling"]["guidance_scale"] == 1.0
     assert res["refined_2"]["sampling"]["refine_steps"] == 2
     saved = json.loads(Path(report["report_path"]).read_text())
     assert saved["results"]["one_step"]["fid"] == res["one_step"]["fid"]

@@ -19,7 +19,7 @@ def test_official_configs_spell_out_the_released_architecture(kind):
     cfg = load_config(CONFIGS / f"{kind}.yaml").teacher
     assert cfg.family == "llamagen" and cfg.official == kind
     assert cfg.llamagen == OFFICIAL_ARCHS[kind]
-    assert cfg.sampling.cfg_schedule == "constant"
+    assert cfg.sampling.guidance_schedule == "constant"
 
 
 def test_tiny_config_builds_a_teacher_and_loads_its_own_checkpoint(tmp_path):

@@ -12,7 +12,7 @@ from dd2dist.nets import StudentNet
 from dd2dist.teachers import VARConfig, build_family
 
 CFG = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4)
-SAMPLING = Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=20)
+SAMPLING = Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=20)
 
 
 @pytest.fixture(scope="module")

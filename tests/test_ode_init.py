@@ -36,7 +36,9 @@ def _teacher(family: str):
 
 
 def _sampling(family: str) -> Sampling:
-    return Sampling(cfg=1.5, cfg_schedule="var_linear") if family == "var" else Sampling(cfg=2.0, top_k=8)
+    if family == "var":
+        return Sampling(guidance_scale=1.5, guidance_schedule="var_linear")
+    return Sampling(guidance_scale=2.0, top_k=8)
 
 
 # ---- the map ---------------------------------------------------------------------------------------------------

@@ -113,8 +113,8 @@ def test_fit_rows_marginalisation_equals_full_enumeration():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,vocab,sampling", [
-    ("var", 4, Sampling(cfg=2.0, cfg_schedule="var_linear")),
-    ("llamagen", 3, Sampling(cfg=2.0, cfg_schedule="constant")),
+    ("var", 4, Sampling(guidance_scale=2.0, guidance_schedule="var_linear")),
+    ("llamagen", 3, Sampling(guidance_scale=2.0, guidance_schedule="constant")),
 ])
 def test_toy_teacher_fits_and_its_exact_joint_matches_its_sampler(family, vocab, sampling):
     torch.manual_seed(0)

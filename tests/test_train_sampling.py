@@ -19,7 +19,7 @@ from dd2dist.train import Trainer
 
 ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
                  tokenizer=VARVQConfig(vocab_size=16, embed_dim=4))
-SAMPLING = Sampling(cfg=1.0, cfg_schedule="var_linear")
+SAMPLING = Sampling(guidance_scale=1.0, guidance_schedule="var_linear")
 
 
 @pytest.fixture(scope="module")

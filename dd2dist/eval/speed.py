@@ -65,7 +65,7 @@ def build_benchmark_teacher(model: str) -> tuple[ARTeacher, Sampling]:
     elif model in OFFICIAL_ARCHS:
         arch = OFFICIAL_ARCHS[model]
         family = "var" if model.startswith("var_") else "llamagen"
-        sampling = Sampling(cfg=2.0, cfg_schedule="var_linear" if family == "var" else "constant")
+        sampling = Sampling(guidance_scale=2.0, guidance_schedule="var_linear" if family == "var" else "constant")
     else:
         raise ValueError(f"unknown benchmark model {model!r}; choose from digits_var, digits_llamagen, "
                          f"{', '.join(OFFICIAL_ARCHS)}")
@@ -218,7 +218,7 @@ def benchmark_model(
             "ar_steps": len(teacher.steps), "teacher_params": n_teacher, "generator_params": n_generator,
             "generator_head": {"width": head.head_width, "depth": head.head_depth,
                                "time_embed_dim": head.time_embed_dim, "form": head_form},
-            "sampling": {"cfg": sampling.cfg, "cfg_schedule": sampling.cfg_schedule,
+            "sampling": {"guidance_scale": sampling.guidance_scale, "guidance_schedule": sampling.guidance_schedule,
                          "cfg_rows": 2 * B if cfg_on else B},
             "timings": timings,
             "s_per_image": {k: v / B for k, v in med.items()},

@@ -352,7 +352,9 @@ class LlamaGenTeacher(ARTeacher):
         self.latent_hw = (cfg.grid, cfg.grid)
         self.steps = [slice(i, i + 1) for i in range(self.num_tokens)]
         self.register_buffer("step_of_token", torch.arange(self.num_tokens), persistent=False)
-        self.default_sampling = Sampling(cfg=2.0, cfg_schedule="constant", top_k=min(900, self.vocab_size), top_p=1.0)
+        self.default_sampling = Sampling(
+            guidance_scale=2.0, guidance_schedule="constant", top_k=min(900, self.vocab_size), top_p=1.0
+        )
         # sampler-only state kept out of the module tree (plain dict: never in state_dict / parameters()):
         # dtype -> (weights key, cast GPT copy, compiled decode step or None)
         self._sampler_cache: dict = {}

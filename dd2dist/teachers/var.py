@@ -246,7 +246,7 @@ class VARTeacher(ARTeacher):
         self.steps = [slice(b, e) for b, e in zip(bounds[:-1], bounds[1:])]
         self.register_buffer("step_of_token", scale_index_per_token(self.patch_nums), persistent=False)
         self.default_sampling = Sampling(
-            cfg=2.0, cfg_schedule="var_linear", top_k=min(900, self.vocab_size), top_p=0.95
+            guidance_scale=2.0, guidance_schedule="var_linear", top_k=min(900, self.vocab_size), top_p=0.95
         )
 
     def init_buffers(self, device) -> None:
