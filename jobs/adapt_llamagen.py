@@ -170,7 +170,8 @@ def run_stage0(cfg, output: str, device: torch.device) -> dict:
     import yaml
 
     from dd2dist.config.typed import to_dict
-    from dd2dist.data.identity import build_seeded_teacher, teacher_id
+    from dd2dist.data.identity import teacher_id
+    from dd2dist.teachers import build_seeded_teacher
     from dd2dist.teachers.adapt import finetune_ar, input_mlp_relative_error, regress_input_mlp, with_mlp_adapter
     from dd2dist.tracking import open_run
 

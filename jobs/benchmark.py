@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SUBCOMMANDS = {
     "toy": "dd2dist.bench.toy",
-    "data": "dd2dist.data.bench",
+    "data": "dd2dist.bench.data",
     "train": "dd2dist.bench.train",
     "speed": "dd2dist.eval.speed",
     "fidelity": "dd2dist.eval.fidelity",

@@ -9,7 +9,7 @@ Per family (``var``, ``llamagen``), with the recipe ``configs/demo/<family>[_qui
 1. teacher: train (or reuse, cached by config hash) the small VQ tokenizer + AR teacher on the digits train split
    (``dd2dist.digits.teacher_job``: PNG shards -> DALI -> token shards -> AR training);
 2. teacher-token shards: the teacher sampled with the distillation target across 2 Ray actors
-   (``data_pipelines.teacher_tokens``);
+   (``dd2dist.pipelines.teacher_tokens``);
 3. stage 1 (GTS) then stage 2 (CSD / FCS) with 2 DeepSpeed workers under Ray Train on one embedded local Ray
    (``dd2dist.launch.ray_train.launch``), one launch for both stages; the workers export the stage-1 student
    when stage 2 takes over, so that it can be evaluated; then, where the recipe sets ``compact_head.enabled``, a
@@ -126,8 +126,8 @@ def clean_run_dir(run_dir: Path) -> None:
 
 def precompute_tokens(cfg, plan: DemoPlan, tokens_dir: Path) -> dict:
     """Teacher-token shards (resumed / reused when complete for the same teacher and settings)."""
-    from data_pipelines.teacher_tokens import MANIFEST, precompute_teacher_tokens
     from dd2dist.data import teacher_id
+    from dd2dist.pipelines.teacher_tokens import MANIFEST, precompute_teacher_tokens
 
     manifest_path = tokens_dir / MANIFEST
     if manifest_path.is_file():
@@ -149,8 +149,8 @@ def train_students(cfg, run_dir: Path) -> dict:
     (``dd2dist.launch.ray_train.stage1_export_hook``; ``dd2dist.eval.run_eval`` evaluates it from there). The
     stage-1 time is the launch's start to that file's write (start-up included), stage 2 the rest.
     """
+    from dd2dist.launch.preflight import validate_run
     from dd2dist.launch.ray_train import STAGE1_FILE, export_dir, launch
-    from dd2dist.launch.validate import validate_run
 
     validate_run(cfg)
     stage1_file = export_dir(cfg) / STAGE1_FILE

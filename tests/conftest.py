@@ -36,10 +36,10 @@ def precompute_shards(config: str, out: Path, overrides=(), samples: int = 16, s
     process (no Ray), ``samples`` samples in blocks of 8."""
     import numpy as np
 
-    from data_pipelines.teacher_tokens import Settings, TokenSampler, balanced_labels, finalize_manifest
     from dd2dist.config import load_config
     from dd2dist.data import teacher_id
     from dd2dist.data.schema import sampling_dict
+    from dd2dist.pipelines.teacher_tokens import Settings, TokenSampler, balanced_labels, finalize_manifest
 
     cfg = load_config(config, list(overrides))
     labels = balanced_labels(cfg.seed, 10, samples)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.teacher_tokens import balanced_labels, block_seed, load_label_file, precompute_teacher_tokens
-from data_pipelines.validate import validate_dir
 from dd2dist.conditions import Cond
 from dd2dist.config import ExperimentConfig
-from dd2dist.data.identity import build_seeded_teacher, teacher_id
+from dd2dist.data.identity import teacher_id
 from dd2dist.data.stats import DataStats
 from dd2dist.data.tario import iter_shard_samples
+from dd2dist.data.validation import validate_dir
+from dd2dist.pipelines.teacher_tokens import balanced_labels, block_seed, load_label_file, precompute_teacher_tokens
+from dd2dist.teachers import build_seeded_teacher
 
 pytestmark = pytest.mark.integration
 

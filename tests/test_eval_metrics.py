@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from dd2dist.digits.data import digits_split
+from dd2dist.data.digits import digits_split
 from dd2dist.eval.classifier import ClassifierRecipe, cached_classifier
 from dd2dist.eval.features import (
     INCEPTION_WEIGHTS_FILE,

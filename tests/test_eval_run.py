@@ -18,10 +18,10 @@ from dd2dist.config.schema import (
     TeacherConfig,
     TrackingConfig,
 )
-from dd2dist.data.identity import build_seeded_teacher
-from dd2dist.digits.data import to_uint8
+from dd2dist.data.digits import to_uint8
 from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.eval.run_eval import _generate, balanced_labels, evaluate_run, log_to_mlflow, per_sample_noise
+from dd2dist.teachers import build_seeded_teacher
 from dd2dist.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dd2dist.config import ConfigError, load_config
-from dd2dist.launch.validate import validate_launch
+from dd2dist.launch.preflight import validate_launch
 from dd2dist.method.schedule import build_schedule
 from dd2dist.teachers import OFFICIAL_ARCHS, build_teacher
 

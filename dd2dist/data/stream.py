@@ -259,7 +259,7 @@ class TokenStream:
         chunk_steps: batches per reseeded chunk (resume re-reads at most this many batches).
         samples_per_draw: samples read consecutively from one random place of one shard.
         num_workers: 0 reads in the calling thread; 1 reads in one DataLoader worker process. More would make
-            the order depend on the worker count, and token decoding is cheap (``dd2dist.data.bench``).
+            the order depend on the worker count, and token decoding is cheap (``dd2dist.bench.data``).
         drop_last: drop the last partial batch of a finite pass.
     """
 

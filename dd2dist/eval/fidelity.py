@@ -92,7 +92,7 @@ def dependence_captured(score: float, marginals: float, floor: float) -> float:
 
 
 def _uint8(x: Tensor) -> Tensor:
-    from dd2dist.digits.data import to_uint8
+    from dd2dist.data.digits import to_uint8
 
     return to_uint8(x)
 
@@ -262,8 +262,8 @@ def _load_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...]) 
 def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOptions(), space_kind: str = "auto",
                        log: Callable[[str], None] = print) -> dict:
     """Score every sampler of the run in ``run_dir`` against the teacher's own samples; returns the report."""
-    from dd2dist.data.identity import build_seeded_teacher
     from dd2dist.eval.run_eval import teacher_feature_space
+    from dd2dist.teachers import build_seeded_teacher
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)

@@ -53,11 +53,11 @@ def noise_recoverability(net, steps: list[slice], num_classes: int, num: int = 4
 
 def main(argv: list[str] | None = None) -> int:
     """``benchmark.py probe --run DIR``: the probe for a run's exported generator (and its stage-1 student)."""
-    from dd2dist.data.identity import build_seeded_teacher
     from dd2dist.eval.fidelity import REGRESSION_EXPORT, run_config
     from dd2dist.eval.run_eval import find_stage1_weights, load_student_weights
     from dd2dist.eval.sampling import load_generator
     from dd2dist.nets.student import StudentNet
+    from dd2dist.teachers import build_seeded_teacher
 
     p = argparse.ArgumentParser(prog="benchmark.py probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.conditions import Cond
-from dd2dist.digits.data import to_uint8
+from dd2dist.data.digits import to_uint8
 from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
 from dd2dist.teachers.base import ARTeacher
 
@@ -162,10 +162,10 @@ def evaluate_run(
     (:func:`dd2dist.eval.token_marginals.class_position_counts`, e.g. over the teacher-token shards); with it every
     method also gets ``token_marginal_tv``, the total variation of its token marginals from those.
     """
-    from dd2dist.data.identity import build_seeded_teacher
     from dd2dist.eval.metrics import class_consistency, compute_metrics
     from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
     from dd2dist.nets.student import StudentNet
+    from dd2dist.teachers import build_seeded_teacher
 
     run_dir = Path(cfg.output_dir)
     out = Path(out_dir) if out_dir else run_dir / "eval"
@@ -259,7 +259,7 @@ def _sampling_dict(sampling) -> dict:
 
 def teacher_feature_space(cfg, teacher: ARTeacher, kind: str):
     """(FeatureSpace, reference images or npz path, classifier or None) for this teacher."""
-    from dd2dist.digits.data import IMAGE_SIZE, NUM_CLASSES, digits_split
+    from dd2dist.data.digits import IMAGE_SIZE, NUM_CLASSES, digits_split
     from dd2dist.eval.features import digits_feature_space, inception_feature_space
 
     if kind == "auto":

@@ -303,7 +303,7 @@ class LlamaGenGPT(nn.Module):
 
 
 # 2^-126 - 2^-149, exact in a Python float. Plain arithmetic, not torch ops: this module may first be imported
-# inside a `torch.device("meta")` block (launch.validate builds teachers there), where a tensor has no value.
+# inside a `torch.device("meta")` block (launch.preflight builds teachers there), where a tensor has no value.
 LARGEST_SUBNORMAL_F32 = 2.0**-126 - 2.0**-149
 
 

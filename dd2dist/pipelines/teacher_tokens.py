@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
+from dd2dist.data.identity import teacher_id, teacher_spec
 from dd2dist.data.schema import TokenSample, current_sampling_names, sampling_dict
 from dd2dist.data.writer import TokenShardWriter, read_index_keys, remove_partial_shards
+from dd2dist.teachers import build_seeded_teacher
 
 log = logging.getLogger("dd2dist.data")
 MANIFEST = "manifest.json"

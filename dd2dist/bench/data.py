@@ -74,8 +74,8 @@ def bench_decoding(work: Path, n: int, size: int) -> dict:
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from data_pipelines.image_shards import pil_preprocess, write_image_shards
-    from data_pipelines.tokenize_images import build_image_pipeline, ensure_indexes
+    from dd2dist.data.image_shards import pil_preprocess, write_image_shards
+    from dd2dist.pipelines.tokenize_images import build_image_pipeline, ensure_indexes
 
     shards = write_image_shards(work / "images", _bench_images(n, size), [0] * n, fmt="jpg", per_shard=n)
     out = {"images": n, "jpeg_size": [size, size * 4 // 3], "output_size": size, "epochs_timed": 2}
@@ -100,7 +100,7 @@ def bench_decoding(work: Path, n: int, size: int) -> dict:
 
 
 def bench_teacher_sampling(work: Path, cfg, num_samples: int, batch_size: int) -> dict:
-    from data_pipelines.teacher_tokens import precompute_teacher_tokens
+    from dd2dist.pipelines.teacher_tokens import precompute_teacher_tokens
 
     out = {"num_samples": num_samples, "batch_size": batch_size, "teacher": cfg.teacher.family}
     for workers in (1, 2):
