@@ -1,5 +1,7 @@
 """What a teacher is asked for: the condition of each row (:class:`Cond`), the rule that turns its logits into a
-sampling distribution (:class:`Sampling`) and the per-step token choice (:data:`TokenPicker`).
+sampling distribution (:class:`Sampling`) and the per-step token choice (:data:`TokenPicker`); and the two
+orders of class labels that evaluation and benchmarks condition on (:func:`cyclic_labels`,
+:func:`class_major_labels`).
 
 Teachers, the closed-form posterior (``dd2dist.latent``), the config schema, the data layer and the losses all
 speak these types, so they live below all of them: this module imports nothing from dd2dist.
@@ -86,3 +88,15 @@ class Cond:
             return None if parts[0] is None else torch.cat(parts, 0)
 
         return Cond(c("labels"), c("text"), c("text_mask"))
+
+
+def cyclic_labels(num_samples: int, num_classes: int, start: int = 0, device=None) -> Tensor:
+    """Class labels ``start, start + 1, ...`` modulo ``num_classes`` (int64): any window of them holds every class
+    within one of the others, and consecutive windows continue the cycle."""
+    return (torch.arange(num_samples, device=device) + start) % num_classes
+
+
+def class_major_labels(num_classes: int, per_class: int, device=None) -> Tensor:
+    """``per_class`` copies of each class in class order, ``0, 0, ..., 1, 1, ...`` (int64): one block per class,
+    for per-class grids and per-class statistics."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)

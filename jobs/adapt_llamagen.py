@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from dd2dist.conditions import Cond, Sampling  # noqa: E402
+from dd2dist.conditions import Cond, Sampling, cyclic_labels  # noqa: E402
 from dd2dist.config import ConfigError, add_config_args, config_from_args  # noqa: E402
 
 CHECKPOINT_NAME = "adapted_teacher.pt"
@@ -73,16 +73,12 @@ def check_config(cfg) -> None:
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-def _balanced_labels(start: int, batch: int, num_classes: int, device) -> torch.Tensor:
-    return (torch.arange(batch, device=device) + start) % num_classes
-
-
 def teacher_sample_batches(teacher, batch_size: int, seed: int, device) -> Iterator[tuple[torch.Tensor, Cond]]:
     """Endless (ids, Cond) batches sampled from ``teacher``'s raw distribution, class-balanced, seeded."""
     gen = torch.Generator(device=device).manual_seed(seed)
     step = 0
     while True:
-        cond = Cond(labels=_balanced_labels(step * batch_size, batch_size, teacher.num_classes, device))
+        cond = Cond(labels=cyclic_labels(batch_size, teacher.num_classes, start=step * batch_size, device=device))
         ids = teacher.sample(cond, RAW_SAMPLING, generator=gen).clone()  # clone: leave inference mode behind
         step += 1
         yield ids, cond

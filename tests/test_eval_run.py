@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dd2dist.conditions import Cond, Sampling
+from dd2dist.conditions import Cond, Sampling, cyclic_labels
 from dd2dist.config import dump_yaml
 from dd2dist.config.schema import (
     EvalConfig,
@@ -20,7 +20,7 @@ from dd2dist.config.schema import (
 )
 from dd2dist.data.digits import to_uint8
 from dd2dist.engine.factory import TorchEngineFactory
-from dd2dist.eval.run_eval import _generate, balanced_labels, evaluate_run, log_to_mlflow, per_sample_noise
+from dd2dist.eval.run_eval import _generate, evaluate_run, log_to_mlflow, per_sample_noise
 from dd2dist.teachers import build_seeded_teacher
 from dd2dist.train import Trainer
 
@@ -118,7 +118,7 @@ def test_token_marginal_tv_is_measured_on_the_evaluated_tokens(run):
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
     net, _ = load_generator(Path(cfg.output_dir) / "export")
     n, seed_base = cfg.eval.num_samples, int(cfg.seed) * 1_000_003 + 7919
-    labels = balanced_labels(n, teacher.num_classes)
+    labels = cyclic_labels(n, teacher.num_classes)
     nets = {"one_step": net}
     _, teacher_ids = _generate("teacher", n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size)
     _, one_step_ids = _generate("one_step", n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size)
@@ -156,7 +156,7 @@ def test_job_cli(run, tmp_path):
     from dd2dist.data import ShardSpec, TokenSample, TokenShardWriter
 
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
-    labels = balanced_labels(40, teacher.num_classes)
+    labels = cyclic_labels(40, teacher.num_classes)
     ids = teacher.sample(Cond(labels=labels), cfg.teacher.sampling, generator=torch.Generator().manual_seed(1))
     spec = ShardSpec(teacher_id="test", family=teacher.family, vocab_size=teacher.vocab_size,
                      token_shape=(teacher.num_tokens,), num_classes=teacher.num_classes)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dd2dist.bench.toy_teacher import ToyTeacherSpec, build_toy_teacher, teacher_arch
 from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, tv_floor, tv_per_position
-from dd2dist.conditions import Cond
+from dd2dist.conditions import Cond, class_major_labels
 from dd2dist.teachers.base import ARTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -85,10 +85,6 @@ def ar_diffusion_ids(net, teacher: ARTeacher, labels: Tensor, gen: torch.Generat
             x[:, sl] = codebook[ids[:, sl]]
         out.append(ids)
     return torch.cat(out)
-
-
-def balanced_labels(num_classes: int, per_class: int) -> Tensor:
-    return torch.arange(num_classes).repeat_interleave(per_class)
 
 
 def tv_of_ids(ids: Tensor, labels: Tensor, joint: Tensor, vocab: int) -> float:
@@ -214,12 +210,12 @@ def run_toy(spec: ToyTeacherSpec, cfg, opts: ToyRunOptions, log=print) -> ToyRes
 
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(spec.seed + 3)
-    labels = balanced_labels(C, per_class)
+    labels = class_major_labels(C, per_class)
     tv_stage1 = tv_of_ids(one_step_ids(stage1_net, labels, gen), labels, joint, V)
     tv_ms = floor_ms = math.nan
     if opts.multistep_samples > 0:
         ms_per_class = max(1, opts.multistep_samples // C)
-        ms_labels = balanced_labels(C, ms_per_class)
+        ms_labels = class_major_labels(C, ms_per_class)
         tv_ms = tv_of_ids(ar_diffusion_ids(stage1_net, teacher, ms_labels, gen, opts.euler_steps), ms_labels,
                           joint, V)
         floor_ms = tv_floor(joint, ms_per_class, seed=spec.seed + 4)
@@ -232,7 +228,7 @@ def run_toy(spec: ToyTeacherSpec, cfg, opts: ToyRunOptions, log=print) -> ToyRes
     stage2_budget = max(0.0, opts.budget_seconds - seconds["stage1"])
     curve: list[dict[str, float]] = []
     train_s, eval_s, next_eval = 0.0, 0.0, opts.eval_every_seconds
-    curve_labels = balanced_labels(C, opts.curve_samples_per_class)
+    curve_labels = class_major_labels(C, opts.curve_samples_per_class)
 
     def more() -> bool:
         if opts.max_generator_steps and trainer.engines["generator"].optimizer_steps >= opts.max_generator_steps:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dd2dist.conditions import Cond, Sampling
+from dd2dist.conditions import Cond, Sampling, class_major_labels
 from dd2dist.config import dump_yaml, fingerprint
 from dd2dist.data.digits import NUM_CLASSES, SPLIT_SEED, digits_split, to_uint8
 from dd2dist.digits.ar_training import train_ar
@@ -96,7 +96,7 @@ def sample_teacher_images(
     teacher: ARTeacher, per_class: int, sampling: Sampling, seed: int, batch_size: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` samples of every class, decoded: (uint8 images (N, 3, H, W), requested labels (N,))."""
-    labels = torch.arange(teacher.num_classes).repeat_interleave(per_class)
+    labels = class_major_labels(teacher.num_classes, per_class)
     gen = torch.Generator().manual_seed(seed)
     images = []
     for i in range(0, labels.shape[0], batch_size):

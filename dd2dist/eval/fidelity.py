@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dd2dist.conditions import Cond
+from dd2dist.conditions import Cond, cyclic_labels
 from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
 from dd2dist.eval.token_pairs import pair_counts, pair_tv
 from dd2dist.teachers.base import ARTeacher
@@ -73,11 +73,6 @@ class Draw:
     images: Tensor
     seconds: float
     settings: dict = field(default_factory=dict)
-
-
-def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
-    """0, 1, ..., C-1, 0, 1, ...: every class within one of num_samples / C."""
-    return torch.arange(num_samples) % num_classes
 
 
 def dependence_captured(score: float, marginals: float, floor: float) -> float:
@@ -274,7 +269,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     n, batch = int(opts.num_samples), int(opts.batch_size)
     if n < 2 * C:
         raise ValueError(f"num_samples must be at least 2 per class ({2 * C}), got {n}")
-    labels = balanced_labels(n, C)
+    labels = cyclic_labels(n, C)
     base = int(cfg.seed) * 1_000_003
     unknown = [s for s in opts.samplers if s not in ALL_SAMPLERS]
     if unknown:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dd2dist.conditions import Cond
+from dd2dist.conditions import Cond, cyclic_labels
 
 
 def ridge_r2(x: Tensor, y: Tensor, train: int, ridge: float = 1e-3) -> float:
@@ -43,7 +43,7 @@ def noise_recoverability(net, steps: list[slice], num_classes: int, num: int = 4
     """
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((num, net.num_tokens, net.embed_dim), generator=gen)
-    labels = torch.arange(num) % max(1, num_classes)
+    labels = cyclic_labels(num, max(1, num_classes))
     feats = net.backbone.features(eps, Cond(labels=labels)).float()
     pairs = [(steps[s].start, steps[s + 1].start) for s in range(len(steps) - 1)][:max_pairs]
     train = num // 2

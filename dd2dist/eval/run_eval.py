@@ -35,18 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dd2dist.conditions import Cond
+from dd2dist.conditions import Cond, cyclic_labels
 from dd2dist.data.digits import to_uint8
 from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
 from dd2dist.teachers.base import ARTeacher
 
 METHODS = ("teacher", "stage1", "one_step", "one_step_snapped", "one_step_compact", "refined")
 STAGE1_EXPORTS = ("stage1_student.safetensors", "stage1_student.pt")
-
-
-def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
-    """0, 1, ..., C-1, 0, 1, ...: every class within one of num_samples / C."""
-    return torch.arange(num_samples) % num_classes
 
 
 def per_sample_noise(num: int, shape: tuple[int, ...], seed_base: int, start: int = 0) -> Tensor:
@@ -172,7 +167,7 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()  # the same weights the training workers built
     n = int(num_samples or cfg.eval.num_samples)
-    labels = balanced_labels(n, teacher.num_classes)
+    labels = cyclic_labels(n, teacher.num_classes)
     nets: dict[str, Any] = {}
     export = run_dir / "export" / generator_file
     compact_file = run_dir / "export" / COMPACT_HEAD_FILE

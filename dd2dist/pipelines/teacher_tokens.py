@@ -52,7 +52,7 @@ def key_index(key: str) -> int:
     return int(key[1:])
 
 
-def balanced_labels(seed: int, num_classes: int, num_samples: int) -> np.ndarray:
+def seeded_balanced_labels(seed: int, num_classes: int, num_samples: int) -> np.ndarray:
     """Labels where each consecutive group of ``num_classes`` indices is a seeded permutation of all classes."""
     groups = -(-num_samples // num_classes)
     perms = [np.random.default_rng([seed, 7, g]).permutation(num_classes) for g in range(groups)]
@@ -210,7 +210,7 @@ def precompute_teacher_tokens(
     started = init_local_ray(num_cpus=max(2, int(workers * cpus_per_worker)))
     try:
         num_classes = _num_classes(cfg)
-        labels = load_label_file(label_file, num_samples, num_classes) if label_file else balanced_labels(
+        labels = load_label_file(label_file, num_samples, num_classes) if label_file else seeded_balanced_labels(
             cfg.seed, num_classes, num_samples)
         _write_json(out / MANIFEST, {"complete": False, "settings": asdict(settings), "num_samples": num_samples})
         num_blocks = -(-num_samples // batch_size)
