@@ -27,8 +27,6 @@ the teacher (and the same for the pairwise TV): 0 for a sampler no better than i
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -414,34 +412,3 @@ def summary_lines(report: dict) -> list[str]:
                     + (f"; beats DD1-style regression: {h['one_step_beats_dd1']}" if "one_step_beats_dd1" in h else ""))
     rows.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return rows
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmark.py fidelity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a run directory (its config.yaml and export/)")
-    p.add_argument("--out", default=None, help="write the report JSON here")
-    p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
-    p.add_argument("--batch-size", type=int, default=FidelityOptions.batch_size)
-    p.add_argument("--samplers", default=",".join(ALL_SAMPLERS),
-                   help="comma-separated subset of " + ", ".join(ALL_SAMPLERS))
-    p.add_argument("--space", default="auto", choices=("auto", "digits", "inception"), help="feature space")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``benchmark.py fidelity``: score a run's samplers against the teacher, print a table, write JSON."""
-    args = build_parser().parse_args(argv)
-    samplers = tuple(s.strip() for s in args.samplers.split(",") if s.strip())
-    try:
-        opts = FidelityOptions(num_samples=args.samples, batch_size=args.batch_size, samplers=samplers)
-        report = fidelity_benchmark(args.run, opts, args.space)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"benchmark.py fidelity: {err}")
-        return 2
-    print("\n".join(summary_lines(report)))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {out}")
-    return 0
