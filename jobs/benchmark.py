@@ -81,7 +81,8 @@ def toy_parser() -> argparse.ArgumentParser:
 
 
 def toy_spec(args: argparse.Namespace):
-    from dd2dist.bench.toy_teacher import FAMILY_HEADS, FAMILY_WIDTH, ToyTeacherSpec
+    from dd2dist.bench.toy import FAMILY_HEADS, FAMILY_WIDTH
+    from dd2dist.bench.toy_teacher import ToyTeacherSpec
 
     grid = math.isqrt(args.tokens)
     if args.family == "llamagen" and grid * grid != args.tokens:
