@@ -14,15 +14,13 @@ Everything here is pure torch and computed in fp32 (docs/method.md §2-§3). Con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:  # imported for annotations only: teachers import this module
-    from dd2dist.teachers.base import Sampling
+from dd2dist.conditions import Sampling
 
 T_MIN = 0.02  # default floor of t (the score scales like 1/t^2); callers that draw t lower pass their own t_min
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 24  # rows * V per posterior chunk: 64 MiB of fp32 logits
@@ -192,16 +190,17 @@ def posterior_mean(log_probs: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor |
 def guidance_weights(sampling: Sampling, step_of_token: Tensor, num_steps: int) -> Tensor:
     """Per-token CFG weight w (N,), with guided logits = uncond + w (cond - uncond).
 
-    ``constant`` (LlamaGen): w = cfg. ``var_linear`` (VAR): w_k = 1 + cfg * k / (S - 1) for AR step k of S,
-    which is VAR's ``(1 + g) cond - g uncond`` with g = cfg * k / (S - 1).
+    With s = ``sampling.guidance_scale``: ``constant`` (LlamaGen): w = s. ``var_linear`` (VAR):
+    w_k = 1 + s * k / (S - 1) for AR step k of S, which is VAR's ``(1 + g) cond - g uncond`` with g = s * k / (S - 1).
     """
     steps = step_of_token.float()
-    if sampling.cfg_schedule == "constant":
-        return torch.full_like(steps, float(sampling.cfg))
-    if sampling.cfg_schedule == "var_linear":
+    if sampling.guidance_schedule == "constant":
+        return torch.full_like(steps, float(sampling.guidance_scale))
+    if sampling.guidance_schedule == "var_linear":
         ramp = steps / (num_steps - 1) if num_steps > 1 else torch.zeros_like(steps)
-        return 1.0 + float(sampling.cfg) * ramp
-    raise ValueError(f"sampling.cfg_schedule must be 'constant' or 'var_linear', got {sampling.cfg_schedule!r}")
+        return 1.0 + float(sampling.guidance_scale) * ramp
+    raise ValueError(
+        f"sampling.guidance_schedule must be 'constant' or 'var_linear', got {sampling.guidance_schedule!r}")
 
 
 def filter_top_k(logits: Tensor, k: int) -> Tensor:

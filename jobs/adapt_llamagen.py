@@ -34,15 +34,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from dd2dist.conditions import Cond, Sampling, cyclic_labels  # noqa: E402
 from dd2dist.config import ConfigError, add_config_args, config_from_args  # noqa: E402
-from dd2dist.teachers.base import Cond, Sampling  # noqa: E402
 
 CHECKPOINT_NAME = "adapted_teacher.pt"
 TEACHER_YAML = "teacher.yaml"
 REPORT_NAME = "report.json"
 PLOT_NAME = "loss_curve.png"
 # The original model's own conditional: the fine-tune target when no token shards are given.
-RAW_SAMPLING = Sampling(cfg=1.0, cfg_schedule="constant", top_k=0, top_p=1.0, temperature=1.0)
+RAW_SAMPLING = Sampling(guidance_scale=1.0, guidance_schedule="constant", top_k=0, top_p=1.0, temperature=1.0)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,16 +73,12 @@ def check_config(cfg) -> None:
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-def _balanced_labels(start: int, batch: int, num_classes: int, device) -> torch.Tensor:
-    return (torch.arange(batch, device=device) + start) % num_classes
-
-
 def teacher_sample_batches(teacher, batch_size: int, seed: int, device) -> Iterator[tuple[torch.Tensor, Cond]]:
     """Endless (ids, Cond) batches sampled from ``teacher``'s raw distribution, class-balanced, seeded."""
     gen = torch.Generator(device=device).manual_seed(seed)
     step = 0
     while True:
-        cond = Cond(labels=_balanced_labels(step * batch_size, batch_size, teacher.num_classes, device))
+        cond = Cond(labels=cyclic_labels(batch_size, teacher.num_classes, start=step * batch_size, device=device))
         ids = teacher.sample(cond, RAW_SAMPLING, generator=gen).clone()  # clone: leave inference mode behind
         step += 1
         yield ids, cond
@@ -170,7 +166,8 @@ def run_stage0(cfg, output: str, device: torch.device) -> dict:
     import yaml
 
     from dd2dist.config.typed import to_dict
-    from dd2dist.data.identity import build_seeded_teacher, teacher_id
+    from dd2dist.data.identity import teacher_id
+    from dd2dist.teachers import build_seeded_teacher
     from dd2dist.teachers.adapt import finetune_ar, input_mlp_relative_error, regress_input_mlp, with_mlp_adapter
     from dd2dist.tracking import open_run
 

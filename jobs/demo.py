@@ -9,7 +9,7 @@ Per family (``var``, ``llamagen``), with the recipe ``configs/demo/[smoke_]<fami
 1. teacher: train (or reuse, cached by config hash) the small VQ tokenizer + AR teacher on the digits train split
    (``dd2dist.digits.teacher_job``: PNG shards -> DALI -> token shards -> AR training);
 2. teacher-token shards: the teacher sampled with the distillation target across 2 Ray actors
-   (``data_pipelines.teacher_tokens``);
+   (``dd2dist.pipelines.teacher_tokens``);
 3. stage 1 (GTS) then stage 2 (CSD / FCS) with 2 DeepSpeed workers under Ray Train on one embedded local Ray
    (``dd2dist.launch.ray_train.launch``), one launch for both stages; the workers export the stage-1 student
    when stage 2 takes over, so that it can be evaluated; then, where the recipe sets ``compact_head.enabled``, a

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         args.overrides = [*args.overrides, f"output_dir={args.output}"]
     try:
         cfg = config_from_args(args)
-        from dd2dist.launch.validate import validate_run
+        from dd2dist.launch.preflight import validate_run
 
         validate_run(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 dev = torch.device("cuda")
@@ -58,7 +58,7 @@ def timed(B, compile_step, reps=3):
 
 rows = [timed(16, False), timed(1, False)]
 cond = Cond(labels=torch.randint(0, 1000, (16,), device=dev))
-s = Sampling(cfg=2.0)
+s = Sampling(guidance_scale=2.0)
 ids, lp = t.sample(cond, s, gen(1), return_log_probs=True, dtype=torch.bfloat16, compile_step=True)
 ids_e, lp_e = t.sample(cond, s, gen(1), return_log_probs=True, dtype=torch.bfloat16)
 ref = t.log_probs(ids, cond, s)

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 dev = torch.device("cuda")
@@ -41,7 +41,7 @@ for name, cfg in [("c2i", C2I), ("t2i", T2I), ("c2i_mlp", replace(C2I, input_ada
         cond = Cond(text=torch.randn(3, 5, 16, device=dev) * mask[..., None], text_mask=mask)
     else:
         cond = Cond(labels=torch.tensor([0, 3, 9], device=dev))
-    s = Sampling(cfg=2.0, top_k=20)
+    s = Sampling(guidance_scale=2.0, top_k=20)
     ie, le = t.sample(cond, s, gen(0), return_log_probs=True, cuda_graph=False)
     ig, lg = t.sample(cond, s, gen(0), return_log_probs=True, cuda_graph=True)
     ok, d = fin_diff(lg, t.log_probs(ig, cond, s))
@@ -62,7 +62,8 @@ with torch.device(dev):
     t = LlamaGenTeacher(cfg)
 t.freeze()
 cond2 = Cond(labels=torch.tensor([1, 207], device=dev))
-for nm, smp in [("raw", Sampling(cfg=1.0)), ("cfg2", Sampling(cfg=2.0)), ("cfg2_topk900", t.default_sampling)]:
+for nm, smp in [("raw", Sampling(guidance_scale=1.0)), ("cfg2", Sampling(guidance_scale=2.0)),
+                ("cfg2_topk900", t.default_sampling)]:
     ids, lp = t.sample(cond2, smp, gen(1), return_log_probs=True)
     ref = t.log_probs(ids, cond2, smp)
     fa, fb = torch.isfinite(lp), torch.isfinite(ref)

@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.var import VARTeacher
 
 quick = "--quick" in sys.argv
@@ -111,18 +111,19 @@ def timing(kind, cfg, batches, reps, dtype):
 
 
 tiny = VARConfig()
-parity(tiny, "tiny_fp32_cfg", 4, Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=20, top_p=0.9))
+parity(tiny, "tiny_fp32_cfg", 4, Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=20, top_p=0.9))
 if quick:
     timing("tiny", tiny, [1, 4], 2, torch.float32)
 else:
     d16 = OFFICIAL_ARCHS["var_d16"]
-    parity(d16, "d16_fp32_default_sampling", 2, Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=900, top_p=0.95))
-    parity(d16, "d16_fp32_no_cfg_no_filter", 2, Sampling(cfg=0.0, cfg_schedule="var_linear"))
+    parity(d16, "d16_fp32_default_sampling", 2,
+           Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=900, top_p=0.95))
+    parity(d16, "d16_fp32_no_cfg_no_filter", 2, Sampling(guidance_scale=0.0, guidance_schedule="var_linear"))
     parity(
         d16,
         "d16_bf16_default_sampling",
         2,
-        Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=900, top_p=0.95),
+        Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=900, top_p=0.95),
         torch.bfloat16,
     )
     for kind in ("var_d16", "var_d20", "var_d24", "var_d30"):

@@ -4,7 +4,7 @@
         [--batch-size B] [--shard-size S] [--labels FILE] [--set key=value ...]
 
 Uses the config's teacher and its target sampling (``teacher.sampling``); rerunning with the same arguments
-resumes (only missing samples are generated). Prints the manifest as JSON. See data_pipelines/teacher_tokens.py.
+resumes (only missing samples are generated). Prints the manifest as JSON. See dd2dist/pipelines/teacher_tokens.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = config_from_args(args)
 
-    from data_pipelines.teacher_tokens import precompute_teacher_tokens
+    from dd2dist.pipelines.teacher_tokens import precompute_teacher_tokens
 
     manifest = precompute_teacher_tokens(
         cfg, args.num_samples, args.output, workers=args.workers, batch_size=args.batch_size,

@@ -4,7 +4,7 @@
         [--batch-size B] [--threads T] [--device auto|cpu|gpu] [--set key=value ...]
 
 Decoding and preprocessing run in an NVIDIA DALI pipeline (CPU here, nvJPEG "mixed" decode on a GPU). Image
-shards hold ``<key>.jpg|png`` + ``label.i64`` (see data_pipelines/image_shards.py). Prints a JSON summary.
+shards hold ``<key>.jpg|png`` + ``label.i64`` (see dd2dist/data/image_shards.py). Prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = config_from_args(args)
 
-    from data_pipelines.tokenize_images import tokenize_images
+    from dd2dist.pipelines.tokenize_images import tokenize_images
 
     summary = tokenize_images(
         cfg, args.images, args.output, image_size=args.image_size, batch_size=args.batch_size,

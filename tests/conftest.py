@@ -36,13 +36,13 @@ def precompute_shards(config: str, out: Path, overrides=(), samples: int = 16, s
     process (no Ray), ``samples`` samples in blocks of 8."""
     import numpy as np
 
-    from data_pipelines.teacher_tokens import Settings, TokenSampler, balanced_labels, finalize_manifest
     from dd2dist.config import load_config
     from dd2dist.data import teacher_id
     from dd2dist.data.schema import sampling_dict
+    from dd2dist.pipelines.teacher_tokens import Settings, TokenSampler, finalize_manifest, seeded_balanced_labels
 
     cfg = load_config(config, list(overrides))
-    labels = balanced_labels(cfg.seed, 10, samples)
+    labels = seeded_balanced_labels(cfg.seed, 10, samples)
     sampler = TokenSampler(cfg, str(out), worker=0, shard_size=shard_size)
     blocks = {b: labels[b * 8:(b + 1) * 8] for b in range(samples // 8)}
     result = sampler.run(list(blocks), blocks, set(), cfg.seed, 8)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dd2dist.conditions import Sampling
 from dd2dist.config import (
     ConfigError,
     ExperimentConfig,
@@ -25,7 +26,6 @@ from dd2dist.config import (
 )
 from dd2dist.config.loader import RENAMED_CONFIGS
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
-from dd2dist.teachers.base import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "base.yaml"
@@ -92,8 +92,8 @@ def test_derived_defaults_are_absolute_and_follow_name(tmp_path, monkeypatch):
         ("name=007", lambda c: c.name, "007"),
         ("engine.kind=deepspeed", lambda c: c.engine.kind, "deepspeed"),
         ("teacher.sampling.top_p=0.95", lambda c: c.teacher.sampling.top_p, 0.95),
-        ("teacher.sampling={cfg: 1.5, top_k: 3}", lambda c: c.teacher.sampling,
-         Sampling(cfg=1.5, cfg_schedule="var_linear", top_k=3)),  # merged into the section
+        ("teacher.sampling={guidance_scale: 1.5, top_k: 3}", lambda c: c.teacher.sampling,
+         Sampling(guidance_scale=1.5, guidance_schedule="var_linear", top_k=3)),  # merged into the section
         ("teacher.var.patch_nums=[1, 2, 3, 4]", lambda c: c.teacher.var.patch_nums, (1, 2, 3, 4)),
     ],
 )
@@ -184,7 +184,7 @@ def test_defaults_are_merged_in_order_then_own_keys(tmp_path):
 
 
 def test_section_include_and_nested_include(tmp_path):
-    _write(tmp_path / "teachers" / "lg_common.yaml", "family: llamagen\nsampling:\n  cfg_schedule: constant\n")
+    _write(tmp_path / "teachers" / "lg_common.yaml", "family: llamagen\nsampling:\n  guidance_schedule: constant\n")
     _write(
         tmp_path / "teachers" / "lg_tiny.yaml",
         "defaults: [lg_common.yaml]\nllamagen:\n  grid: 2\n  input_adapter: soft\n",
@@ -192,7 +192,7 @@ def test_section_include_and_nested_include(tmp_path):
     path = _write(tmp_path / "experiments" / "x.yaml", "defaults:\n  - teacher: ../teachers/lg_tiny.yaml\n")
     cfg = load_config(path)
     assert cfg.teacher.family == "llamagen"
-    assert cfg.teacher.sampling == Sampling(cfg=2.0, cfg_schedule="constant")
+    assert cfg.teacher.sampling == Sampling(guidance_scale=2.0, guidance_schedule="constant")
     assert cfg.teacher.llamagen == LlamaGenConfig(grid=2, input_adapter="soft")
     assert cfg.teacher.arch == cfg.teacher.llamagen
 
@@ -232,7 +232,8 @@ def test_dump_reload_gives_equal_config(tmp_path, monkeypatch):
             "teacher.family=llamagen",
             "teacher.checkpoint=w/teacher.pt",
             "teacher.llamagen.tokenizer.ch_mult=[1, 1, 2]",
-            "teacher.sampling={cfg: 1.75, cfg_schedule: constant, top_k: 8, top_p: 0.9, temperature: 0.8}",
+            "teacher.sampling={guidance_scale: 1.75, guidance_schedule: constant, top_k: 8, top_p: 0.9, "
+            "temperature: 0.8}",
             "stage1.lr=1e-5",
             "stage2.csd_loss=dmd",
             "stage2.betas=[0.0, 0.99]",
@@ -288,9 +289,39 @@ def test_sampling_and_adapter_ranges():
     assert _raises(load_config, None, ["teacher.sampling.top_p=0"]).key == "teacher.sampling.top_p"
     assert _raises(load_config, None, ["teacher.sampling.top_k=-1"]).key == "teacher.sampling.top_k"
     assert _raises(load_config, None, ["teacher.sampling.temperature=0"]).key == "teacher.sampling.temperature"
-    err = _raises(load_config, None, ["teacher.sampling.cfg_schedule=linear"])
-    assert err.key == "teacher.sampling.cfg_schedule" and "var_linear" in err.message
+    err = _raises(load_config, None, ["teacher.sampling.guidance_schedule=linear"])
+    assert err.key == "teacher.sampling.guidance_schedule" and "var_linear" in err.message
     assert _raises(load_config, None, ["teacher.llamagen.input_adapter=x"]).key == "teacher.llamagen.input_adapter"
+
+
+def test_old_sampling_key_names_still_load_with_one_warning_each(tmp_path, monkeypatch):
+    from dd2dist.config import typed
+
+    monkeypatch.setattr(typed, "_WARNED_RENAMES", set())
+    old = _write(tmp_path / "old.yaml", "teacher:\n  sampling: {cfg: 1.5, cfg_schedule: constant, top_k: 3}\n")
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = load_config(old)
+        again = load_config(old)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert len(messages) == 2  # once per key and process, not once per load
+    assert any("'teacher.sampling.cfg'" in m and "'teacher.sampling.guidance_scale'" in m for m in messages)
+    assert any("'teacher.sampling.cfg_schedule'" in m and "guidance_schedule" in m for m in messages)
+    expected = Sampling(guidance_scale=1.5, guidance_schedule="constant", top_k=3)
+    assert cfg.teacher.sampling == again.teacher.sampling == expected
+    # The new names in the resolved dump: a reload gives the same config without a warning.
+    assert "cfg:" not in to_yaml(cfg) and "guidance_scale: 1.5" in to_yaml(cfg)
+
+
+def test_old_sampling_key_in_an_override_and_both_names_at_once(tmp_path, monkeypatch):
+    from dd2dist.config import typed
+
+    monkeypatch.setattr(typed, "_WARNED_RENAMES", set())
+    with pytest.warns(DeprecationWarning, match="teacher.sampling.cfg"):
+        cfg = load_config(BASE, ["teacher.sampling.cfg=3.0"])  # base.yaml says guidance_scale: the override wins
+    assert cfg.teacher.sampling.guidance_scale == 3.0
+    both = _write(tmp_path / "both.yaml", "teacher:\n  sampling: {cfg: 1.5, guidance_scale: 2.0}\n")
+    err = _raises(load_config, both)
+    assert err.key == "teacher.sampling.cfg" and "guidance_scale" in err.message
 
 
 def test_stage_and_section_rules():
@@ -319,9 +350,10 @@ def test_config_objects_are_frozen_and_schema_types_reused():
 
 
 def test_partial_section_keeps_the_fields_own_default():
-    # teacher.sampling defaults to Sampling(cfg=2.0, cfg_schedule="var_linear"), not to Sampling()'s defaults
+    # teacher.sampling defaults to Sampling(guidance_scale=2.0, guidance_schedule="var_linear"), not to
+    # Sampling()'s defaults
     cfg = load_config(None, ["teacher.sampling.top_p=0.95"])
-    assert cfg.teacher.sampling == Sampling(cfg=2.0, cfg_schedule="var_linear", top_p=0.95)
+    assert cfg.teacher.sampling == Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_p=0.95)
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")))

@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.image_shards import pil_preprocess, write_image_shards
-from data_pipelines.tokenize_images import iter_dali_images, tokenize_images
-from data_pipelines.validate import validate_dir
 from dd2dist.config import ExperimentConfig
-from dd2dist.data.identity import build_seeded_teacher, teacher_id
+from dd2dist.data.identity import teacher_id
+from dd2dist.data.image_shards import pil_preprocess, write_image_shards
 from dd2dist.data.stream import TokenStream
+from dd2dist.data.validation import validate_dir
+from dd2dist.pipelines.tokenize_images import iter_dali_images, tokenize_images
+from dd2dist.teachers import build_seeded_teacher
 
 SIZES = [(48, 64), (64, 48), (40, 40), (33, 57), (21, 30)]  # landscape, portrait, square, odd margins
 

@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.teacher_tokens import balanced_labels, block_seed, load_label_file, precompute_teacher_tokens
-from data_pipelines.validate import validate_dir
+from dd2dist.conditions import Cond
 from dd2dist.config import ExperimentConfig
-from dd2dist.data.identity import build_seeded_teacher, teacher_id
+from dd2dist.data.identity import teacher_id
 from dd2dist.data.stats import DataStats
 from dd2dist.data.tario import iter_shard_samples
-from dd2dist.teachers.base import Cond
+from dd2dist.data.validation import validate_dir
+from dd2dist.pipelines.teacher_tokens import (
+    block_seed,
+    load_label_file,
+    precompute_teacher_tokens,
+    seeded_balanced_labels,
+)
+from dd2dist.teachers import build_seeded_teacher
 
 pytestmark = pytest.mark.integration
 
@@ -104,11 +110,11 @@ def test_resume_after_interruption(one_worker, tmp_path, label_file):
 
 
 def test_balanced_labels_and_label_file_errors(tmp_path):
-    y = balanced_labels(seed=3, num_classes=7, num_samples=40)
+    y = seeded_balanced_labels(seed=3, num_classes=7, num_samples=40)
     counts = np.bincount(y, minlength=7)
     assert counts.max() - counts.min() <= 1
     assert y[:14].tolist() != list(range(7)) * 2  # permuted, not cyclic
-    assert np.array_equal(balanced_labels(3, 7, 25), y[:25])  # independent of the total count
+    assert np.array_equal(seeded_balanced_labels(3, 7, 25), y[:25])  # independent of the total count
     bad = tmp_path / "bad.txt"
     bad.write_text("1\n12\n")
     with pytest.raises(ValueError, match="bad.txt:2"):

@@ -32,13 +32,24 @@ def test_class_sample_bytes_and_round_trip():
     assert raw["label.i64"] == struct.pack("<q", 16)
     meta = json.loads(raw["meta.json"])
     assert meta["teacher_id"] == spec.teacher_id and meta["token_shape"] == [5] and meta["seed"] == 3
-    assert meta["sampling"]["cfg"] == 1.5 and meta["schema_version"] == 1
+    assert meta["sampling"]["guidance_scale"] == 1.5 and meta["schema_version"] == 1
     back = decode_sample(raw, {"teacher_id": spec.teacher_id, "num_tokens": 5})
     assert back.key == "k1" and back.label == 16 and back.index == 9 and back.spec == spec
     np.testing.assert_array_equal(back.tokens, [0, 1, 299, 256, 7])
     # DALI readers may only carry label.i64, text readers only cond.cls: either alone decodes.
     assert decode_sample({k: v for k, v in raw.items() if k != "cond.cls"}).label == 16
     assert decode_sample({k: v for k, v in raw.items() if k != "label.i64"}).label == 16
+
+
+def test_meta_with_the_old_sampling_names_reads_as_the_current_ones():
+    spec = random_spec(num_tokens=5, vocab_size=300, num_classes=17)
+    raw = encode_sample(TokenSample("k1", np.arange(5), spec, label=2))
+    meta = json.loads(raw["meta.json"])
+    s = meta["sampling"]
+    meta["sampling"] = {"cfg": s["guidance_scale"], "cfg_schedule": s["guidance_schedule"], "top_k": s["top_k"],
+                        "top_p": s["top_p"], "temperature": s["temperature"]}
+    back = decode_sample({**raw, "meta.json": json.dumps(meta).encode()})
+    assert back.spec == spec and back.spec.sampling == spec.sampling
 
 
 def test_text_sample_round_trip():

@@ -1,4 +1,5 @@
-"""data_pipelines/validate.py: JSON report and exit codes on clean and damaged shard directories."""
+"""data_pipelines/validate.py and dd2dist/data/validation.py: JSON report and exit codes on clean and damaged shard
+directories."""
 
 import json
 import os
@@ -6,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_pipelines.validate import main, validate_dir
+from data_pipelines.validate import main
 from dd2dist.data.schema import encode_sample
 from dd2dist.data.synthetic import random_sample, random_spec, write_random_shards
+from dd2dist.data.validation import validate_dir
 from dd2dist.data.writer import ShardSetWriter
 
 SPEC = random_spec(teacher_id="tA")

@@ -66,7 +66,7 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         se = [m[s]["class_consistency_se"] for s in ("one_step", "teacher")]
         assert r["class_consistency_gap_se"] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5)
         # every number comes with its sampling settings
-        assert r["sampling"]["teacher"]["cfg"] > 0 and r["sampling"]["num_samples"] == 40
+        assert r["sampling"]["teacher"]["guidance_scale"] > 0 and r["sampling"]["num_samples"] == 40
         # both recipes start CSD from the PF-ODE regression: its generator is the DD1-style baseline
         assert set(m) >= {"teacher", "marginals", "stage1", "one_step", "one_step_snapped", "one_step_compact",
                           "refined_2", "dd1", "dd1_snapped"}, sorted(m)

@@ -64,7 +64,7 @@ def test_family_summary_judges_by_dependence_captured_and_keeps_the_heldout_colu
     assert s["marginals_over_floor"] == pytest.approx(21.0)
     assert s["fid_ratio_one_step"] == pytest.approx(1.4)
     assert s["class_consistency_gap"] == pytest.approx(0.02)
-    assert s["sampling"]["teacher"]["cfg"] == cfg.teacher.sampling.cfg
+    assert s["sampling"]["teacher"]["guidance_scale"] == cfg.teacher.sampling.guidance_scale
     table = markdown_tables({"var": s})
     assert "| var | DD2 one-step | 1.400 | 0.70 | 0.300 | 0.100 | 1.00 | 14.000 | 0.880 |" in table
     assert "| var | 1 (reused) | 2 | 3 | 4 | - | 5 | 16 |" in table  # no compact head fitted: its column is "-"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from dd2dist.digits.data import digits_split, preprocess, split_indices, to_uint8
+from dd2dist.data.digits import digits_split, preprocess, split_indices, to_uint8
 
 
 def test_split_is_fixed_disjoint_complete_and_stratified():

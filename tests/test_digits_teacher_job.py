@@ -50,7 +50,7 @@ def test_both_families_write_checkpoint_report_and_config(runs):
     q = reports["var"]["quality"]
     assert 0.0 <= q["teacher"]["class_consistency"] <= 1.0 and q["teacher"]["fid"] > 0
     assert q["teacher"]["num_generated"] == 10 * QUICK.eval_per_class
-    assert q["teacher"]["sampling"]["cfg"] == 0.5  # configs/teachers/digits_var.yaml's sampling is recorded
+    assert q["teacher"]["sampling"]["guidance_scale"] == 0.5  # configs/teachers/digits_var.yaml's sampling is recorded
     assert "quality" not in reports["llamagen"]
 
 
@@ -81,11 +81,11 @@ def test_a_new_sampling_setting_reuses_the_weights_and_re_evaluates(runs):
     ckpt = Path(reports["var"]["checkpoint"])
     mtime = ckpt.stat().st_mtime_ns
     assert job.main(["--config", str(REPO / "configs/teachers/digits_var.yaml"), "--out", str(out), "--quick",
-                     "--set", "teacher.sampling.cfg=0.0"]) == 0
+                     "--set", "teacher.sampling.guidance_scale=0.0"]) == 0
     assert ckpt.stat().st_mtime_ns == mtime
     report = json.loads(ckpt.with_suffix(".json").read_text())
-    assert report["quality"]["teacher"]["sampling"]["cfg"] == 0.0
-    assert load_config(ckpt.with_suffix(".yaml")).teacher.sampling.cfg == 0.0
+    assert report["quality"]["teacher"]["sampling"]["guidance_scale"] == 0.0
+    assert load_config(ckpt.with_suffix(".yaml")).teacher.sampling.guidance_scale == 0.0
 
 
 def test_cache_key_follows_weights_not_paths():
@@ -98,7 +98,7 @@ def test_cache_key_follows_weights_not_paths():
     assert cache_key(deeper, QUICK) != key
     # sampling, dtype and the evaluation size do not change the weights
     other = load_config(REPO / "configs/teachers/digits_var.yaml",
-                        ["teacher.sampling.cfg=3.0", "teacher.dtype=bfloat16"])
+                        ["teacher.sampling.guidance_scale=3.0", "teacher.dtype=bfloat16"])
     assert cache_key(other, replace(QUICK, eval_per_class=9)) == key
 
 

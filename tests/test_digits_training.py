@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
+from dd2dist.data.digits import digits_split
 from dd2dist.digits.ar_training import ar_loss, train_ar, transformer_parameters
-from dd2dist.digits.data import digits_split
 from dd2dist.digits.recipe import QUICK, TeacherRecipe
 from dd2dist.digits.vq_training import var_vq_step, vq16_step
 from dd2dist.teachers import build_family
 from dd2dist.teachers.arch import LlamaGenConfig, VARConfig, VARVQConfig, VQ16Config
-from dd2dist.teachers.base import Cond
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def _check_against_reference(results, ref, ref_norms, spec):
         assert torch.equal(results[0]["weights"][key], results[1]["weights"][key])
 
 
-LLAMAGEN = ["teacher.family=llamagen", "teacher.sampling.cfg_schedule=constant"]
+LLAMAGEN = ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant"]
 
 
 def _teacher_worker(rank: int, world: int, paths: dict):
@@ -123,13 +123,14 @@ def _teacher_worker(rank: int, world: int, paths: dict):
 
 
 def _check_teacher(path: str, via_factory: bool, overrides: list[str] = ()):
+    from dd2dist.conditions import Cond
     from dd2dist.config import load_config
     from dd2dist.engine.deepspeed_factory import DeepSpeedEngineFactory
     from dd2dist.engine.deepspeed_frozen import DeepSpeedFrozenEngine
     from dd2dist.engine.param_bytes import param_bytes_ratio
     from dd2dist.launch.partitioned_models import build_partitioned_teacher
     from dd2dist.method.ode_init import teacher_ode_tokens
-    from dd2dist.teachers import Cond, build_teacher
+    from dd2dist.teachers import build_teacher
 
     cfg = load_config(None, list(overrides))
     reference = build_teacher(cfg.teacher)

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config import load_config
 from dd2dist.launch.partitioned_models import student_from_teacher_checkpoint
 from dd2dist.launch.ray_train import partition_at_build
 from dd2dist.nets import StudentNet
 from dd2dist.teachers import build_teacher
-from dd2dist.teachers.base import Cond
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"var": ROOT / "configs/experiments/smoke_var_torch.yaml",

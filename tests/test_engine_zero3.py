@@ -24,7 +24,7 @@ LR = 2e-3
 ADAM_ATOL = 0.025 * LR  # see the comment in the test
 FAMILIES = {
     "var": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16"],
-    "llamagen": ["teacher.family=llamagen", "teacher.sampling.cfg_schedule=constant", "student.head_width=32",
+    "llamagen": ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant", "student.head_width=32",
                  "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10"],
 }
 # parameters used as tensors rather than through a sub-module call (they must move, identically at ZeRO-0 and 3)
@@ -157,7 +157,7 @@ def _student_and_teacher(overrides: list[str]):
 
 
 def _batch(teacher, rank: int, step: int):
-    from dd2dist.teachers import Cond
+    from dd2dist.conditions import Cond
 
     g = torch.Generator().manual_seed(100 * step + rank)
     eps = torch.randn(3, teacher.num_tokens, teacher.embed_dim, generator=g)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from dd2dist.digits.data import digits_split
+from dd2dist.data.digits import digits_split
 from dd2dist.eval.classifier import ClassifierRecipe, cached_classifier, classifier_path, load_classifier
 
 

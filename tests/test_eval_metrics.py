@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from dd2dist.digits.data import digits_split
+from dd2dist.data.digits import digits_split
 from dd2dist.eval.classifier import ClassifierRecipe, cached_classifier
 from dd2dist.eval.features import (
     INCEPTION_WEIGHTS_FILE,
@@ -47,11 +47,12 @@ def _numpy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
 
 def test_fid_of_a_set_with_itself_is_zero_and_pr_is_one(space, held):
     _, sp = space
-    res = compute_metrics(held.uint8(), held.uint8(), sp, sampling={"cfg": 2.0})
+    res = compute_metrics(held.uint8(), held.uint8(), sp, sampling={"guidance_scale": 2.0})
     assert abs(res["fid"]) < 1e-6
     assert res["precision"] == 1.0 and res["recall"] == 1.0
     assert 1.0 <= res["isc_mean"] <= 10.0
-    assert res["sampling"] == {"cfg": 2.0} and res["feature_space"]["extractor"] == "dd2dist-digits-classifier"
+    assert res["sampling"] == {"guidance_scale": 2.0}
+    assert res["feature_space"]["extractor"] == "dd2dist-digits-classifier"
     assert res["num_generated"] == res["num_reference"] == len(held)
 
 

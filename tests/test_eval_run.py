@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling, cyclic_labels
 from dd2dist.config import dump_yaml
 from dd2dist.config.schema import (
     EvalConfig,
@@ -17,11 +18,10 @@ from dd2dist.config.schema import (
     TeacherConfig,
     TrackingConfig,
 )
-from dd2dist.data.identity import build_seeded_teacher
-from dd2dist.digits.data import to_uint8
+from dd2dist.data.digits import to_uint8
 from dd2dist.engine.factory import TorchEngineFactory
-from dd2dist.eval.run_eval import _generate, balanced_labels, evaluate_run, log_to_mlflow, per_sample_noise
-from dd2dist.teachers.base import Cond, Sampling
+from dd2dist.eval.run_eval import _generate, evaluate_run, log_to_mlflow, per_sample_noise
+from dd2dist.teachers import build_seeded_teacher
 from dd2dist.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cfg = ExperimentConfig(
         name="evaltest", output_dir=str(root / "evaltest"),
-        teacher=TeacherConfig(family="var", sampling=Sampling(cfg=1.0, cfg_schedule="var_linear")),
+        teacher=TeacherConfig(family="var", sampling=Sampling(guidance_scale=1.0, guidance_schedule="var_linear")),
         student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
         stage1=Stage1Config(head_only_steps=0, steps=2, batch_size=4),
         stage2=Stage2Config(generator_steps=2, guidance_per_generator=1, fcs_samples=1, batch_size=4),
@@ -63,7 +63,7 @@ def test_every_method_is_evaluated_with_its_settings(run):
         assert r["num_generated"] == 20 and r["fid"] >= 0 and 0 <= r["class_consistency"] <= 1
         assert r["sampling"]["method"] == name and Path(r["grid"]).is_file()
         assert r["feature_space"]["extractor"] == "dd2dist-digits-classifier"
-    assert res["teacher"]["sampling"]["teacher_sampling"]["cfg"] == 1.0
+    assert res["teacher"]["sampling"]["teacher_sampling"]["guidance_scale"] == 1.0
     assert res["refined_2"]["sampling"]["refine_steps"] == 2
     saved = json.loads(Path(report["report_path"]).read_text())
     assert saved["results"]["one_step"]["fid"] == res["one_step"]["fid"]
@@ -118,7 +118,7 @@ def test_token_marginal_tv_is_measured_on_the_evaluated_tokens(run):
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
     net, _ = load_generator(Path(cfg.output_dir) / "export")
     n, seed_base = cfg.eval.num_samples, int(cfg.seed) * 1_000_003 + 7919
-    labels = balanced_labels(n, teacher.num_classes)
+    labels = cyclic_labels(n, teacher.num_classes)
     nets = {"one_step": net}
     _, teacher_ids = _generate("teacher", n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size)
     _, one_step_ids = _generate("one_step", n, labels, teacher, nets, cfg, seed_base, cfg.eval.batch_size)
@@ -156,7 +156,7 @@ def test_job_cli(run, tmp_path):
     from dd2dist.data import ShardSpec, TokenSample, TokenShardWriter
 
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
-    labels = balanced_labels(40, teacher.num_classes)
+    labels = cyclic_labels(40, teacher.num_classes)
     ids = teacher.sample(Cond(labels=labels), cfg.teacher.sampling, generator=torch.Generator().manual_seed(1))
     spec = ShardSpec(teacher_id="test", family=teacher.family, vocab_size=teacher.vocab_size,
                      token_shape=(teacher.num_tokens,), num_classes=teacher.num_classes)

@@ -10,7 +10,6 @@ import torch
 from dd2dist.eval.speed import (
     TIMINGS,
     build_benchmark_teacher,
-    build_parser,
     generator_head,
     run_speed_benchmark,
     time_call,
@@ -18,6 +17,17 @@ from dd2dist.eval.speed import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_job():
+    spec = importlib.util.spec_from_file_location("bench_job", REPO / "jobs" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_parser():
+    return _benchmark_job().speed_parser()
 
 
 def test_speed_benchmark_smoke(tmp_path):
@@ -56,9 +66,7 @@ def test_unknown_model_is_named():
 
 
 def test_jobs_benchmark_dispatches_to_speed(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_job", REPO / "jobs" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_job()
     out = tmp_path / "s.json"
     rc = mod.main(["speed", "--models", "digits_var", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
                    "--device", "cpu", "--out", str(out), "--quiet"])

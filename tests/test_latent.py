@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dd2dist import latent
-from dd2dist.teachers.base import Sampling
+from dd2dist.conditions import Sampling
 
 
 def _setup(B=2, N=3, V=7, Ce=4, seed=0, filtered=True):
@@ -162,16 +162,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p):
 
 def test_guidance_rules_match_each_family():
     steps = torch.tensor([0, 1, 1, 2, 2, 2])
-    w = latent.guidance_weights(Sampling(cfg=1.5, cfg_schedule="var_linear"), steps, num_steps=3)
+    w = latent.guidance_weights(Sampling(guidance_scale=1.5, guidance_schedule="var_linear"), steps, num_steps=3)
     torch.testing.assert_close(w, torch.tensor([1.0, 1.75, 1.75, 2.5, 2.5, 2.5]))
     c, u = torch.randn(1, 6, 9), torch.randn(1, 6, 9)
-    lp = latent.process_logits(c, u, w, Sampling(cfg=1.5, cfg_schedule="var_linear"))
+    lp = latent.process_logits(c, u, w, Sampling(guidance_scale=1.5, guidance_schedule="var_linear"))
     g = (1.5 * steps / 2).float()[None, :, None]
     torch.testing.assert_close(lp, torch.log_softmax((1 + g) * c - g * u, -1))  # VAR's own formula
-    w = latent.guidance_weights(Sampling(cfg=2.0), steps, num_steps=3)
-    lp = latent.process_logits(c, u, w, Sampling(cfg=2.0, temperature=0.7))
+    w = latent.guidance_weights(Sampling(guidance_scale=2.0), steps, num_steps=3)
+    lp = latent.process_logits(c, u, w, Sampling(guidance_scale=2.0, temperature=0.7))
     torch.testing.assert_close(lp, torch.log_softmax((u + 2.0 * (c - u)) / 0.7, -1))  # LlamaGen's
-    with pytest.raises(ValueError, match="cfg_schedule"):
-        latent.guidance_weights(Sampling(cfg_schedule="bogus"), steps, 3)
+    with pytest.raises(ValueError, match="guidance_schedule"):
+        latent.guidance_weights(Sampling(guidance_schedule="bogus"), steps, 3)
     with pytest.raises(ValueError, match="unconditional"):
-        latent.process_logits(c, None, w, Sampling(cfg=2.0))
+        latent.process_logits(c, None, w, Sampling(guidance_scale=2.0))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.teachers.adapt import (
     drop_conditions,
     finetune_ar,
@@ -11,7 +12,6 @@ from dd2dist.teachers.adapt import (
     with_mlp_adapter,
 )
 from dd2dist.teachers.arch import LlamaGenConfig
-from dd2dist.teachers.base import Cond
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config.loader import load_config
 from dd2dist.teachers import build_teacher
 from dd2dist.teachers.arch import OFFICIAL_ARCHS
-from dd2dist.teachers.base import Cond
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "teachers"
@@ -19,7 +19,7 @@ def test_official_configs_spell_out_the_released_architecture(kind):
     cfg = load_config(CONFIGS / f"{kind}.yaml").teacher
     assert cfg.family == "llamagen" and cfg.official == kind
     assert cfg.llamagen == OFFICIAL_ARCHS[kind]
-    assert cfg.sampling.cfg_schedule == "constant"
+    assert cfg.sampling.guidance_schedule == "constant"
 
 
 def test_tiny_config_builds_a_teacher_and_loads_its_own_checkpoint(tmp_path):

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import LlamaGenConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,7 +31,7 @@ def setup(cfg: LlamaGenConfig):
 @pytest.mark.parametrize("cfg", [C2I, T2I, replace(C2I, input_adapter="mlp")], ids=["c2i", "t2i", "mlp"])
 def test_cuda_graph_sampler_equals_eager_and_teacher_forcing(cfg):
     t, cond, gen = setup(cfg)
-    s = Sampling(cfg=2.0, top_k=20)
+    s = Sampling(guidance_scale=2.0, top_k=20)
     ids_e, lp_e = t.sample(cond, s, gen(0), return_log_probs=True, cuda_graph=False)
     ids_g, lp_g = t.sample(cond, s, gen(0), return_log_probs=True, cuda_graph=True)
     assert torch.equal(ids_e, ids_g)
@@ -44,7 +44,7 @@ def test_cuda_graph_sampler_equals_eager_and_teacher_forcing(cfg):
 
 def test_bf16_and_compiled_steps_draw_from_the_fp32_distribution():
     t, cond, gen = setup(C2I)
-    s = Sampling(cfg=2.0)
+    s = Sampling(guidance_scale=2.0)
     for kw in ({"dtype": torch.bfloat16}, {"dtype": torch.bfloat16, "compile_step": True}):
         ids, lp = t.sample(cond, s, gen(1), return_log_probs=True, **kw)
         assert (lp.exp() - t.log_probs(ids, cond, s).exp()).abs().max() < 0.02, kw

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.teachers import load_official
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig
-from dd2dist.teachers.base import Cond
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 from dd2dist.teachers.llamagen_official import (
     export_llamagen_official,

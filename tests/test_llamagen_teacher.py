@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.llamagen import (
     LlamaGenTeacher,
     RMSNorm,
@@ -46,9 +46,9 @@ def assert_same_log_probs(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) 
 # ---- teacher forcing == incremental sampling --------------------------------------------------------------
 
 SAMPLINGS = [
-    Sampling(cfg=1.0),
-    Sampling(cfg=2.0, top_k=20),
-    Sampling(cfg=3.0, top_p=0.9, temperature=0.7),
+    Sampling(guidance_scale=1.0),
+    Sampling(guidance_scale=2.0, top_k=20),
+    Sampling(guidance_scale=3.0, top_p=0.9, temperature=0.7),
 ]
 
 
@@ -78,13 +78,13 @@ def test_cfg_combines_cond_and_null_rows_as_uncond_plus_w_times_difference():
     raw_c = t.head_logits(t.features(ids, cond))
     raw_u = t.head_logits(t.features(ids, t.null_cond(2)))
     expect = torch.log_softmax(raw_u + 2.5 * (raw_c - raw_u), -1)
-    torch.testing.assert_close(t.log_probs(ids, cond, Sampling(cfg=2.5)), expect, atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.log_probs(ids, cond, Sampling(guidance_scale=2.5)), expect, atol=1e-5, rtol=0)
 
 
 def test_mlp_adapter_sampler_matches_teacher_forcing_and_ids_equal_code_vectors():
     t = make(replace(C2I, input_adapter="mlp"))
     cond = Cond(labels=torch.tensor([1, 4]))
-    s = Sampling(cfg=2.0)
+    s = Sampling(guidance_scale=2.0)
     ids, lp_inc = t.sample(cond, s, torch.Generator().manual_seed(1), return_log_probs=True)
     assert_same_log_probs(lp_inc, t.log_probs(ids, cond, s))
     torch.testing.assert_close(t.features(ids, cond), t.features(t.embed(ids), cond), atol=0, rtol=0)
@@ -177,7 +177,7 @@ def test_sampler_reproducible_with_fixed_generator():
 def test_bf16_sampler_runs_and_draws_from_a_distribution_close_to_fp32():
     t = make(C2I)
     cond = Cond(labels=torch.tensor([1, 2]))
-    s = Sampling(cfg=2.0)
+    s = Sampling(guidance_scale=2.0)
     ids, lp = t.sample(cond, s, torch.Generator().manual_seed(0), return_log_probs=True, dtype=torch.bfloat16)
     assert ids.shape == (2, 16) and lp.dtype == torch.float32
     assert t.gpt.output.weight.dtype == torch.float32  # the teacher itself was not cast
@@ -294,7 +294,7 @@ def test_padded_text_slots_change_nothing_and_null_cond_keeps_the_mask():
     assert torch.equal(null.text_mask, cond.text_mask)
     torch.testing.assert_close(null.text[0], t.gpt.cls_embedding.uncond_embedding)
     # CFG log-probs use the null caption with the same mask
-    s = Sampling(cfg=4.0)
+    s = Sampling(guidance_scale=4.0)
     raw_c = t.head_logits(t.features(ids, cond))
     raw_u = t.head_logits(t.features(ids, null))
     torch.testing.assert_close(
@@ -306,7 +306,7 @@ def test_empty_caption_stays_finite():
     t = make(T2I)
     cond = text_cond(1, T2I, valid=[0])
     ids = torch.zeros(1, t.num_tokens, dtype=torch.long)
-    assert torch.isfinite(t.log_probs(ids, cond, Sampling(cfg=3.0))).all()
+    assert torch.isfinite(t.log_probs(ids, cond, Sampling(guidance_scale=3.0))).all()
 
 
 # ---- true sizes ---------------------------------------------------------------------------------------

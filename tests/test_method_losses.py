@@ -3,16 +3,16 @@
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config.schema import StudentConfig
 from dd2dist.latent import posterior
 from dd2dist.method import csd_loss, fcs_loss, gts_loss
 from dd2dist.method.losses import snap_to_codes
 from dd2dist.nets import StudentNet
 from dd2dist.teachers import VARConfig, build_family
-from dd2dist.teachers.base import Cond, Sampling
 
 CFG = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4)
-SAMPLING = Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=20)
+SAMPLING = Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=20)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config.schema import StudentConfig
 from dd2dist.eval.compact import class_conditions
 from dd2dist.nets import StudentNet
@@ -15,7 +16,6 @@ from dd2dist.nets.compact_head import (
     save_compact_head,
 )
 from dd2dist.teachers import LlamaGenConfig, VARConfig, build_family
-from dd2dist.teachers.base import Cond
 
 SMALL_VAR = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4)
 SMALL_LG = LlamaGenConfig(n_layer=1, n_head=4, dim=64, grid=3, num_classes=4)

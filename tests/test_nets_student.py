@@ -5,11 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config.schema import StudentConfig
 from dd2dist.nets import MLPHead, StudentNet
 from dd2dist.nets.student import sharp_soft_tau
 from dd2dist.teachers import LlamaGenConfig, VARConfig, build_family
-from dd2dist.teachers.base import Cond
 
 SMALL_VAR = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4)
 SMALL_LG = LlamaGenConfig(n_layer=1, n_head=4, dim=64, grid=3, num_classes=4)  # dim >= V: exact adapter fit

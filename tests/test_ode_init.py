@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config.schema import (
     AlignmentConfig,
     ExperimentConfig,
@@ -21,7 +22,6 @@ from dd2dist.method import build_schedule
 from dd2dist.method.ode_init import ode_times, pf_ode_codes, regression_loss, teacher_ode_tokens
 from dd2dist.nets.student import StudentNet
 from dd2dist.teachers import LlamaGenConfig, VARConfig, VARVQConfig, build_family
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.train import OnStep, Trainer
 
 VAR_ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
@@ -36,7 +36,9 @@ def _teacher(family: str):
 
 
 def _sampling(family: str) -> Sampling:
-    return Sampling(cfg=1.5, cfg_schedule="var_linear") if family == "var" else Sampling(cfg=2.0, top_k=8)
+    if family == "var":
+        return Sampling(guidance_scale=1.5, guidance_schedule="var_linear")
+    return Sampling(guidance_scale=2.0, top_k=8)
 
 
 # ---- the map ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dd2dist.config import ConfigError, load_config
-from dd2dist.launch.validate import validate_launch
+from dd2dist.launch.preflight import validate_launch
 from dd2dist.method.schedule import build_schedule
 from dd2dist.teachers import OFFICIAL_ARCHS, build_teacher
 
@@ -27,22 +27,22 @@ PAPER = {
     "var_d16": dict(
         official="var_d16", s1_lr=2e-4, s1_batch=512, head_only=300_000, full=30_000,
         gen_lr=2e-4, gui_lr=2e-4, s2_batch=512, guidance=(40_000, 8_000, 15_000), generator=(8_000, 7_500),
-        K=(5, 2), warmup=40_000, alignment=True, cfg=2.0, top_k=900,
+        K=(5, 2), warmup=40_000, alignment=True, guidance_scale=2.0, top_k=900,
     ),
     "var_d20": dict(
         official="var_d20", s1_lr=2e-4, s1_batch=512, head_only=300_000, full=30_000,
         gen_lr=2e-4, gui_lr=2e-4, s2_batch=512, guidance=(80_000, 8_000, 36_000), generator=(16_000, 18_000),
-        K=(5, 2), warmup=40_000, alignment=True, cfg=2.0, top_k=900,
+        K=(5, 2), warmup=40_000, alignment=True, guidance_scale=2.0, top_k=900,
     ),
     "var_d24": dict(
         official="var_d24", s1_lr=2e-4, s1_batch=512, head_only=200_000, full=30_000,
         gen_lr=5e-5, gui_lr=4e-4, s2_batch=1024, guidance=(30_000, 0, 0), generator=(15_000, 0),
-        K=(2, None), warmup=20_000, alignment=False, cfg=2.0, top_k=900,
+        K=(2, None), warmup=20_000, alignment=False, guidance_scale=2.0, top_k=900,
     ),
     "llamagen_l": dict(
         official="llamagen_l", s1_lr=1e-4, s1_batch=512, head_only=0, full=100_000,
         gen_lr=1e-4, gui_lr=2e-4, s2_batch=1024, guidance=(60_000, 0, 0), generator=(12_000, 0),
-        K=(5, None), warmup=40_000, alignment=False, cfg=2.0, top_k=8000,
+        K=(5, None), warmup=40_000, alignment=False, guidance_scale=2.0, top_k=8000,
     ),
 }
 RECIPES = [*PAPER, "llamagen_t2i_xl"]
@@ -93,8 +93,8 @@ def test_recipe_matches_paper_tables(name):
     # EMA (docs/method.md §10.4, §13.3) and the distillation target (§13.5)
     assert (s2.ema_max, s2.ema_warmup) == (0.9999, "progressive")
     assert s2.csd_loss == "sid" and s2.csd_alpha == 1.0
-    assert cfg.teacher.sampling.cfg == p["cfg"] and cfg.teacher.sampling.top_k == p["top_k"]
-    assert cfg.teacher.sampling.cfg_schedule == ("var_linear" if name.startswith("var") else "constant")
+    assert cfg.teacher.sampling.guidance_scale == p["guidance_scale"] and cfg.teacher.sampling.top_k == p["top_k"]
+    assert cfg.teacher.sampling.guidance_schedule == ("var_linear" if name.startswith("var") else "constant")
 
 
 @pytest.mark.parametrize("name", RECIPES)

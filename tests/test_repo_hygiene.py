@@ -1,15 +1,17 @@
 """Repository hygiene: the repository is self-contained and talks about the product, not about how it was made.
 
 Every check reads the tracked files (``git ls-files``) as text, skips binary files, and names each offending file and
-line. (a) No link or path leads outside the repository, and no text cites a notes file the repository does not ship
-(``method.md`` etc. other than ``docs/method.md``). (b) No file name or text carries development-history labels
-(work sessions, issue numbers, version-suffixed raw files). (c) Every ``docs/<name>.md §N`` citation, and every bare
-``§N`` inside a doc, points to a section heading that exists. (d) Raw results under ``docs/results/`` are exactly the
-files docs/results.md cites. (e) Relative links in Markdown files point to files that exist.
+line. (a) No link or path leads outside the repository (in text, or as a tracked symbolic link), and no text cites
+a notes file the repository does not ship (``method.md`` etc. other than ``docs/method.md``). (b) No file name or
+text carries development-history labels (work sessions, issue numbers, version-suffixed raw files). (c) Every
+``docs/<name>.md §N`` citation, and every bare ``§N`` inside a doc, points to a section heading that exists. (d) Raw
+results under ``docs/results/`` are exactly the files docs/results.md cites. (e) Relative links in Markdown files
+point to files that exist.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from functools import cache
@@ -123,6 +125,24 @@ def test_no_path_outside_the_repository():
                 line, content = line_of(text, m.start())
                 offenders.append(f"{path}:{line}: {what}: {content[:160]}")
     assert not offenders, report(offenders, "references outside the repository")
+
+
+def test_no_tracked_link_leads_outside_the_repository():
+    """A tracked symbolic link (git mode 120000) must point inside the checkout: a clone elsewhere lacks its target."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.skip(f"not a git checkout ({err}): the hygiene checks read `git ls-files`")
+    offenders = []
+    for entry in out.decode().split("\0"):
+        meta, _, path = entry.partition("\t")
+        if not meta.startswith("120000 "):
+            continue
+        target = os.readlink(REPO / path) if (REPO / path).is_symlink() else "?"
+        resolved = (REPO / path).parent.joinpath(target).resolve()
+        if os.path.isabs(target) or not resolved.is_relative_to(REPO.resolve()):
+            offenders.append(f"{path}: links to {target}")
+    assert not offenders, report(offenders, "links outside the repository")
 
 
 def test_no_citation_of_notes_the_repository_does_not_ship():

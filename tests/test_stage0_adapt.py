@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.config import load_config
 from dd2dist.data import TokenSample, TokenShardWriter
-from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
-from dd2dist.teachers import build_teacher
-from dd2dist.teachers.base import Cond
+from dd2dist.data.identity import teacher_id, teacher_spec
+from dd2dist.teachers import build_seeded_teacher, build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "smoke_llamagen_stage0.yaml"
@@ -133,7 +133,7 @@ def test_adapted_checkpoint_loads_with_the_printed_overrides(shard_run):
     _, report, _ = shard_run
     overrides = [o.removeprefix("--set ") for o in report["distill_overrides"]]
     cfg = load_config(REPO / "configs" / "experiments" / "smoke_llamagen_torch.yaml", overrides)
-    from dd2dist.launch.validate import validate_teacher_checkpoint
+    from dd2dist.launch.preflight import validate_teacher_checkpoint
 
     validate_teacher_checkpoint(cfg.teacher)  # shapes checked on the meta device, as distill.py does
     teacher = build_teacher(cfg.teacher)

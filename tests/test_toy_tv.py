@@ -18,7 +18,7 @@ from dd2dist.bench.toy_teacher import (
     toy_codebook,
 )
 from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, tv_floor, tv_per_position
-from dd2dist.teachers.base import Cond, Sampling
+from dd2dist.conditions import Cond, Sampling
 
 
 def test_tv_of_a_distribution_with_itself_is_zero():
@@ -113,8 +113,8 @@ def test_fit_rows_marginalisation_equals_full_enumeration():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,vocab,sampling", [
-    ("var", 4, Sampling(cfg=2.0, cfg_schedule="var_linear")),
-    ("llamagen", 3, Sampling(cfg=2.0, cfg_schedule="constant")),
+    ("var", 4, Sampling(guidance_scale=2.0, guidance_schedule="var_linear")),
+    ("llamagen", 3, Sampling(guidance_scale=2.0, guidance_schedule="constant")),
 ])
 def test_toy_teacher_fits_and_its_exact_joint_matches_its_sampler(family, vocab, sampling):
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config.schema import (
     ExperimentConfig,
     Stage1Config,
@@ -14,12 +15,11 @@ from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.eval import load_generator, one_step, teacher_refined
 from dd2dist.nets import StudentNet
 from dd2dist.teachers import VARConfig, VARVQConfig, build_family
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.train import Trainer
 
 ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_classes=4,
                  tokenizer=VARVQConfig(vocab_size=16, embed_dim=4))
-SAMPLING = Sampling(cfg=1.0, cfg_schedule="var_linear")
+SAMPLING = Sampling(guidance_scale=1.0, guidance_schedule="var_linear")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dd2dist.conditions import Sampling
 from dd2dist.config.schema import (
     AlignmentConfig,
     DataConfig,
@@ -18,7 +19,6 @@ from dd2dist.config.schema import (
 )
 from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.teachers import VARConfig, VARVQConfig, build_family
-from dd2dist.teachers.base import Sampling
 from dd2dist.train import JsonlLogger, LogMetrics, OnStep, Trainer, TrainerCallback
 from dd2dist.train.checkpoint import latest_checkpoint
 
@@ -29,7 +29,8 @@ ARCH = VARConfig(depth=1, width=32, num_heads=2, patch_nums=(1, 2, 3), num_class
 def _cfg(**kw) -> ExperimentConfig:
     base = dict(
         stages=("stage1", "stage2", "alignment"),
-        teacher=TeacherConfig(family="var", var=ARCH, sampling=Sampling(cfg=1.5, cfg_schedule="var_linear")),
+        teacher=TeacherConfig(family="var", var=ARCH,
+                              sampling=Sampling(guidance_scale=1.5, guidance_schedule="var_linear")),
         student=StudentConfig(head_width=16, head_depth=1, time_embed_dim=8),
         stage1=Stage1Config(head_only_steps=3, steps=3, lr=1e-3, warmup_steps=2, batch_size=4),
         stage2=Stage2Config(generator_steps=3, guidance_per_generator=2, generator_lr=5e-4, guidance_lr=1e-3,
@@ -329,7 +330,7 @@ def test_llamagen_trainer_runs_and_resumes_exactly(tmp_path):
 
     arch = LlamaGenConfig(n_layer=1, n_head=4, dim=64, grid=2, num_classes=3)  # snap teacher: mlp-adapter students
     cfg = _cfg(stages=("stage1", "stage2"), alignment=AlignmentConfig(),
-               teacher=TeacherConfig(family="llamagen", llamagen=arch, sampling=Sampling(cfg=2.0)),
+               teacher=TeacherConfig(family="llamagen", llamagen=arch, sampling=Sampling(guidance_scale=2.0)),
                stage1=Stage1Config(head_only_steps=0, steps=3, batch_size=4))
 
     def make():

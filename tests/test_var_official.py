@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dd2dist.teachers.arch as arch
+from dd2dist.conditions import Cond
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig
-from dd2dist.teachers.base import Cond
 from dd2dist.teachers.var import VARTeacher
 from dd2dist.teachers.var_official import (
     export_var_official,

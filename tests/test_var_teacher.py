@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, VARConfig
-from dd2dist.teachers.base import Cond, Sampling
 from dd2dist.teachers.var import VARTeacher, VARTransformer
 
-CFG_ON = Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=20, top_p=0.9)
-CFG_OFF = Sampling(cfg=0.0, cfg_schedule="var_linear")
+CFG_ON = Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=20, top_p=0.9)
+CFG_OFF = Sampling(guidance_scale=0.0, guidance_schedule="var_linear")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_teacher_forced_log_probs_equal_kv_cached_sampler(teacher, cond, samplin
 def test_cfg_uses_the_ramped_var_rule(teacher, cond):
     """Guided log-probs = log_softmax((1+g_k) cond - g_k uncond), g_k = cfg k/(S-1), computed here by hand."""
     x = teacher.embed(torch.randint(0, 64, (3, 21)))
-    s = Sampling(cfg=1.5, cfg_schedule="var_linear")
+    s = Sampling(guidance_scale=1.5, guidance_schedule="var_linear")
     with torch.no_grad():
         got = teacher.log_probs(x, cond, s)
         c = teacher.head_logits(teacher.features(x, cond), cond)
@@ -143,7 +143,8 @@ def test_interface_attributes(teacher):
     assert teacher.steps == [slice(0, 1), slice(1, 5), slice(5, 21)]
     assert teacher.step_of_token.tolist() == [0] + [1] * 4 + [2] * 16
     assert teacher.codebook().shape == (64, 8) and teacher.codebook().dtype == torch.float32
-    assert teacher.default_sampling == Sampling(cfg=2.0, cfg_schedule="var_linear", top_k=64, top_p=0.95)
+    expected = Sampling(guidance_scale=2.0, guidance_schedule="var_linear", top_k=64, top_p=0.95)
+    assert teacher.default_sampling == expected
     with pytest.raises(ValueError, match="labels"):
         teacher.features(torch.zeros(1, 21, dtype=torch.long), Cond(text=torch.zeros(1, 2, 3)))
     with pytest.raises(ValueError, match="21"):

@@ -16,11 +16,8 @@ and reports the ``checkpoint/*`` metrics its rank 0 logged to MLflow.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,27 +89,3 @@ def measure_run(run_dir: Path) -> dict:
             out[key] = {"n": len(values), "median": statistics.median(values) if values else None,
                         "max": max(values) if values else None}
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--run-dir", type=Path, default=None, help="also time verify() on a finished run")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "python": platform.python_version(),
-              "command": "python jobs/benchmark.py manifest " + " ".join(argv or sys.argv[1:]),
-              "recipes": {name: measure_recipe(RECIPES[name], args.repeats) for name in args.recipes}}
-    if args.run_dir is not None:
-        result["run"] = measure_run(args.run_dir)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

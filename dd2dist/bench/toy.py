@@ -17,26 +17,21 @@ to its exact joint.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from dd2dist.bench.toy_teacher import ToyTeacherSpec, build_toy_teacher, teacher_arch
 from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, tv_floor, tv_per_position
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.conditions import Cond, class_major_labels
+from dd2dist.teachers.base import ARTeacher
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIGS = {"var": "configs/experiments/exact_toy_var.yaml",
-                   "llamagen": "configs/experiments/exact_toy_llamagen.yaml"}
 # Measured on this CPU: the VAR generator reached TV 0.40 in 100 generator steps at width 64 but plateaued near 0.5
 # for 1000+ steps at width 32 (it must re-derive scale 1 from noise through the phi convs); LlamaGen did well at 32.
 FAMILY_WIDTH = {"var": 64, "llamagen": 32}
@@ -85,10 +80,6 @@ def ar_diffusion_ids(net, teacher: ARTeacher, labels: Tensor, gen: torch.Generat
             x[:, sl] = codebook[ids[:, sl]]
         out.append(ids)
     return torch.cat(out)
-
-
-def balanced_labels(num_classes: int, per_class: int) -> Tensor:
-    return torch.arange(num_classes).repeat_interleave(per_class)
 
 
 def tv_of_ids(ids: Tensor, labels: Tensor, joint: Tensor, vocab: int) -> float:
@@ -214,12 +205,12 @@ def run_toy(spec: ToyTeacherSpec, cfg, opts: ToyRunOptions, log=print) -> ToyRes
 
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(spec.seed + 3)
-    labels = balanced_labels(C, per_class)
+    labels = class_major_labels(C, per_class)
     tv_stage1 = tv_of_ids(one_step_ids(stage1_net, labels, gen), labels, joint, V)
     tv_ms = floor_ms = math.nan
     if opts.multistep_samples > 0:
         ms_per_class = max(1, opts.multistep_samples // C)
-        ms_labels = balanced_labels(C, ms_per_class)
+        ms_labels = class_major_labels(C, ms_per_class)
         tv_ms = tv_of_ids(ar_diffusion_ids(stage1_net, teacher, ms_labels, gen, opts.euler_steps), ms_labels,
                           joint, V)
         floor_ms = tv_floor(joint, ms_per_class, seed=spec.seed + 4)
@@ -232,7 +223,7 @@ def run_toy(spec: ToyTeacherSpec, cfg, opts: ToyRunOptions, log=print) -> ToyRes
     stage2_budget = max(0.0, opts.budget_seconds - seconds["stage1"])
     curve: list[dict[str, float]] = []
     train_s, eval_s, next_eval = 0.0, 0.0, opts.eval_every_seconds
-    curve_labels = balanced_labels(C, opts.curve_samples_per_class)
+    curve_labels = class_major_labels(C, opts.curve_samples_per_class)
 
     def more() -> bool:
         if opts.max_generator_steps and trainer.engines["generator"].optimizer_steps >= opts.max_generator_steps:
@@ -299,78 +290,3 @@ def run_toy(spec: ToyTeacherSpec, cfg, opts: ToyRunOptions, log=print) -> ToyRes
 # ---------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from err
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmark.py toy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=("var", "llamagen"), default="var")
-    p.add_argument("--seed", type=int, default=0, help="teacher table and training seed")
-    p.add_argument("--out", type=str, default=None, help="write the result JSON here")
-    p.add_argument("--vocab", type=int, default=4, help="codebook size V")
-    p.add_argument("--embed-dim", type=int, default=3, help="code dimension Ce")
-    p.add_argument("--tokens", type=int, default=4, help="LlamaGen layout: N tokens, a square (grid = sqrt N)")
-    p.add_argument("--patch-nums", type=_ints, default=(1, 2), help="VAR layout: scale sides, e.g. 1,2")
-    p.add_argument("--classes", type=int, default=2)
-    p.add_argument("--dependence", choices=("prefix", "markov"), default="prefix")
-    p.add_argument("--sharpness", type=float, default=3.0)
-    p.add_argument("--width", type=int, default=None,
-                   help="teacher transformer width, the students' backbone (default: var 64, llamagen 32)")
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=None, help="attention heads (default: var 4, llamagen 2)")
-    p.add_argument("--budget-seconds", type=float, default=720.0,
-                   help="stage 1 + stage 2 training wall time (720: with evaluations ~15 min on a quiet 2-core CPU)")
-    p.add_argument("--generator-steps", type=int, default=0,
-                   help="also stop stage 2 after this many generator steps (0 = the time budget alone)")
-    p.add_argument("--eval-every", type=float, default=60.0, help="stage-2 seconds between TV-curve points")
-    p.add_argument("--samples", type=int, default=1_000_000, help="one-step samples for the final TVs")
-    p.add_argument("--curve-samples", type=int, default=50_000, help="samples per class per curve point")
-    p.add_argument("--multistep-samples", type=int, default=20_000, help="0 skips the AR-diffusion sampler")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = as set by OMP_NUM_THREADS)")
-    p.add_argument("--config", type=str, default=None, help="training YAML (default configs/experiments/toy_<family>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set stage2.generator_lr=1e-3)")
-    return p
-
-
-def spec_from_args(args: argparse.Namespace) -> ToyTeacherSpec:
-    grid = math.isqrt(args.tokens)
-    if args.family == "llamagen" and grid * grid != args.tokens:
-        raise SystemExit(f"--tokens must be a square for llamagen (a grid x grid raster), got {args.tokens}")
-    return ToyTeacherSpec(family=args.family, vocab=args.vocab, embed_dim=args.embed_dim,
-                          patch_nums=tuple(args.patch_nums), grid=grid, num_classes=args.classes,
-                          dependence=args.dependence, sharpness=args.sharpness,
-                          width=args.width or FAMILY_WIDTH[args.family], depth=args.depth,
-                          heads=args.heads or FAMILY_HEADS[args.family], seed=args.seed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``benchmark.py toy``: run the exact check, print a summary, write JSON to ``--out``."""
-    from dd2dist.config import load_config
-
-    args = build_parser().parse_args(argv)
-    spec = spec_from_args(args)
-    config_path = args.config or str(REPO_ROOT / DEFAULT_CONFIGS[args.family])
-    base = load_config(config_path, args.overrides, check_paths=False)
-    if base.teacher.family != args.family:
-        raise SystemExit(f"{config_path}: teacher.family is {base.teacher.family!r} but --family is {args.family!r}")
-    cfg = toy_config(base, spec, args.seed)
-    opts = ToyRunOptions(budget_seconds=args.budget_seconds, max_generator_steps=args.generator_steps,
-                         eval_every_seconds=args.eval_every,
-                         curve_samples_per_class=args.curve_samples, final_samples=args.samples,
-                         multistep_samples=args.multistep_samples, threads=args.threads)
-    result = run_toy(spec, cfg, opts)
-    result.training["config"] = config_path
-    print(result.summary())
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(asdict(result), indent=1, default=float) + "\n")
-        print(f"wrote {out}")
-    return 0

@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond
 from dd2dist.teachers import build_family
 from dd2dist.teachers.arch import LlamaGenConfig, VARConfig, VARVQConfig, VQ16Config
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 Dependence = Literal["prefix", "markov"]
 

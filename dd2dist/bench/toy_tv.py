@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from dd2dist.bench.toy_teacher import all_sequences, sequence_index
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.conditions import Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 
 @torch.no_grad()

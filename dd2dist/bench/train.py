@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import resource
-import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -337,40 +336,3 @@ def run_gpu_step(args: argparse.Namespace) -> dict:
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
         "timed": {"generator": gen, "guidance": gui},
     }
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmark.py train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="write the JSON result here")
-    parser.add_argument("--batch", type=int, default=64,
-                        help="sequences per worker per iteration (64: the paper's micro-batches are 32-128 per GPU)")
-    parser.add_argument("--k", type=int, default=2, help="guidance steps per generator step")
-    parser.add_argument("--width", type=int, default=128, help="tiny VAR teacher width (CPU runs)")
-    parser.add_argument("--depth", type=int, default=4, help="tiny VAR teacher depth (CPU runs)")
-    parser.add_argument("--warmup", type=int, default=6, help="iterations before timing")
-    parser.add_argument("--iterations", type=int, default=24, help="timed iterations")
-    parser.add_argument("--teacher-zero", type=int, default=0, choices=(0, 3),
-                        help="teacher ZeRO stage of the 1-vs-2-worker scaling runs")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
-    parser.add_argument("--gpu", action="store_true", help="one-GPU true-size stage-2 step instead")
-    parser.add_argument("--geometry", default="var_d16", help="teacher geometry for --gpu (configs/teachers/*)")
-    parser.add_argument("--gpu-cycles", type=int, default=3, help="timed generator cycles for --gpu")
-    parser.add_argument("--device", default="cuda", help="device of the --gpu run (cpu: a smoke check)")
-    parser.add_argument("--teacher-bf16", action="store_true", help="--gpu: store the teacher in bf16")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    result = run_train_benchmark(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from dd2dist.config.schema import ExperimentConfig
-from dd2dist.config.typed import ConfigError, deep_merge, field_type, from_dict, to_dict
+from dd2dist.config.typed import ConfigError, deep_merge, from_dict, resolve_key, to_dict
 
 INCLUDE_KEYS = ("defaults", "include")
 
@@ -203,7 +203,7 @@ def parse_override(text: str, schema: type = ExperimentConfig) -> tuple[str, Any
     key = key.strip()
     if not sep or not key:
         raise ConfigError(key, f"override must look like KEY=VALUE (dotted key), got {text!r}")
-    tp = field_type(schema, key)
+    key, tp = resolve_key(schema, key)
     value = parse_yaml(raw, f"--set {text}")
     # A string field keeps the raw text of a bare number or bool (`--set tracking.experiment=2024`).
     if isinstance(value, (bool, int, float)) and _accepts_str(tp) and not _accepts_non_str_scalar(tp):

@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from dd2dist.conditions import Sampling
 from dd2dist.config.typed import ConfigError
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
-from dd2dist.teachers.base import Sampling
 
 Stage = Literal["stage1", "stage2", "alignment"]
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "alignment")
@@ -50,7 +50,7 @@ class TeacherConfig:
     llamagen: LlamaGenConfig = _section(LlamaGenConfig)  # architecture when family=llamagen and official is None
     # Target distribution of the distillation (docs/method.md §3.3, §13.5: CFG 2.0; paper top-k 900 for VAR, 8000 for
     # LlamaGen; tiny vocabularies keep filtering off). VAR's own rule is "var_linear", LlamaGen's "constant".
-    sampling: Sampling = field(default_factory=lambda: Sampling(cfg=2.0, cfg_schedule="var_linear"))
+    sampling: Sampling = field(default_factory=lambda: Sampling(guidance_scale=2.0, guidance_schedule="var_linear"))
     dtype: Literal["float32", "bfloat16"] = "float32"  # teacher forward precision (closed form stays fp32)
 
     def __post_init__(self) -> None:
@@ -76,8 +76,8 @@ class TeacherConfig:
             raise ConfigError("sampling.top_p", f"must be in (0, 1] (1 = off), got {s.top_p}")
         if s.temperature <= 0:
             raise ConfigError("sampling.temperature", f"must be > 0, got {s.temperature}")
-        if s.cfg < 0:
-            raise ConfigError("sampling.cfg", f"must be >= 0, got {s.cfg}")
+        if s.guidance_scale < 0:
+            raise ConfigError("sampling.guidance_scale", f"must be >= 0, got {s.guidance_scale}")
         if self.llamagen.input_adapter not in LLAMAGEN_INPUT_ADAPTERS:
             raise ConfigError(
                 "llamagen.input_adapter",

@@ -18,6 +18,10 @@ root; Ray workers then get absolute paths), the result is stored absolute, and t
 exist. A ``pattern`` is a directory (its ``*.tar``), a brace pattern and/or glob: at least one file must match
 and every brace-expanded name without wildcards must exist; remote patterns (``s3://``, ``pipe:``) are kept as
 they are. Pass ``check_paths=False`` to skip existence checks (local paths are still made absolute).
+
+Renamed fields: a dataclass may declare ``RENAMED_KEYS: ClassVar[dict[str, str]] = {old: new}``. An old key in
+the input (a stored config, a ``--set`` override) is read as the new one, with one DeprecationWarning per key and
+process; giving both names is an error.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import os
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
@@ -41,6 +46,7 @@ _RANGE_CHECKS = {
     "le": (lambda v, b: v <= b, "<="),
     "lt": (lambda v, b: v < b, "<"),
 }
+_WARNED_RENAMES: set[tuple[str, str]] = set()
 
 
 class ConfigError(ValueError):
@@ -267,6 +273,57 @@ def _field_default(fld: dataclasses.Field) -> Any:
     return None
 
 
+def renamed_keys(cls: Any) -> dict[str, str]:
+    """``{old name: new name}`` of a dataclass's renamed fields (empty when it declares none)."""
+    return dict(getattr(cls, "RENAMED_KEYS", None) or {}) if isinstance(cls, type) else {}
+
+
+def _apply_renames(cls: type, data: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``data`` with the old names of ``cls``'s renamed fields replaced by the new ones."""
+    renames = renamed_keys(cls)
+    if not any(old in data for old in renames):
+        return data
+    out = dict(data)
+    for old, new in renames.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(join_key(where, old), f"was renamed to {new!r}; give only {join_key(where, new)!r}")
+        _warn_renamed(cls, old, where)
+        out[new] = out.pop(old)
+    return out
+
+
+def _renamed_tree(cls: type, data: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """:func:`_apply_renames` on ``data`` and on every nested section of it."""
+    data = _apply_renames(cls, data, where)
+    hints = type_hints(cls)
+    out = None
+    for fld in dataclasses.fields(cls):
+        value = data.get(fld.name)
+        if not isinstance(value, Mapping):
+            continue
+        tp = hints.get(fld.name)
+        if _is_optional(tp):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = members[0] if len(members) == 1 else tp
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            renamed = _renamed_tree(tp, value, join_key(where, fld.name))
+            if renamed is not value:
+                out = out if out is not None else dict(data)
+                out[fld.name] = renamed
+    return data if out is None else out
+
+
+def _warn_renamed(cls: type, old: str, where: str) -> None:
+    if (cls.__qualname__, old) in _WARNED_RENAMES:
+        return
+    _WARNED_RENAMES.add((cls.__qualname__, old))
+    new = renamed_keys(cls)[old]
+    warnings.warn(f"config key {join_key(where, old)!r} is deprecated: it was renamed to {join_key(where, new)!r}",
+                  DeprecationWarning, stacklevel=4)
+
+
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """A new dict: ``update`` over ``base``, merging nested mappings key by key (lists are replaced)."""
     out = dict(base)
@@ -294,6 +351,8 @@ def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(where, f"expected a mapping (section {cls.__name__}), got {_describe(data)}")
+    # The whole tree at once: a section merged into its default below would hold the old and the new name.
+    data = _renamed_tree(cls, data, where)
 
     init_fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in init_fields]
@@ -319,7 +378,7 @@ def from_dict(cls: type, data: Any, where: str = "", *, check_paths: bool = True
         raw = data[name]
         default = _field_default(fld)
         if isinstance(raw, Mapping) and dataclasses.is_dataclass(default):
-            # A partial section changes the field's own default (e.g. Sampling(cfg=2.0)), not the class's.
+            # A partial section changes the field's own default (e.g. Sampling(guidance_scale=2.0)), not the class's.
             raw = deep_merge(to_dict(default), raw)
         value = _convert(hints[name], raw, key, check_paths)
         _check_metadata(meta, value, key)
@@ -390,6 +449,11 @@ def field_type(cls: type, dotted_key: str) -> Any:
 
     Optional sections (``X | None``) are looked through; below a ``dict[str, V]`` field any key is allowed.
     """
+    return resolve_key(cls, dotted_key)[1]
+
+
+def resolve_key(cls: type, dotted_key: str) -> tuple[str, Any]:
+    """``(dotted key with renamed fields under their current names, its type hint)``; see :func:`field_type`."""
     tp: Any = cls
     walked = ""
     for part in dotted_key.split("."):
@@ -402,6 +466,9 @@ def field_type(cls: type, dotted_key: str) -> Any:
         origin = typing.get_origin(tp)
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             names = {f.name for f in dataclasses.fields(tp) if f.init}
+            if part in renamed_keys(tp):
+                _warn_renamed(tp, part, walked)
+                part = renamed_keys(tp)[part]
             if part not in names:
                 hint = difflib.get_close_matches(part, list(names), n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -419,4 +486,4 @@ def field_type(cls: type, dotted_key: str) -> Any:
         else:
             raise ConfigError(join_key(walked, part), f"'{walked}' is a {type_name(tp)}, it has no sub-keys")
         walked = join_key(walked, part)
-    return tp
+    return walked, tp

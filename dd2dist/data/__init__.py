@@ -5,7 +5,7 @@ One sample of a token shard (format: docs/scaling.md §4) is a group of tar memb
 ``text.f16`` + ``text_mask.u8``) and ``meta.json``. See :mod:`dd2dist.data.schema`.
 """
 
-from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
+from dd2dist.data.identity import teacher_id, teacher_spec
 from dd2dist.data.schema import (
     SCHEMA_VERSION,
     SampleError,
@@ -22,5 +22,5 @@ from dd2dist.data.writer import TokenShardWriter, write_index
 __all__ = [
     "SCHEMA_VERSION", "SampleError", "ShardSpec", "TeacherMismatch", "TokenSample", "decode_sample",
     "encode_sample", "DataStats", "StreamState", "TokenBatch", "TokenStream", "list_shards", "TokenShardWriter",
-    "write_index", "stream_from_config", "teacher_id", "teacher_spec", "build_seeded_teacher",
+    "write_index", "stream_from_config", "teacher_id", "teacher_spec",
 ]

@@ -4,7 +4,7 @@ The id must be equal wherever the same teacher weights are used (precompute job,
 differ otherwise, so that a reader can refuse shards of another teacher. It hashes the ``teacher`` section's
 identity fields: family, official kind, the architecture in use, and each checkpoint file's name and size.
 A teacher without a checkpoint is randomly initialised from ``torch.manual_seed(seed)``
-(:func:`build_seeded_teacher`), so then the seed is part of its identity too. Sampling settings and the
+(:func:`dd2dist.teachers.build_seeded_teacher`), so then the seed is part of its identity too. Sampling settings and the
 compute dtype are not: they do not change which codebook the ids index (they are recorded per sample instead).
 """
 
@@ -46,17 +46,6 @@ def teacher_id(teacher_cfg: Any, seed: int) -> str:
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=repr).encode()).hexdigest()[:12]
     return f"{family}-{official or 'own'}-{digest}"
-
-
-def build_seeded_teacher(teacher_cfg: Any, seed: int):
-    """``build_teacher`` with the torch RNG seeded first, so a teacher without a checkpoint gets the same random
-    weights in every process (each Ray worker builds its own copy)."""
-    import torch
-
-    from dd2dist.teachers import build_teacher
-
-    torch.manual_seed(seed)
-    return build_teacher(teacher_cfg)
 
 
 def token_layout(teacher) -> str:

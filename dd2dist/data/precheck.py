@@ -21,7 +21,7 @@ from dd2dist.data.stream import list_shards
 from dd2dist.data.tario import iter_raw_samples
 
 LAYOUT_KEYS = ("family", "layout", "num_tokens", "vocab_size", "cond", "num_classes")
-PRECOMPUTE_MANIFEST = "manifest.json"  # written by data_pipelines/teacher_tokens.py
+PRECOMPUTE_MANIFEST = "manifest.json"  # written by dd2dist/pipelines/teacher_tokens.py
 
 
 class ShardSetMismatch(ValueError):

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dd2dist.conditions import Sampling
+
 SCHEMA_VERSION = 1
 
 TOKENS = "tokens.tok16"
@@ -48,7 +50,7 @@ INT16_LIMIT = 1 << 15
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _COND_KINDS = ("class", "text")
 _SOURCES = ("teacher", "real")
-_SAMPLING_FIELDS = ("cfg", "cfg_schedule", "top_k", "top_p", "temperature")
+_SAMPLING_FIELDS = ("guidance_scale", "guidance_schedule", "top_k", "top_p", "temperature")
 
 
 class SampleError(ValueError):
@@ -145,6 +147,8 @@ class ShardSpec:
         for f in fields(cls):
             if f.name in meta:
                 kwargs[f.name] = meta[f.name]
+                if f.name == "sampling" and isinstance(meta[f.name], Mapping):
+                    kwargs[f.name] = current_sampling_names(meta[f.name])
             elif f.default is MISSING and f.default_factory is MISSING:
                 raise SampleError(key, f"{META}:{f.name}", "missing", "bad_meta")
             # else: an optional field, left at its default
@@ -154,9 +158,18 @@ class ShardSpec:
             raise SampleError(key, META, str(e), "bad_meta") from e
 
 
+def current_sampling_names(settings: Mapping[str, Any]) -> dict:
+    """Stored sampling settings with the fields :class:`Sampling` renamed since under their current names, so
+    that shards and manifests written before a rename still read and compare equal."""
+    return {Sampling.RENAMED_KEYS.get(k, k): v for k, v in settings.items()}
+
+
 def sampling_dict(sampling: Any) -> dict:
-    """The five sampling settings of a :class:`dd2dist.teachers.Sampling` (or a dict) as a plain dict."""
-    src = sampling if isinstance(sampling, Mapping) else {k: getattr(sampling, k) for k in _SAMPLING_FIELDS}
+    """The five sampling settings of a :class:`dd2dist.conditions.Sampling` (or a dict) as a plain dict."""
+    if isinstance(sampling, Mapping):
+        src = current_sampling_names(sampling)
+    else:
+        src = {k: getattr(sampling, k) for k in _SAMPLING_FIELDS}
     return {k: src[k] for k in _SAMPLING_FIELDS}
 
 

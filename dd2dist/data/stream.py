@@ -37,6 +37,7 @@ import braceexpand
 import numpy as np
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.data.schema import TokenSample
 from dd2dist.data.stats import DataStats
 from dd2dist.data.tario import iter_shard_samples, sample_offsets
@@ -85,9 +86,7 @@ class TokenBatch:
     keys: list[str]
 
     def cond(self):
-        """The batch condition as a :class:`dd2dist.teachers.Cond`."""
-        from dd2dist.teachers.base import Cond
-
+        """The batch condition as a :class:`dd2dist.conditions.Cond`."""
         return Cond(labels=self.labels, text=self.text, text_mask=self.text_mask)
 
 
@@ -260,7 +259,7 @@ class TokenStream:
         chunk_steps: batches per reseeded chunk (resume re-reads at most this many batches).
         samples_per_draw: samples read consecutively from one random place of one shard.
         num_workers: 0 reads in the calling thread; 1 reads in one DataLoader worker process. More would make
-            the order depend on the worker count, and token decoding is cheap (``dd2dist.data.bench``).
+            the order depend on the worker count, and token decoding is cheap (``dd2dist.bench.data``).
         drop_last: drop the last partial batch of a finite pass.
     """
 

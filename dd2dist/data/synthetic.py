@@ -15,7 +15,7 @@ def random_spec(
     text_shape: tuple[int, int] | None = None,
 ) -> ShardSpec:
     """A small class- (or, with ``text_shape``, text-) conditional spec with VAR-like sampling settings."""
-    sampling = {"cfg": 1.5, "cfg_schedule": "var_linear", "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    sampling = {"guidance_scale": 1.5, "guidance_schedule": "var_linear", "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     cond = "text" if text_shape else "class"
     return ShardSpec(
         teacher_id=teacher_id, family="var", vocab_size=vocab_size, token_shape=(num_tokens,), cond=cond,

@@ -20,7 +20,7 @@ MLFLOW_METRICS = ("fid_to_teacher", "dependence_captured", "dependence_captured_
 def train_vs_heldout_floor(num: int) -> dict:
     """FID of real training digits vs the held-out ones (at most ``num`` of them): the best a sampler can reach
     on the held-out column."""
-    from dd2dist.digits.data import digits_split
+    from dd2dist.data.digits import digits_split
     from dd2dist.eval.classifier import cached_classifier
     from dd2dist.eval.features import digits_feature_space
     from dd2dist.eval.metrics import compute_metrics

@@ -112,8 +112,8 @@ def clean_run_dir(run_dir: Path) -> None:
 
 def precompute_tokens(cfg, plan: DemoPlan, tokens_dir: Path) -> dict:
     """Teacher-token shards (resumed / reused when complete for the same teacher and settings)."""
-    from data_pipelines.teacher_tokens import MANIFEST, precompute_teacher_tokens
     from dd2dist.data import teacher_id
+    from dd2dist.pipelines.teacher_tokens import MANIFEST, precompute_teacher_tokens
 
     manifest_path = tokens_dir / MANIFEST
     if manifest_path.is_file():
@@ -135,8 +135,8 @@ def train_students(cfg, run_dir: Path) -> dict:
     (``dd2dist.launch.callbacks.PhaseExport``; ``dd2dist.eval.run_eval`` evaluates it from there). The
     stage-1 time is the launch's start to that file's write (start-up included), stage 2 the rest.
     """
+    from dd2dist.launch.preflight import validate_run
     from dd2dist.launch.ray_train import STAGE1_FILE, export_dir, launch
-    from dd2dist.launch.validate import validate_run
 
     validate_run(cfg)
     stage1_file = export_dir(cfg) / STAGE1_FILE

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dd2dist.conditions import Cond
 from dd2dist.digits.recipe import TeacherRecipe
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 
 def transformer_parameters(teacher: ARTeacher) -> list[torch.nn.Parameter]:

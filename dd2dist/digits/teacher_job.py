@@ -1,8 +1,8 @@
 """Train (or reuse) a small digits teacher of one family, end to end on the real data path, and report its quality.
 
-    digits train split -> PNG WebDataset shards (data_pipelines.image_shards)
+    digits train split -> PNG WebDataset shards (dd2dist.data.image_shards)
       -> tokenizer training (dd2dist.digits.vq_training) on the same uint8 images
-      -> DALI decode + the trained tokenizer's encoder (data_pipelines.tokenize_images) -> token shards
+      -> DALI decode + the trained tokenizer's encoder (dd2dist.pipelines.tokenize_images) -> token shards
       -> AR cross-entropy training on those token ids (dd2dist.digits.ar_training)
       -> checkpoint {"teacher": state_dict}, loadable by dd2dist.teachers.build_teacher (teacher.checkpoint)
       -> quality: teacher samples vs the held-out split (FID / IS / PR in the digits-classifier space, class
@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling, class_major_labels
 from dd2dist.config import dump_yaml, fingerprint
+from dd2dist.data.digits import NUM_CLASSES, SPLIT_SEED, digits_split, to_uint8
 from dd2dist.digits.ar_training import train_ar
-from dd2dist.digits.data import NUM_CLASSES, SPLIT_SEED, digits_split, to_uint8
 from dd2dist.digits.recipe import TeacherRecipe
 from dd2dist.digits.vq_training import reconstruction_mse, train_tokenizer
 from dd2dist.teachers import build_family, build_teacher
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 CACHE_VERSION = 1  # bump when the training code changes what a given config produces
 
@@ -66,11 +67,11 @@ def _quantised(images: torch.Tensor) -> torch.Tensor:
 def _tokenise_through_dali(cfg: Any, tokenizer_ckpt: Path, train_uint8: torch.Tensor, labels: torch.Tensor,
                            work: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """PNG shards -> DALI -> trained tokenizer -> token shards; returns (ids, labels) read back from the shards."""
-    from data_pipelines.image_shards import write_image_shards
-    from data_pipelines.tokenize_images import tokenize_images
     from dd2dist.data import DataStats
+    from dd2dist.data.image_shards import write_image_shards
     from dd2dist.data.stream import list_shards
     from dd2dist.data.tario import iter_shard_samples
+    from dd2dist.pipelines.tokenize_images import tokenize_images
 
     img_dir, tok_dir = work / "images", work / "tokens"
     for d in (img_dir, tok_dir):
@@ -95,7 +96,7 @@ def sample_teacher_images(
     teacher: ARTeacher, per_class: int, sampling: Sampling, seed: int, batch_size: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` samples of every class, decoded: (uint8 images (N, 3, H, W), requested labels (N,))."""
-    labels = torch.arange(teacher.num_classes).repeat_interleave(per_class)
+    labels = class_major_labels(teacher.num_classes, per_class)
     gen = torch.Generator().manual_seed(seed)
     images = []
     for i in range(0, labels.shape[0], batch_size):

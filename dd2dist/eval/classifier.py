@@ -1,6 +1,6 @@
 """The digits classifier: held-out accuracy, class consistency of generated digits, and the FID feature space.
 
-A small CNN trained on the fixed digits train split (:mod:`dd2dist.digits.data`) in seconds on a CPU. Its
+A small CNN trained on the fixed digits train split (:mod:`dd2dist.data.digits`) in seconds on a CPU. Its
 penultimate layer is the feature space of FID / precision / recall for the digits (InceptionV3 features of
 16x16 digits would mostly measure upsampling artefacts), and its logits feed the Inception Score.
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2dist.digits.data import IMAGE_SIZE, NUM_CLASSES, SPLIT_SEED, digits_split
+from dd2dist.data.digits import IMAGE_SIZE, NUM_CLASSES, SPLIT_SEED, digits_split
 
 CACHE_ENV = "DD2DIST_CACHE_DIR"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dd2dist.conditions import Cond
 from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, CompactHeadSpec, fit_compact_head, save_compact_head
-from dd2dist.teachers.base import Cond
 
 
 def class_conditions(num_classes: int) -> Callable[[int, torch.Generator], Cond]:

@@ -27,8 +27,6 @@ the teacher (and the same for the pairwise TV): 0 for a sampler no better than i
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -39,9 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond, cyclic_labels
 from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
 from dd2dist.eval.token_pairs import pair_counts, pair_tv
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 REGRESSION_EXPORT = "generator_regression.safetensors"  # the generator as the PF-ODE regression left it
 # Seed offsets of the independent draws, far from evaluate_run's per-run range (seed * 1_000_003 + 7919 + i)
@@ -74,11 +73,6 @@ class Draw:
     settings: dict = field(default_factory=dict)
 
 
-def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
-    """0, 1, ..., C-1, 0, 1, ...: every class within one of num_samples / C."""
-    return torch.arange(num_samples) % num_classes
-
-
 def dependence_captured(score: float, marginals: float, floor: float) -> float:
     """(S_marginals - S) / (S_marginals - S_floor): 0 = no better than independent tokens, 1 = at the floor."""
     span = marginals - floor
@@ -91,7 +85,7 @@ def dependence_captured(score: float, marginals: float, floor: float) -> float:
 
 
 def _uint8(x: Tensor) -> Tensor:
-    from dd2dist.digits.data import to_uint8
+    from dd2dist.data.digits import to_uint8
 
     return to_uint8(x)
 
@@ -261,8 +255,8 @@ def _load_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...]) 
 def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOptions(), space_kind: str = "auto",
                        log: Callable[[str], None] = print) -> dict:
     """Score every sampler of the run in ``run_dir`` against the teacher's own samples; returns the report."""
-    from dd2dist.data.identity import build_seeded_teacher
     from dd2dist.eval.run_eval import teacher_feature_space
+    from dd2dist.teachers import build_seeded_teacher
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -273,7 +267,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     n, batch = int(opts.num_samples), int(opts.batch_size)
     if n < 2 * C:
         raise ValueError(f"num_samples must be at least 2 per class ({2 * C}), got {n}")
-    labels = balanced_labels(n, C)
+    labels = cyclic_labels(n, C)
     base = int(cfg.seed) * 1_000_003
     unknown = [s for s in opts.samplers if s not in ALL_SAMPLERS]
     if unknown:
@@ -418,34 +412,3 @@ def summary_lines(report: dict) -> list[str]:
                     + (f"; beats DD1-style regression: {h['one_step_beats_dd1']}" if "one_step_beats_dd1" in h else ""))
     rows.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return rows
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmark.py fidelity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a run directory (its config.yaml and export/)")
-    p.add_argument("--out", default=None, help="write the report JSON here")
-    p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
-    p.add_argument("--batch-size", type=int, default=FidelityOptions.batch_size)
-    p.add_argument("--samplers", default=",".join(ALL_SAMPLERS),
-                   help="comma-separated subset of " + ", ".join(ALL_SAMPLERS))
-    p.add_argument("--space", default="auto", choices=("auto", "digits", "inception"), help="feature space")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``benchmark.py fidelity``: score a run's samplers against the teacher, print a table, write JSON."""
-    args = build_parser().parse_args(argv)
-    samplers = tuple(s.strip() for s in args.samplers.split(",") if s.strip())
-    try:
-        opts = FidelityOptions(num_samples=args.samples, batch_size=args.batch_size, samplers=samplers)
-        report = fidelity_benchmark(args.run, opts, args.space)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"benchmark.py fidelity: {err}")
-        return 2
-    print("\n".join(summary_lines(report)))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {out}")
-    return 0

@@ -10,14 +10,12 @@ nearest code (LlamaGen's soft input rule) keeps just the code cell of eps_j; a c
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from dd2dist.teachers.base import Cond
+from dd2dist.conditions import Cond, cyclic_labels
 
 
 def ridge_r2(x: Tensor, y: Tensor, train: int, ridge: float = 1e-3) -> float:
@@ -43,7 +41,7 @@ def noise_recoverability(net, steps: list[slice], num_classes: int, num: int = 4
     """
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((num, net.num_tokens, net.embed_dim), generator=gen)
-    labels = torch.arange(num) % max(1, num_classes)
+    labels = cyclic_labels(num, max(1, num_classes))
     feats = net.backbone.features(eps, Cond(labels=labels)).float()
     pairs = [(steps[s].start, steps[s + 1].start) for s in range(len(steps) - 1)][:max_pairs]
     train = num // 2
@@ -51,20 +49,16 @@ def noise_recoverability(net, steps: list[slice], num_classes: int, num: int = 4
     return {"mean": sum(by_pair.values()) / max(1, len(by_pair)), "by_pair": by_pair, "samples": num}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``benchmark.py probe --run DIR``: the probe for a run's exported generator (and its stage-1 student)."""
-    from dd2dist.data.identity import build_seeded_teacher
+def probe_run(run_dir: str | Path, samples: int = 4000) -> dict:
+    """The probe for a run's exported generator, its regression export and its stage-1 student (those it has):
+    ``{"run", "family", "nets": {name: noise_recoverability(...)}}``."""
     from dd2dist.eval.fidelity import REGRESSION_EXPORT, run_config
     from dd2dist.eval.run_eval import find_stage1_weights, load_student_weights
     from dd2dist.eval.sampling import load_generator
     from dd2dist.nets.student import StudentNet
+    from dd2dist.teachers import build_seeded_teacher
 
-    p = argparse.ArgumentParser(prog="benchmark.py probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True)
-    p.add_argument("--out", default=None)
-    p.add_argument("--samples", type=int, default=4000)
-    args = p.parse_args(argv)
-    run = Path(args.run)
+    run = Path(run_dir)
     cfg = run_config(run)
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
     nets = {}
@@ -76,13 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         net = StudentNet(teacher, cfg.student, init_adapter=False)
         net.load_state_dict(load_student_weights(stage1))
         nets["stage1"] = net.eval()
-    report = {"run": str(run), "family": teacher.family,
-              "nets": {name: noise_recoverability(net, teacher.steps, teacher.num_classes, args.samples)
-                       for name, net in nets.items()}}
-    for name, r in report["nets"].items():
-        print(f"{teacher.family} {name}: earlier-noise probe R^2 {r['mean']:.3f} "
-              + " ".join(f"{k}:{v:.2f}" for k, v in list(r["by_pair"].items())[:8]))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return {"run": str(run), "family": teacher.family,
+            "nets": {name: noise_recoverability(net, teacher.steps, teacher.num_classes, samples)
+                     for name, net in nets.items()}}

@@ -35,17 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dd2dist.digits.data import to_uint8
+from dd2dist.conditions import Cond, cyclic_labels
+from dd2dist.data.digits import to_uint8
 from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 METHODS = ("teacher", "stage1", "one_step", "one_step_snapped", "one_step_compact", "refined")
 STAGE1_EXPORTS = ("stage1_student.safetensors", "stage1_student.pt")
-
-
-def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
-    """0, 1, ..., C-1, 0, 1, ...: every class within one of num_samples / C."""
-    return torch.arange(num_samples) % num_classes
 
 
 def per_sample_noise(num: int, shape: tuple[int, ...], seed_base: int, start: int = 0) -> Tensor:
@@ -161,17 +157,17 @@ def evaluate_run(
     (:func:`dd2dist.eval.token_marginals.class_position_counts`, e.g. over the teacher-token shards); with it every
     method also gets ``token_marginal_tv``, the total variation of its token marginals from those.
     """
-    from dd2dist.data.identity import build_seeded_teacher
     from dd2dist.eval.metrics import class_consistency, compute_metrics
     from dd2dist.eval.token_marginals import class_position_counts, marginal_tv
     from dd2dist.nets.student import StudentNet
+    from dd2dist.teachers import build_seeded_teacher
 
     run_dir = Path(cfg.output_dir)
     out = Path(out_dir) if out_dir else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()  # the same weights the training workers built
     n = int(num_samples or cfg.eval.num_samples)
-    labels = balanced_labels(n, teacher.num_classes)
+    labels = cyclic_labels(n, teacher.num_classes)
     nets: dict[str, Any] = {}
     export = run_dir / "export" / generator_file
     compact_file = run_dir / "export" / COMPACT_HEAD_FILE
@@ -258,7 +254,7 @@ def _sampling_dict(sampling) -> dict:
 
 def teacher_feature_space(cfg, teacher: ARTeacher, kind: str):
     """(FeatureSpace, reference images or npz path, classifier or None) for this teacher."""
-    from dd2dist.digits.data import IMAGE_SIZE, NUM_CLASSES, digits_split
+    from dd2dist.data.digits import IMAGE_SIZE, NUM_CLASSES, digits_split
     from dd2dist.eval.features import digits_feature_space, inception_feature_space
 
     if kind == "auto":

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.nets.student import StudentNet
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 
 def _device_of(net: torch.nn.Module) -> torch.device:

@@ -38,10 +38,11 @@ from typing import Any
 
 import torch
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.config.schema import StudentConfig
 from dd2dist.latent import guidance_weights
 from dd2dist.nets.compact_head import CompactHead, CompactHeadSpec
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = ("digits_var", "digits_llamagen", "var_d16", "llamagen_l")
@@ -64,7 +65,7 @@ def build_benchmark_teacher(model: str) -> tuple[ARTeacher, Sampling]:
     elif model in OFFICIAL_ARCHS:
         arch = OFFICIAL_ARCHS[model]
         family = "var" if model.startswith("var_") else "llamagen"
-        sampling = Sampling(cfg=2.0, cfg_schedule="var_linear" if family == "var" else "constant")
+        sampling = Sampling(guidance_scale=2.0, guidance_schedule="var_linear" if family == "var" else "constant")
     else:
         raise ValueError(f"unknown benchmark model {model!r}; choose from digits_var, digits_llamagen, "
                          f"{', '.join(OFFICIAL_ARCHS)}")
@@ -217,7 +218,7 @@ def benchmark_model(
             "ar_steps": len(teacher.steps), "teacher_params": n_teacher, "generator_params": n_generator,
             "generator_head": {"width": head.head_width, "depth": head.head_depth,
                                "time_embed_dim": head.time_embed_dim, "form": head_form},
-            "sampling": {"cfg": sampling.cfg, "cfg_schedule": sampling.cfg_schedule,
+            "sampling": {"guidance_scale": sampling.guidance_scale, "guidance_schedule": sampling.guidance_schedule,
                          "cfg_rows": 2 * B if cfg_on else B},
             "timings": timings,
             "s_per_image": {k: v / B for k, v in med.items()},
@@ -264,7 +265,7 @@ def plot(results: list[dict], path: str) -> str:
 
 
 def run_speed_benchmark(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by parsed ``args`` (see :func:`build_parser`); returns the JSON-ready report."""
+    """Run the benchmark described by the parsed flags of ``jobs/benchmark.py speed``; returns the JSON-ready report."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -301,44 +302,3 @@ def run_speed_benchmark(args: argparse.Namespace) -> dict:
 
 def _quiet(_: str) -> None:
     return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmark.py speed", description="one-step generator vs teacher AR sampler")
-    p.add_argument("--out", default=None, help="JSON path; the PNG plot goes next to it (.png)")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help="comma list: digits_var, digits_llamagen, var_d16..var_d30, llamagen_b, llamagen_l")
-    p.add_argument("--batch-sizes", default="1,64")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--true-size-repeats", type=int, default=2, help="repeats for true-size models on CPU")
-    p.add_argument("--true-size-all-batches", action="store_true",
-                   help="also run true-size models at every batch size on CPU")
-    p.add_argument("--head-width", type=int, default=0, help="override the generator head's width (0: the recipe's)")
-    p.add_argument("--head-depth", type=int, default=0, help="override the generator head's depth (0: the recipe's)")
-    p.add_argument("--head-form", default="sampling", choices=("sampling", "training"),
-                   help="time the generator as evaluation samples it (head folded at t = 1) or in its training form")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--verbose", action="store_true", default=True)
-    p.add_argument("--quiet", dest="verbose", action="store_false")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    """``jobs/benchmark.py speed``: print a table, save JSON + PNG with ``--out``."""
-    args = build_parser().parse_args(argv)
-    report = run_speed_benchmark(args)
-    print(f"device {report['device']} ({report['device_type']}, {report['threads']} threads, {report['dtype']})")
-    print(f"{'model':<16}{'B':>4}{'teacher AR':>12}{'+decode':>10}{'one-step':>11}{'+decode':>10}"
-          f"{'TF pass':>10}{'speed-up':>10}{'1step/TF':>10}{'compact':>9}{'c/TF':>7}   (ms per batch, median)")
-    for r in report["results"]:
-        t = {k: v["median_s"] * 1e3 for k, v in r["timings"].items()}
-        print(f"{r['model']:<16}{r['batch_size']:>4}{t['teacher_ar']:>12.1f}{t['teacher_ar_decode']:>10.1f}"
-              f"{t['one_step']:>11.1f}{t['one_step_decode']:>10.1f}{t['teacher_forced']:>10.1f}"
-              f"{r['speedup_one_step_vs_teacher']:>9.1f}x{r['one_step_over_teacher_forced']:>10.2f}"
-              + (f"{t['one_step_compact']:>9.1f}{r['one_step_compact_over_teacher_forced']:>7.2f}"
-                 if "one_step_compact" in t else f"{'-':>9}{'-':>7}"))
-    if args.out:
-        print(f"wrote {args.out} and {report['plot']}")
-    return 0

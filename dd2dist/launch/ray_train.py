@@ -265,8 +265,8 @@ def launch(cfg, *, dry_run: bool = False, max_iterations: int | None = None) -> 
     (:class:`dd2dist.launch.run_lock.RunLocked` when another live run holds it). ``summary["preempted"]`` is
     the stop record (iteration, reason, checkpoint) when a SIGTERM / Ctrl-C stopped the run early, else None.
     """
+    from dd2dist.launch.preflight import validate_run
     from dd2dist.launch.run_lock import acquire_run_locks
-    from dd2dist.launch.validate import validate_run
 
     validate_run(cfg)
     locks = [] if dry_run else acquire_run_locks(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dd2dist.teachers.base import Cond
+from dd2dist.conditions import Cond, class_major_labels
 from dd2dist.train.callbacks import TrainerCallback
 
 GRID_SEED = 1234  # the same noise for every grid of a run, so grids are comparable over time
@@ -47,7 +47,7 @@ def generator_grid(generator_net, teacher, num_classes: int, classes: int = 8, p
 
     device = next(generator_net.parameters()).device
     shown = min(classes, num_classes)
-    labels = torch.arange(shown, device=device).repeat_interleave(per_class)
+    labels = class_major_labels(shown, per_class, device)
     noise = torch.Generator(device=device).manual_seed(GRID_SEED)
     _, ids = one_step(generator_net, Cond(labels=labels), noise)
     images = teacher.decode(ids)

@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond, Sampling
 from dd2dist.latent import add_noise, nearest_code, posterior, velocity_to_x0
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 
 def closed_form(lp: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor, t_min: float):

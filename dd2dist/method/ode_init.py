@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond, Sampling, TokenPicker
 from dd2dist.latent import T_MIN, mixture_logits, posterior
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
+from dd2dist.teachers.base import ARTeacher
 
 
 def ode_times(num_steps: int, t_min: float = T_MIN) -> list[float]:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond
 from dd2dist.nets.head import FixedTimeHead, fixed_time_velocity
-from dd2dist.teachers.base import Cond
 
 COMPACT_HEAD_FILE = "generator_compact_head.safetensors"  # beside generator.safetensors in <run>/export
 

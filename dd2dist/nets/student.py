@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond
 from dd2dist.nets.head import MLPHead
 from dd2dist.nets.vector_input import NOISE_INPUTS, VectorInput
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 log = logging.getLogger("dd2dist.nets")
 

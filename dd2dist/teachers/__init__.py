@@ -8,13 +8,13 @@ explicit key maps. Family modules are imported lazily so that importing the inte
 from __future__ import annotations
 
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig, VARVQConfig, VQ16Config
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling
+from dd2dist.teachers.base import ARTeacher
 
 OFFICIAL_KINDS = tuple(OFFICIAL_ARCHS)
 
 __all__ = [
-    "ARTeacher", "Cond", "Sampling", "VARConfig", "VARVQConfig", "LlamaGenConfig", "VQ16Config",
-    "OFFICIAL_ARCHS", "OFFICIAL_KINDS", "build_family", "build_teacher", "load_official",
+    "ARTeacher", "VARConfig", "VARVQConfig", "LlamaGenConfig", "VQ16Config",
+    "OFFICIAL_ARCHS", "OFFICIAL_KINDS", "build_family", "build_seeded_teacher", "build_teacher", "load_official",
 ]
 
 
@@ -72,3 +72,13 @@ def build_teacher(cfg) -> ARTeacher:
                 f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
             )
     return teacher.freeze()
+
+
+def build_seeded_teacher(cfg, seed: int) -> ARTeacher:
+    """:func:`build_teacher` with the torch RNG seeded first, so a teacher without a checkpoint gets the same random
+    weights in every process (each Ray worker builds its own copy; ``dd2dist.data.identity.teacher_id`` counts the
+    seed as part of such a teacher's identity)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_teacher(cfg)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dd2dist.teachers.base import Cond
+from dd2dist.conditions import Cond
 from dd2dist.teachers.llamagen import LlamaGenTeacher
 
 

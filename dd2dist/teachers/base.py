@@ -11,82 +11,15 @@ networks reuse a teacher's backbone through :meth:`ARTeacher.features`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond, Sampling, TokenPicker
+from dd2dist.latent import guidance_weights, nearest_code, process_logits
+
 Family = Literal["var", "llamagen"]
-
-# How a sampler chooses the ids of one AR step: (log-probs (B, n, V) of the step's n tokens after CFG and
-# filtering, the step's slice of the N tokens) -> ids (B, n). The default is a multinomial draw; the PF-ODE
-# pairs of dd2dist.method.ode_init map fixed noise to each token instead.
-TokenPicker = Callable[[Tensor, slice], Tensor]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the teacher turns logits into a sampling distribution.
-
-    ``cfg`` is read by the teacher's own guidance rule (``cfg_schedule``):
-      * ``"constant"`` (LlamaGen): ``logits = uncond + cfg * (cond - uncond)`` at every step; cfg=1 is off.
-      * ``"var_linear"`` (VAR): ``logits = (1 + g_k) cond - g_k uncond`` with ``g_k = cfg * k / (S - 1)`` for
-        AR step k of S; cfg=0 is off.
-    Both are ``uncond + w_k (cond - uncond)``; :func:`dd2dist.latent.guidance_weights` returns w_k.
-    Then temperature, top-k (0 = off), top-p (1.0 = off) are applied, as -inf masks.
-    """
-
-    cfg: float = 1.0
-    cfg_schedule: Literal["constant", "var_linear"] = "constant"
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-
-    def with_(self, **kw) -> Sampling:
-        return replace(self, **kw)
-
-
-@dataclass
-class Cond:
-    """The condition of a batch: class labels, or precomputed text features (left-padded) with their mask.
-
-    The null condition (for CFG) is label ``num_classes`` for class models, and the teacher's learned null
-    caption with the same mask for text models (see :meth:`ARTeacher.null_cond`).
-    """
-
-    labels: Tensor | None = None  # (B,) int64
-    text: Tensor | None = None  # (B, T, Dt) float
-    text_mask: Tensor | None = None  # (B, T) bool, True = valid slot
-
-    @property
-    def batch_size(self) -> int:
-        for t in (self.labels, self.text):
-            if t is not None:
-                return t.shape[0]
-        raise ValueError("Cond holds neither labels nor text")
-
-    def to(self, device) -> Cond:
-        mv = lambda t: None if t is None else t.to(device)
-        return Cond(mv(self.labels), mv(self.text), mv(self.text_mask))
-
-    def select(self, idx) -> Cond:
-        sel = lambda t: None if t is None else t[idx]
-        return Cond(sel(self.labels), sel(self.text), sel(self.text_mask))
-
-    def repeat(self, n: int) -> Cond:
-        """Each row repeated n times consecutively (row b -> rows b*n .. b*n+n-1)."""
-        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)
-        return Cond(rep(self.labels), rep(self.text), rep(self.text_mask))
-
-    @staticmethod
-    def cat(conds: list[Cond]) -> Cond:
-        def c(name):
-            parts = [getattr(x, name) for x in conds]
-            return None if parts[0] is None else torch.cat(parts, 0)
-
-        return Cond(c("labels"), c("text"), c("text_mask"))
 
 
 class ARTeacher(nn.Module, abc.ABC):
@@ -124,8 +57,6 @@ class ARTeacher(nn.Module, abc.ABC):
 
     def quantize(self, x: Tensor) -> Tensor:
         """Nearest code per token, (B, N, Ce) -> ids (B, N), by the family's metric."""
-        from dd2dist.latent import nearest_code
-
         return nearest_code(x, self.codebook(), normalized=self.family == "llamagen")
 
     # ---- conditioning ---------------------------------------------------------------------------------
@@ -153,8 +84,6 @@ class ARTeacher(nn.Module, abc.ABC):
         ``sampling=None`` gives the model's raw conditional distribution (no CFG, no filtering); otherwise
         the teacher's own CFG rule, temperature, top-k and top-p are applied (filtered codes are -inf).
         """
-        from dd2dist.latent import guidance_weights, process_logits
-
         if sampling is None:
             return torch.log_softmax(self.head_logits(self.features(x, cond), cond).float(), dim=-1)
         w = guidance_weights(sampling, self.step_of_token, len(self.steps))  # (N,)

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond, Sampling, TokenPicker
 from dd2dist.latent import guidance_weights, process_logits
 from dd2dist.teachers.arch import LlamaGenConfig
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
+from dd2dist.teachers.base import ARTeacher
 from dd2dist.teachers.vq16 import VQ16
 
 INPUT_ADAPTERS = ("snap", "soft", "mlp")
@@ -302,7 +303,7 @@ class LlamaGenGPT(nn.Module):
 
 
 # 2^-126 - 2^-149, exact in a Python float. Plain arithmetic, not torch ops: this module may first be imported
-# inside a `torch.device("meta")` block (launch.validate builds teachers there), where a tensor has no value.
+# inside a `torch.device("meta")` block (launch.preflight builds teachers there), where a tensor has no value.
 LARGEST_SUBNORMAL_F32 = 2.0**-126 - 2.0**-149
 
 
@@ -352,7 +353,9 @@ class LlamaGenTeacher(ARTeacher):
         self.latent_hw = (cfg.grid, cfg.grid)
         self.steps = [slice(i, i + 1) for i in range(self.num_tokens)]
         self.register_buffer("step_of_token", torch.arange(self.num_tokens), persistent=False)
-        self.default_sampling = Sampling(cfg=2.0, cfg_schedule="constant", top_k=min(900, self.vocab_size), top_p=1.0)
+        self.default_sampling = Sampling(
+            guidance_scale=2.0, guidance_schedule="constant", top_k=min(900, self.vocab_size), top_p=1.0
+        )
         # sampler-only state kept out of the module tree (plain dict: never in state_dict / parameters()):
         # dtype -> (weights key, cast GPT copy, compiled decode step or None)
         self._sampler_cache: dict = {}

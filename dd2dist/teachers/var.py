@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dd2dist.conditions import Cond, Sampling, TokenPicker
 from dd2dist.latent import guidance_weights, process_logits
 from dd2dist.teachers.arch import VARConfig
-from dd2dist.teachers.base import ARTeacher, Cond, Sampling, TokenPicker
+from dd2dist.teachers.base import ARTeacher
 from dd2dist.teachers.var_vqvae import VARVQVAE
 
 MAX_LOG_SCALE_MUL = math.log(100.0)  # clamp of the per-head attention temperature (log space)
@@ -246,7 +247,7 @@ class VARTeacher(ARTeacher):
         self.steps = [slice(b, e) for b, e in zip(bounds[:-1], bounds[1:])]
         self.register_buffer("step_of_token", scale_index_per_token(self.patch_nums), persistent=False)
         self.default_sampling = Sampling(
-            cfg=2.0, cfg_schedule="var_linear", top_k=min(900, self.vocab_size), top_p=0.95
+            guidance_scale=2.0, guidance_schedule="var_linear", top_k=min(900, self.vocab_size), top_p=0.95
         )
 
     def init_buffers(self, device) -> None:

@@ -9,10 +9,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from dd2dist.conditions import Cond, cyclic_labels
 from dd2dist.engine.base import Engine
 from dd2dist.method.ode_init import teacher_ode_tokens
 from dd2dist.method.seeding import make_generator
-from dd2dist.teachers.base import ARTeacher, Cond
+from dd2dist.teachers.base import ARTeacher
 
 
 class BatchSource:
@@ -47,7 +48,7 @@ class BatchSource:
         if self.cfg.data.label_mode == "balanced":
             # consecutive micro-batches and ranks continue the cycle, so each optimizer step sees balanced classes
             slot = (iteration * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank
-            return (torch.arange(batch, device=self.device) + slot * batch) % self.num_classes
+            return cyclic_labels(batch, self.num_classes, start=slot * batch, device=self.device)
         return torch.randint(self.num_classes, (batch,), generator=self.generator(iteration, purpose),
                              device=self.device)
 

@@ -9,23 +9,19 @@ that makes the checkpoint complete, so the hashes describe the files exactly as 
 re-reads every listed file: a missing file, another size or another checksum fails the checkpoint and the
 message names the file. Files that are not listed are ignored (``tracking.json`` is added by the Ray layer after
 the checkpoint is complete). A directory without a manifest does not verify: it was written by an older dd2dist
-or by hand; ``python -m dd2dist.train.manifest write DIR`` adds one after a person has checked it.
+or by hand; ``python jobs/checkpoint_manifest.py write DIR`` adds one after a person has checked it.
 
 Ranks share the work (SHA-256 runs at ~1.7 GB/s per core): each rank lists the files it can see, the lists are
 gathered, and each file is hashed by one of the ranks that see it. On the shared file system of the cluster
-recipes every rank sees every file; on node-local disks each node's files are hashed on that node.
-
-    python -m dd2dist.train.manifest verify DIR [DIR ...]     # exit 0 when every DIR verifies
-    python -m dd2dist.train.manifest write DIR                # add a manifest to a checkpoint checked by hand
+recipes every rank sees every file; on node-local disks each node's files are hashed on that node. By hand:
+``python jobs/checkpoint_manifest.py verify DIR [DIR ...]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -189,30 +185,3 @@ def require_verified(directory: str | os.PathLike) -> None:
     problems = verify(directory, collective=False)
     if problems:
         raise UnverifiedCheckpoint(directory, problems)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Verify checkpoint directories, or add a manifest to one.")
-    parser.add_argument("command", choices=("verify", "write"))
-    parser.add_argument("directories", nargs="+")
-    args = parser.parse_args(argv)
-    code = 0
-    for directory in args.directories:
-        if not Path(directory).is_dir():
-            print(f"{directory}: not a directory", file=sys.stderr)
-            code = 1
-            continue
-        if args.command == "write":
-            state = Path(directory) / "state.json"
-            iteration = json.loads(state.read_text()).get("iteration") if state.is_file() else None
-            path = write_manifest(directory, build_manifest(directory, iteration, collective=False))
-            print(f"{path}: {len(read_manifest(directory)['files'])} files")
-            continue
-        problems = verify(directory, collective=False)
-        print(f"{directory}: {'verified' if not problems else 'FAILED: ' + '; '.join(problems)}")
-        code = code or (1 if problems else 0)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

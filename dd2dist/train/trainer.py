@@ -573,7 +573,7 @@ class Trainer:
             detail = " | ".join(f"{p}: {'; '.join(why)}" for p, why in self.resume_skipped)
             raise NoVerifiedCheckpoint(
                 f"no checkpoint verifies ({detail}); repair or move them away to start over "
-                "(python -m dd2dist.train.manifest verify DIR)")
+                "(python jobs/checkpoint_manifest.py verify DIR)")
         return None
 
     # ------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -74,8 +73,8 @@ def bench_decoding(work: Path, n: int, size: int) -> dict:
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from data_pipelines.image_shards import pil_preprocess, write_image_shards
-    from data_pipelines.tokenize_images import build_image_pipeline, ensure_indexes
+    from dd2dist.data.image_shards import pil_preprocess, write_image_shards
+    from dd2dist.pipelines.tokenize_images import build_image_pipeline, ensure_indexes
 
     shards = write_image_shards(work / "images", _bench_images(n, size), [0] * n, fmt="jpg", per_shard=n)
     out = {"images": n, "jpeg_size": [size, size * 4 // 3], "output_size": size, "epochs_timed": 2}
@@ -100,7 +99,7 @@ def bench_decoding(work: Path, n: int, size: int) -> dict:
 
 
 def bench_teacher_sampling(work: Path, cfg, num_samples: int, batch_size: int) -> dict:
-    from data_pipelines.teacher_tokens import precompute_teacher_tokens
+    from dd2dist.pipelines.teacher_tokens import precompute_teacher_tokens
 
     out = {"num_samples": num_samples, "batch_size": batch_size, "teacher": cfg.teacher.family}
     for workers in (1, 2):
@@ -117,7 +116,7 @@ def bench_teacher_sampling(work: Path, cfg, num_samples: int, batch_size: int) -
 
 
 def run_data_benchmark(args: argparse.Namespace) -> dict:
-    """Run the selected parts (``args.parts``) and return the JSON-able results."""
+    """Run the selected parts (``args.parts``: the flags of ``jobs/benchmark.py data``); the JSON-able results."""
     from dd2dist.config import load_config
     from dd2dist.launch.ray_env import init_local_ray
 
@@ -149,28 +148,3 @@ def run_data_benchmark(args: argparse.Namespace) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmark.py data", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="write the JSON here too")
-    parser.add_argument("--parts", nargs="+", default=["stream", "decode", "sample"],
-                        choices=["stream", "decode", "sample"])
-    parser.add_argument("--batch-size", type=int, default=64, help="streaming batch per rank")
-    parser.add_argument("--batches", type=int, default=200, help="streaming batches timed")
-    parser.add_argument("--consumption-rate", type=float, default=None,
-                        help="training samples/s per worker to compare with (default: the paper's, per GPU)")
-    parser.add_argument("--images", type=int, default=256, help="JPEGs decoded")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--config", default=None, help="teacher config for the sampling part (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--num-samples", type=int, default=1024, help="teacher samples per worker setting")
-    parser.add_argument("--sample-batch", type=int, default=32)
-    args = parser.parse_args(argv)
-    result = run_data_benchmark(args)
-    text = json.dumps(result, indent=2, sort_keys=True)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0

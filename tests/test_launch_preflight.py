@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dd2dist.config import ConfigError, load_config
-from dd2dist.launch.validate import validate_run
+from dd2dist.launch.preflight import validate_run
 from dd2dist.teachers import build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_a_foreign_shard_in_a_mixed_set_is_named(tmp_path, shard_sets):
 def test_matching_shards_pass_and_a_damaged_one_is_left_to_the_stream(tmp_path, shard_sets):
     import shutil
 
-    from dd2dist.launch.validate import validate_data
+    from dd2dist.launch.preflight import validate_data
 
     copy = tmp_path / "own"
     shutil.copytree(shard_sets["smoke_var_deepspeed"], copy)

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
+from dd2dist.data.identity import teacher_id, teacher_spec
 from dd2dist.data.schema import TokenSample
 from dd2dist.data.stream import list_shards
 from dd2dist.data.writer import TokenShardWriter, index_path, read_index_keys, write_index
+from dd2dist.pipelines.teacher_tokens import _write_json
+from dd2dist.teachers import build_seeded_teacher
 
 log = logging.getLogger("dd2dist.data")
 
@@ -123,8 +125,6 @@ def tokenize_images(
     Returns a summary (counts, label histogram, teacher id, images/s). Keys are kept from the image shards.
     """
     import torch
-
-    from data_pipelines.teacher_tokens import _write_json
 
     shards = list_shards(images)
     out = Path(output)

@@ -1,6 +1,6 @@
 """Image WebDataset shards (``<key>.png|jpg`` + ``label.i64`` + ``cond.cls``) and the PIL reference preprocessing.
 
-``write_image_shards`` turns arrays into shards that the DALI pipeline of :mod:`data_pipelines.tokenize_images`
+``write_image_shards`` turns arrays into shards that the DALI pipeline of :mod:`dd2dist.pipelines.tokenize_images`
 reads (the digits demo uses it). ``pil_preprocess`` is the plain-Python twin of that pipeline's decode ->
 resize shorter side -> centre crop -> [-1, 1] chain; it is used only to cross-check DALI (tests, benchmark).
 """

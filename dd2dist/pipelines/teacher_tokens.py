@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from dd2dist.data.identity import build_seeded_teacher, teacher_id, teacher_spec
-from dd2dist.data.schema import TokenSample, sampling_dict
+from dd2dist.data.identity import teacher_id, teacher_spec
+from dd2dist.data.schema import TokenSample, current_sampling_names, sampling_dict
 from dd2dist.data.writer import TokenShardWriter, read_index_keys, remove_partial_shards
+from dd2dist.teachers import build_seeded_teacher
 
 log = logging.getLogger("dd2dist.data")
 MANIFEST = "manifest.json"
@@ -51,7 +52,7 @@ def key_index(key: str) -> int:
     return int(key[1:])
 
 
-def balanced_labels(seed: int, num_classes: int, num_samples: int) -> np.ndarray:
+def seeded_balanced_labels(seed: int, num_classes: int, num_samples: int) -> np.ndarray:
     """Labels where each consecutive group of ``num_classes`` indices is a seeded permutation of all classes."""
     groups = -(-num_samples // num_classes)
     perms = [np.random.default_rng([seed, 7, g]).permutation(num_classes) for g in range(groups)]
@@ -124,7 +125,7 @@ class TokenSampler:
         """Sample ``blocks`` (labels per block), write the samples whose key is not in ``done``."""
         import torch
 
-        from dd2dist.teachers.base import Cond
+        from dd2dist.conditions import Cond
 
         written, t0 = 0, time.perf_counter()
         prefix = f"tokens-w{self.worker:03d}"
@@ -156,6 +157,8 @@ def _check_resume(out: Path, settings: Settings) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text()).get("settings", {})
+    if isinstance(old.get("sampling"), dict):
+        old["sampling"] = current_sampling_names(old["sampling"])
     for k, v in asdict(settings).items():
         if old.get(k) != v:
             raise ValueError(
@@ -207,7 +210,7 @@ def precompute_teacher_tokens(
     started = init_local_ray(num_cpus=max(2, int(workers * cpus_per_worker)))
     try:
         num_classes = _num_classes(cfg)
-        labels = load_label_file(label_file, num_samples, num_classes) if label_file else balanced_labels(
+        labels = load_label_file(label_file, num_samples, num_classes) if label_file else seeded_balanced_labels(
             cfg.seed, num_classes, num_samples)
         _write_json(out / MANIFEST, {"complete": False, "settings": asdict(settings), "num_samples": num_samples})
         num_blocks = -(-num_samples // batch_size)
