@@ -324,6 +324,19 @@ def test_old_sampling_key_in_an_override_and_both_names_at_once(tmp_path, monkey
     assert err.key == "teacher.sampling.cfg" and "guidance_scale" in err.message
 
 
+def test_a_stored_config_with_a_retired_key_loads_with_one_warning(tmp_path, monkeypatch):
+    from dd2dist.config import typed
+
+    monkeypatch.setattr(typed, "_WARNED_RENAMES", set())
+    old = _write(tmp_path / "old.yaml", "tracking:\n  progress_bar: true\n  log_every: 5\n")
+    with pytest.warns(DeprecationWarning, match="'tracking.progress_bar' is no longer used") as caught:
+        cfg = load_config(old)
+        load_config(old)
+    assert len([w for w in caught if issubclass(w.category, DeprecationWarning)]) == 1
+    assert cfg.tracking.log_every == 5 and "progress_bar" not in to_yaml(cfg)
+    assert _raises(load_config, None, ["tracking.progress_barr=true"]).key == "tracking.progress_barr"
+
+
 def test_stage_and_section_rules():
     assert _raises(load_config, None, ["stages=[stage2, stage1]"]).key == "stages"
     assert _raises(load_config, None, ["stages=[stage1, stage1]"]).key == "stages"

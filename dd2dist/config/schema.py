@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dd2dist.conditions import Sampling
 from dd2dist.config.typed import ConfigError
@@ -257,6 +257,10 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking from rank 0."""
+
+    # stored configs of earlier runs still carry it (evaluation and --eval-only load them)
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "progress_bar": "rank 0 prints progress lines every tracking.progress_every_s seconds"}
 
     enabled: bool = True
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the local SQLite store (dd2dist.tracking)

@@ -21,7 +21,8 @@ they are. Pass ``check_paths=False`` to skip existence checks (local paths are s
 
 Renamed fields: a dataclass may declare ``RENAMED_KEYS: ClassVar[dict[str, str]] = {old: new}``. An old key in
 the input (a stored config, a ``--set`` override) is read as the new one, with one DeprecationWarning per key and
-process; giving both names is an error.
+process; giving both names is an error. Retired fields: ``RETIRED_KEYS: ClassVar[dict[str, str]] = {name: why}``;
+such a key in the input is dropped with one DeprecationWarning saying why, so stored configs of earlier runs load.
 """
 
 from __future__ import annotations
@@ -278,12 +279,25 @@ def renamed_keys(cls: Any) -> dict[str, str]:
     return dict(getattr(cls, "RENAMED_KEYS", None) or {}) if isinstance(cls, type) else {}
 
 
+def retired_keys(cls: Any) -> dict[str, str]:
+    """``{name: why}`` of a dataclass's retired fields (empty when it declares none)."""
+    return dict(getattr(cls, "RETIRED_KEYS", None) or {}) if isinstance(cls, type) else {}
+
+
 def _apply_renames(cls: type, data: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    """``data`` with the old names of ``cls``'s renamed fields replaced by the new ones."""
-    renames = renamed_keys(cls)
-    if not any(old in data for old in renames):
+    """``data`` with the old names of ``cls``'s renamed fields replaced by the new ones, its retired fields
+    dropped."""
+    renames, retired = renamed_keys(cls), retired_keys(cls)
+    if not any(old in data for old in (*renames, *retired)):
         return data
     out = dict(data)
+    for name, why in retired.items():
+        if name in out:
+            out.pop(name)
+            if (cls.__qualname__, name) not in _WARNED_RENAMES:
+                _WARNED_RENAMES.add((cls.__qualname__, name))
+                warnings.warn(f"config key {join_key(where, name)!r} is no longer used and was ignored: {why}",
+                              DeprecationWarning, stacklevel=4)
     for old, new in renames.items():
         if old not in out:
             continue
