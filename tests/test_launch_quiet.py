@@ -14,7 +14,10 @@ def ray_like_logging():
     """A function adding console handlers to the root and the (not propagating) ray.train logger, as Ray Train
     configures a worker; afterwards the loggers are as they were."""
     loggers = [logging.getLogger(), logging.getLogger("ray.train")]
+    # levels an earlier test in this process may have left on Ray's loggers (a driver's Ray Train run sets them)
+    reporter = logging.getLogger("ray.train.v2._internal.execution.context")
     saved = [(lg.level, lg.propagate) for lg in loggers]
+    saved_reporter = reporter.level
     added = []
 
     def configure():
@@ -22,7 +25,9 @@ def ray_like_logging():
             added.append(logging.StreamHandler())  # the current sys.stderr: the test's capture
             logger.addHandler(added[-1])
         loggers[0].setLevel(logging.INFO)
+        loggers[1].setLevel(logging.INFO)
         loggers[1].propagate = False
+        reporter.setLevel(logging.NOTSET)
 
     yield configure
     for logger, (level, propagate) in zip(loggers, saved):
@@ -31,6 +36,7 @@ def ray_like_logging():
                 logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+    reporter.setLevel(saved_reporter)
     logging.captureWarnings(False)
 
 
