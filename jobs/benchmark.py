@@ -75,7 +75,8 @@ def toy_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-samples", type=int, default=50_000, help="samples per class per curve point")
     p.add_argument("--multistep-samples", type=int, default=20_000, help="0 skips the AR-diffusion sampler")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = as set by OMP_NUM_THREADS)")
-    p.add_argument("--config", type=str, default=None, help="training YAML (default configs/experiments/toy_<family>)")
+    p.add_argument("--config", type=str, default=None,
+                   help="training YAML (default configs/experiments/exact_toy_<family>.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (e.g. --set stage2.generator_lr=1e-3)")
     return p
