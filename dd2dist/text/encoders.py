@@ -1,0 +1,124 @@
+"""Text encoders: a list of captions -> left-padded per-slot features (B, T, Dt) and a validity mask (B, T).
+
+LlamaGen's text-to-image teacher reads ``T`` caption slots of ``Dt``-wide features, left-padded: a caption of n
+tokens fills the LAST n slots and the mask marks them valid (the teacher's attention ignores the other slots).
+Every encoder here returns exactly that layout, so the shards, the teacher and the distillation never need to know
+which encoder made the features. Features are fp32 here; the shards store them as float16.
+
+* :class:`HashedNgramEncoder` needs no downloaded weights: each word's feature is the sum of fixed pseudo-random
+  vectors of its unigram and of the bigram it ends, seeded by a stable hash of the text. It is deterministic across
+  machines and processes, costs nothing to "train", and keeps word identity and local word order, which is what a
+  small teacher needs to follow captions made of a few content words. Unknown words get their own vectors, so a
+  held-out phrasing shares the features of the content words it has in common with seen phrasings.
+* ``T5TextEncoder`` (``dd2dist.text.t5``) is the real encoder of LlamaGen-t2i (FLAN-T5-XL), loaded from a local
+  directory.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import re
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def left_pad(rows: list[Tensor], slots: int, width: int) -> tuple[Tensor, Tensor]:
+    """Per-caption token features [(n_i, Dt)] -> (B, slots, Dt) fp32 and mask (B, slots) bool, left-padded.
+
+    A caption longer than ``slots`` keeps its FIRST ``slots`` tokens (as LlamaGen truncates its T5 input); padded
+    slots hold zeros.
+    """
+    out = torch.zeros(len(rows), slots, width, dtype=torch.float32)
+    mask = torch.zeros(len(rows), slots, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        r = r[:slots]
+        n = r.shape[0]
+        if n:
+            out[b, slots - n :] = r.float()
+            mask[b, slots - n :] = True
+    return out, mask
+
+
+class TextEncoder(abc.ABC):
+    """Captions -> (features (B, slots, width) fp32, mask (B, slots) bool), left-padded.
+
+    Attributes:
+        name: what made the features (recorded in shard metadata, so another encoder's shards are refused).
+        slots: T, caption slots (the teacher's ``cls_token_num``).  width: Dt (the teacher's ``caption_dim``).
+    """
+
+    name: str
+    slots: int
+    width: int
+
+    @abc.abstractmethod
+    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Features and mask of ``captions`` (see the module docstring for the layout)."""
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(caption: str) -> list[str]:
+    """Lower-case alphanumeric words of a caption (punctuation and case carry no meaning here)."""
+    return _WORD.findall(caption.lower())
+
+
+class HashedNgramEncoder(TextEncoder):
+    """Fixed hashed unigram + bigram features; see the module docstring. ``seed`` changes every vector."""
+
+    def __init__(self, slots: int = 16, width: int = 64, seed: int = 0):
+        if slots <= 0 or width <= 0:
+            raise ValueError(f"HashedNgramEncoder needs slots > 0 and width > 0, got {slots}, {width}")
+        self.slots, self.width, self.seed = int(slots), int(width), int(seed)
+        self.name = f"hashed-ngram:slots={self.slots},width={self.width},seed={self.seed}"
+        self._cache: dict[str, Tensor] = {}
+
+    def _vector(self, gram: str) -> Tensor:
+        v = self._cache.get(gram)
+        if v is None:
+            digest = hashlib.blake2b(f"{self.seed}\x00{gram}".encode(), digest_size=8).digest()
+            rng = np.random.default_rng(int.from_bytes(digest, "little"))
+            v = torch.from_numpy(rng.standard_normal(self.width).astype(np.float32) / np.sqrt(self.width))
+            self._cache[gram] = v
+        return v
+
+    def token_features(self, caption: str) -> Tensor:
+        """(n_words, width): unigram vector + the vector of the bigram ending at that word."""
+        ws = words(caption)
+        feats = [self._vector(w) + self._vector(f"{prev} {w}") for prev, w in zip(["<s>"] + ws[:-1], ws)]
+        return torch.stack(feats) if feats else torch.zeros(0, self.width)
+
+    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        return left_pad([self.token_features(c) for c in captions], self.slots, self.width)
+
+
+def build_text_encoder(spec: str) -> TextEncoder:
+    """An encoder from a spec string: ``hashed[:slots=16,width=64,seed=0]`` or ``t5:<local directory>[,slots=120]``.
+
+    The T5 directory must hold a ``transformers`` T5 encoder checkpoint and its tokenizer; nothing is downloaded.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "hashed":
+        kw = {}
+        for part in filter(None, rest.split(",")):
+            k, sep, v = part.partition("=")
+            if not sep or k not in ("slots", "width", "seed"):
+                raise ValueError(f"text encoder spec {spec!r}: expected hashed:slots=N,width=N,seed=N, got {part!r}")
+            kw[k] = int(v)
+        return HashedNgramEncoder(**kw)
+    if kind == "t5":
+        from dd2dist.text.t5 import T5TextEncoder
+
+        path, *opts = rest.split(",")
+        kw = {}
+        for part in opts:
+            k, sep, v = part.partition("=")
+            if not sep or k not in ("slots",):
+                raise ValueError(f"text encoder spec {spec!r}: expected t5:<dir>[,slots=N], got {part!r}")
+            kw[k] = int(v)
+        return T5TextEncoder(path, **kw)
+    raise ValueError(f"text encoder spec {spec!r}: unknown kind {kind!r} (expected 'hashed' or 't5:<dir>')")
