@@ -226,7 +226,7 @@ def run_config(run_dir: str | Path):
                             "its export/ folder")
 
 
-def _load_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
+def load_run_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
     """The sampling forms of the generators the run has: one_step (+ compact), stage1, dd1."""
     from dd2dist.eval.run_eval import find_stage1_weights, load_student_weights
     from dd2dist.eval.sampling import load_generator
@@ -272,7 +272,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     unknown = [s for s in opts.samplers if s not in ALL_SAMPLERS]
     if unknown:
         raise ValueError(f"unknown fidelity sampler(s) {unknown}; choose from {', '.join(ALL_SAMPLERS)}")
-    nets = _load_nets(cfg, teacher, run_dir, opts.samplers)
+    nets = load_run_nets(cfg, teacher, run_dir, opts.samplers)
     refine = tuple(cfg.eval.refine_steps if opts.refine_steps is None else opts.refine_steps)
     space, heldout, classifier = teacher_feature_space(cfg, teacher, space_kind)
     scorer = FeatureScorer(space, batch)
