@@ -43,7 +43,7 @@ class Model:
     name: str
     teacher_params: int
     removed_params: int
-    paper_student_params: float  # the paper's Tab.1 (docs/method.md §13.1), for comparison only
+    paper_student_params: float | None  # the paper's Tab.1, for comparison only (None: the paper has no such model)
 
     @property
     def student_params(self) -> int:
@@ -61,6 +61,8 @@ MODELS = (
     _var(20, 600_917_136, 619e6),
     _var(24, 1_033_399_360, 1.04e9),
     Model("LlamaGen-L", 342_910_976, 2 * 16384 * 1024, 335e6),
+    # text-to-image: the student keeps the caption projection; DD2 reports no text-to-image model
+    Model("LlamaGen-XL t2i", 777_678_080, 2 * 16384 * 1280, None),
 )
 
 
@@ -101,8 +103,9 @@ def memory_markdown(world_size: int) -> str:
     lines = [head, "|---|---:|---:|" + "---:|" * len(ZERO_STAGES)]
     for m in MODELS:
         cells = [f"{stage2_gib(m, z, world_size):.1f}" for z in ZERO_STAGES]
-        lines.append(f"| {m.name} | {m.teacher_params / 1e6:.0f}M | {m.student_params / 1e6:.0f}M "
-                     f"({m.paper_student_params / 1e6:.0f}M) | " + " | ".join(cells) + " |")
+        paper = f"{m.paper_student_params / 1e6:.0f}M" if m.paper_student_params else "–"
+        lines.append(f"| {m.name} | {m.teacher_params / 1e6:.0f}M | {m.student_params / 1e6:.0f}M ({paper}) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -135,10 +138,11 @@ def hours_markdown() -> str:
 def all_markdown() -> dict[str, str]:
     """Every generated block of docs/scaling.md, by marker name."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from shard_sizing import shard_markdown  # noqa: PLC0415 - sibling script
+    from shard_sizing import shard_markdown, text_shard_markdown  # noqa: PLC0415 - sibling script
 
     blocks = {f"memory-n{n}": memory_markdown(n) for n in WORLD_SIZES}
     blocks["shards"] = shard_markdown()
+    blocks["text-shards"] = text_shard_markdown()
     blocks["paper-hours"] = hours_markdown()
     return blocks
 

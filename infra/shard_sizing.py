@@ -19,6 +19,9 @@ PAX_MTIME_BYTES = 2 * TAR_BLOCK  # PAX header block + its one data block ("NN mt
 META_JSON_BYTES = 200  # teacher id, shape, CFG/top-k/top-p, seed: ~150-250 B
 SEQUENCE_TOKENS = {"VAR (680 tokens)": 680, "LlamaGen 256 px (256 tokens)": 256, "LlamaGen 384 px (576 tokens)": 576}
 SHARD_TARGETS_GB = (0.5, 1.0)
+# Text-conditional sequences: (image tokens, caption slots T, feature width Dt). Features are stored as float16.
+TEXT_SEQUENCES = {"LlamaGen-XL t2i 256 px (FLAN-T5-XL)": (256, 120, 2048), "digits t2i demo (hashed n-grams)": (16, 16, 64)}
+CAPTION_BANK = 4096  # data.caption_bank_size default: captions each rank holds for stage-2 draws
 
 
 def member_bytes(payload: int) -> int:
@@ -31,6 +34,16 @@ def member_bytes(payload: int) -> int:
 def sample_payloads(tokens: int, label: int = 999, meta_bytes: int = META_JSON_BYTES) -> dict[str, int]:
     """Payload bytes of each member of one class-conditional sample."""
     return {"tokens.tok16": 2 * tokens, "cond.cls": len(str(label)), "label.i64": 8, "meta.json": meta_bytes}
+
+
+def text_sample_payloads(tokens: int, slots: int, width: int, meta_bytes: int = META_JSON_BYTES) -> dict[str, int]:
+    """Payload bytes of each member of one text-conditional sample (no label members)."""
+    return {"tokens.tok16": 2 * tokens, "text.f16": 2 * slots * width, "text_mask.u8": slots, "meta.json": meta_bytes}
+
+
+def caption_bank_bytes(slots: int, width: int, captions: int = CAPTION_BANK) -> int:
+    """Host memory of one rank's caption bank: float16 features + one mask byte per slot, per caption."""
+    return captions * (2 * slots * width + slots)
 
 
 def sample_bytes(tokens: int, label: int = 999, meta_bytes: int = META_JSON_BYTES, float_mtime: bool = False) -> int:
@@ -63,5 +76,22 @@ def shard_markdown() -> str:
     return "\n".join(lines)
 
 
+def text_shard_markdown() -> str:
+    """The text-conditional shard table of docs/scaling.md (integer mtime)."""
+    lines = ["| sequence | text features | bytes per sample | samples per 0.5 GB shard | samples per 1 GB shard "
+             f"| 1 GB shards for 1M samples | caption bank of {CAPTION_BANK:,} per rank |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (tokens, slots, width) in TEXT_SEQUENCES.items():
+        per_sample = sum(member_bytes(b) for b in text_sample_payloads(tokens, slots, width).values())
+        counts = [samples_per_shard(gb * 1e9, per_sample) for gb in SHARD_TARGETS_GB]
+        bank = caption_bank_bytes(slots, width)
+        bank_text = f"{bank / 2**30:.2f} GiB" if bank >= 2**30 else f"{bank / 2**20:.1f} MiB"
+        lines.append(f"| {name} | {slots} x {width} x 2 B = {2 * slots * width:,} B | {per_sample:,} B "
+                     f"| {counts[0]:,} | {counts[1]:,} | {math.ceil(1_000_000 / counts[1])} | {bank_text} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(shard_markdown())
+    print()
+    print(text_shard_markdown())
