@@ -1,10 +1,12 @@
 """Sample the teacher into teacher-token shards (stage-1/2 training data), across Ray workers.
 
     python jobs/precompute_teacher_tokens.py --config CONFIG --num-samples N --output DIR [--workers W]
-        [--batch-size B] [--shard-size S] [--labels FILE] [--set key=value ...]
+        [--batch-size B] [--shard-size S] [--labels FILE | --captions DIR] [--set key=value ...]
 
 Uses the config's teacher and its target sampling (``teacher.sampling``); rerunning with the same arguments
-resumes (only missing samples are generated). Prints the manifest as JSON. See dd2dist/pipelines/teacher_tokens.py.
+resumes (only missing samples are generated). A text-conditional teacher needs --captions, a caption shard
+directory from jobs/encode_captions.py: sample i is conditioned on caption (i mod M) of its M captions in key
+order. Prints the manifest as JSON. See dd2dist/pipelines/teacher_tokens.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="samples per teacher call (data.batch_size)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--labels", default=None, help="label list file (one class id per line); default balanced")
+    parser.add_argument("--captions", default=None,
+                        help="caption shard directory (jobs/encode_captions.py) for a text-conditional teacher")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = precompute_teacher_tokens(
         cfg, args.num_samples, args.output, workers=args.workers, batch_size=args.batch_size,
         label_file=args.labels, shard_size=args.shard_size, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, captions=args.captions,
     )
     summary = {k: v for k, v in manifest.items() if k != "shards"}
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -58,11 +58,14 @@ def token_layout(teacher) -> str:
 
 
 def teacher_spec(teacher, tid: str, sampling: Any | None, source: str = "teacher") -> ShardSpec:
-    """The :class:`ShardSpec` of class-conditional token shards made with (or encoded by) ``teacher``."""
+    """The :class:`ShardSpec` of token shards made with (or encoded by) ``teacher``: class-conditional, or
+    text-conditional with ``text_shape`` (caption slots, caption width) for a text-to-image teacher."""
+    text = bool(getattr(teacher, "is_text", False))
     return ShardSpec(
         teacher_id=tid, family=teacher.family, vocab_size=int(teacher.vocab_size), token_shape=(teacher.num_tokens,),
-        cond="class", num_classes=int(teacher.num_classes), source=source, layout=token_layout(teacher),
-        sampling=None if sampling is None else sampling_dict(sampling),
+        cond="text" if text else "class", num_classes=0 if text else int(teacher.num_classes),
+        text_shape=(int(teacher.num_cond), int(teacher.cfg.caption_dim)) if text else None, source=source,
+        layout=token_layout(teacher), sampling=None if sampling is None else sampling_dict(sampling),
     )
 
 

@@ -11,7 +11,8 @@ A sample is the set of tar members ``<key>.<component>``:
 * ``meta.json``     everything needed to interpret the sample without outside knowledge: schema version,
   teacher id, family, token layout and shape, vocabulary size, condition kind, the sampling settings that
   produced it (CFG, schedule, top-k, top-p, temperature; ``null`` for real-image tokens), and the seed and
-  index of the sample.
+  index of the sample; for samples conditioned on a caption of a caption set (``dd2dist.data.caption_shards``),
+  ``caption_key``, the key of that caption (an optional field: readers that do not know it ignore it).
 
 Every sample of a shard set shares one :class:`ShardSpec`; the per-sample part is the seed and index.
 Decoding validates everything and raises :class:`SampleError` naming the key and the field, so the reader
@@ -185,6 +186,7 @@ class TokenSample:
     text_mask: np.ndarray | None = None  # (T,) bool
     seed: int | None = None
     index: int | None = None
+    caption_key: str | None = None  # the caption set key of the text condition, when it came from one
 
 
 def _check_tokens(key: str, tokens: np.ndarray, spec: ShardSpec) -> None:
@@ -235,7 +237,10 @@ def encode_sample(sample: TokenSample) -> dict[str, Any]:
             raise SampleError(key, TEXT_MASK, "values must be 0 or 1", "bad_value")
         out[TEXT] = np.ascontiguousarray(text, dtype=TEXT_DTYPE).tobytes()
         out[TEXT_MASK] = np.ascontiguousarray(mask, dtype=np.uint8).tobytes()
-    out[META] = json.dumps(spec.to_meta(sample.seed, sample.index), sort_keys=True).encode("utf-8")
+    meta = spec.to_meta(sample.seed, sample.index)
+    if sample.caption_key is not None:
+        meta["caption_key"] = str(sample.caption_key)
+    out[META] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return out
 
 
@@ -287,7 +292,8 @@ def decode_sample(raw: Mapping[str, Any], expect: Mapping[str, Any] | None = Non
         )
     tokens = np.frombuffer(tok_bytes, dtype=TOKEN_DTYPE).astype(np.int64).reshape(spec.token_shape)
     _check_tokens(key, tokens, spec)
-    sample = TokenSample(key=key, tokens=tokens, spec=spec, seed=meta.get("seed"), index=meta.get("index"))
+    sample = TokenSample(key=key, tokens=tokens, spec=spec, seed=meta.get("seed"), index=meta.get("index"),
+                         caption_key=meta.get("caption_key"))
 
     if spec.cond == "class":
         label_i64 = raw.get(LABEL_I64)

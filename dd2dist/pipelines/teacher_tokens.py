@@ -6,6 +6,10 @@ runs a block does not matter, so the output is the same for any number of worker
 would need batch-1 sampling, far too slow for the real teachers). Sample ``i`` has key ``s<i:09d>``; its label
 is ``labels[i]`` from a label-list file, or class-balanced: indices are taken in groups of ``num_classes``,
 each group a seeded permutation of all classes (balanced to within one for any count, and independent of it).
+A text-conditional teacher is conditioned on a caption set instead (``captions``: a caption shard directory of
+``dd2dist.data.caption_shards``, M captions in key order): sample ``i`` gets caption ``i mod M``, so every
+caption is used equally often (to within one) and a sample's caption does not depend on the sample count; the
+caption's key is recorded in the sample's ``meta.json`` (``caption_key``) and its features in the sample.
 Bit-identical output additionally needs the same device type and torch build (CPU and CUDA kernels differ).
 The teacher runs in fp32 (``teacher.dtype`` is not applied here).
 
@@ -27,12 +31,13 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dd2dist.data.caption_shards import CaptionSet, read_caption_shards
 from dd2dist.data.identity import teacher_id, teacher_spec
 from dd2dist.data.schema import TokenSample, current_sampling_names, sampling_dict
 from dd2dist.data.writer import TokenShardWriter, read_index_keys, remove_partial_shards
@@ -105,7 +110,23 @@ class Settings:
     seed: int
     batch_size: int
     sampling: dict
-    labels: str  # "balanced" or "file:<sha256 of the label file>"
+    labels: str  # "balanced", "file:<sha256 of the label file>" or "captions"
+    captions: str | None = None  # the caption set's fingerprint (CaptionSet.fingerprint) when conditioned on one
+
+
+@dataclass(frozen=True)
+class CaptionBlock:
+    """The text conditions of one block: caption features (n, T, Dt) float16, masks (n, T) bool, caption keys."""
+
+    text: np.ndarray
+    mask: np.ndarray
+    keys: list[str] = field(default_factory=list)
+
+
+def caption_block(captions: CaptionSet, indices: range) -> CaptionBlock:
+    """The captions of sample ``indices``: sample ``i`` takes caption ``i mod M`` (see the module docstring)."""
+    rows = np.arange(indices.start, indices.stop) % len(captions)
+    return CaptionBlock(captions.text[rows], captions.mask[rows], [captions.keys[r] for r in rows])
 
 
 class TokenSampler:
@@ -121,8 +142,10 @@ class TokenSampler:
         self.spec = teacher_spec(self.teacher, teacher_id(cfg.teacher, cfg.seed), self.sampling)
         self.out_dir, self.worker, self.shard_size = out_dir, worker, shard_size
 
-    def run(self, blocks: list[int], labels: dict[int, np.ndarray], done: set[str], seed: int, batch_size: int) -> dict:
-        """Sample ``blocks`` (labels per block), write the samples whose key is not in ``done``."""
+    def run(self, blocks: list[int], conds: dict[int, np.ndarray | CaptionBlock], done: set[str], seed: int,
+            batch_size: int) -> dict:
+        """Sample ``blocks`` (class labels or a :class:`CaptionBlock` per block), write the samples whose key is
+        not in ``done``."""
         import torch
 
         from dd2dist.conditions import Cond
@@ -131,16 +154,25 @@ class TokenSampler:
         prefix = f"tokens-w{self.worker:03d}"
         with TokenShardWriter(self.out_dir, self.spec, prefix=prefix, maxcount=self.shard_size) as w:
             for b in blocks:
-                y = labels[b]
+                c = conds[b]
                 gen = torch.Generator(self.device).manual_seed(block_seed(seed, b))
-                cond = Cond(labels=torch.tensor(y, dtype=torch.long, device=self.device))
+                if isinstance(c, CaptionBlock):
+                    cond = Cond(text=torch.from_numpy(c.text.astype(np.float32)).to(self.device),
+                                text_mask=torch.from_numpy(c.mask).to(self.device))
+                else:
+                    cond = Cond(labels=torch.tensor(c, dtype=torch.long, device=self.device))
                 ids = self.teacher.sample(cond, self.sampling, gen).cpu().numpy()
-                for j in range(len(y)):
+                for j in range(len(ids)):
                     i = b * batch_size + j
                     if sample_key(i) in done:
                         continue
-                    w.write_sample(TokenSample(sample_key(i), ids[j], self.spec, label=int(y[j]),
-                                               seed=block_seed(seed, b), index=i))
+                    if isinstance(c, CaptionBlock):
+                        sample = TokenSample(sample_key(i), ids[j], self.spec, text=c.text[j], text_mask=c.mask[j],
+                                             caption_key=c.keys[j], seed=block_seed(seed, b), index=i)
+                    else:
+                        sample = TokenSample(sample_key(i), ids[j], self.spec, label=int(c[j]),
+                                             seed=block_seed(seed, b), index=i)
+                    w.write_sample(sample)
                     written += 1
         return {"worker": self.worker, "written": written, "seconds": time.perf_counter() - t0,
                 "shards": [str(p) for p in w.shards]}
@@ -177,11 +209,13 @@ def precompute_teacher_tokens(
     shard_size: int = 1000,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
+    captions: str | os.PathLike | None = None,
 ) -> dict:
     """Sample ``num_samples`` teacher sequences into ``output`` with ``workers`` Ray actors; return the manifest.
 
     Joins the Ray cluster of ``RAY_ADDRESS`` (or the already initialised one), else starts an embedded local
-    Ray for the call. ``batch_size`` defaults to ``cfg.data.batch_size``.
+    Ray for the call. ``batch_size`` defaults to ``cfg.data.batch_size``. A text-conditional teacher needs
+    ``captions``, a caption shard directory whose text shape is the teacher's ``(cls_token_num, caption_dim)``.
     """
     import ray
 
@@ -189,8 +223,7 @@ def precompute_teacher_tokens(
 
     if num_samples <= 0 or workers <= 0 or shard_size <= 0:
         raise ValueError(f"--num-samples, --workers, --shard-size must be > 0: {num_samples}, {workers}, {shard_size}")
-    if cfg.teacher.family == "llamagen" and cfg.teacher.llamagen.caption_dim and not cfg.teacher.official:
-        raise ValueError("teacher sampling for text-conditional teachers needs caption features: not supported here")
+    caption_set = load_captions_for(cfg, captions, label_file)
     batch_size = int(batch_size or cfg.data.batch_size)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +231,10 @@ def precompute_teacher_tokens(
     label_src = "balanced"
     if label_file:
         label_src = "file:" + hashlib.sha256(Path(label_file).read_bytes()).hexdigest()[:16]
-    settings = Settings(tid, int(cfg.seed), batch_size, sampling_dict(cfg.teacher.sampling), label_src)
+    if caption_set is not None:
+        label_src = "captions"
+    settings = Settings(tid, int(cfg.seed), batch_size, sampling_dict(cfg.teacher.sampling), label_src,
+                        None if caption_set is None else caption_set.fingerprint())
     _check_resume(out, settings)
     for p in remove_partial_shards(out):
         log.warning("precompute: removed partial shard %s left by an interrupted run", p)
@@ -209,9 +245,11 @@ def precompute_teacher_tokens(
 
     started = init_local_ray(num_cpus=max(2, int(workers * cpus_per_worker)))
     try:
-        num_classes = _num_classes(cfg)
-        labels = load_label_file(label_file, num_samples, num_classes) if label_file else seeded_balanced_labels(
-            cfg.seed, num_classes, num_samples)
+        labels = None
+        if caption_set is None:
+            num_classes = _num_classes(cfg)
+            labels = load_label_file(label_file, num_samples, num_classes) if label_file else seeded_balanced_labels(
+                cfg.seed, num_classes, num_samples)
         _write_json(out / MANIFEST, {"complete": False, "settings": asdict(settings), "num_samples": num_samples})
         num_blocks = -(-num_samples // batch_size)
         block_range = lambda b: range(b * batch_size, min(num_samples, (b + 1) * batch_size))
@@ -227,9 +265,12 @@ def precompute_teacher_tokens(
             done_set = set(done)
             futures = []
             for actor, part in zip(actors, parts):
-                block_labels = {int(b): labels[block_range(b).start : block_range(b).stop] for b in part}
+                if caption_set is None:
+                    block_conds = {int(b): labels[block_range(b).start : block_range(b).stop] for b in part}
+                else:
+                    block_conds = {int(b): caption_block(caption_set, block_range(b)) for b in part}
                 keys = {sample_key(i) for b in part for i in block_range(b)} & done_set
-                futures.append(actor.run.remote([int(b) for b in part], block_labels, keys, int(cfg.seed), batch_size))
+                futures.append(actor.run.remote([int(b) for b in part], block_conds, keys, int(cfg.seed), batch_size))
             # Free each actor's CPU/GPU as soon as its part is done: on a cluster smaller than the requested
             # worker count the remaining actors are pending on those resources.
             owner = dict(zip(futures, actors))
@@ -242,7 +283,42 @@ def precompute_teacher_tokens(
     finally:
         if started:
             ray.shutdown()
-    return finalize_manifest(out, settings, num_samples, labels, results)
+    caption_info = None
+    if caption_set is not None:
+        caption_info = {"directory": str(captions), "count": len(caption_set), "encoder": caption_set.encoder,
+                        "text_shape": list(caption_set.text_shape), "fingerprint": caption_set.fingerprint(),
+                        "skipped_shards": list(caption_set.skipped)}
+    return finalize_manifest(out, settings, num_samples, labels, results, caption_info)
+
+
+def teacher_text_shape(cfg: Any) -> tuple[int, int] | None:
+    """(cls_token_num, caption_dim) of a text-conditional teacher config, None for a class-conditional one."""
+    if cfg.teacher.family != "llamagen":
+        return None
+    arch = cfg.teacher.arch
+    return (int(arch.cls_token_num), int(arch.caption_dim)) if arch.caption_dim > 0 else None
+
+
+def load_captions_for(cfg: Any, captions: str | os.PathLike | None, label_file: str | None) -> CaptionSet | None:
+    """The caption set a text-conditional teacher is sampled with, checked against the teacher before any work;
+    None for a class-conditional teacher. Refuses a missing or mismatched caption set, and captions for a
+    class-conditional teacher."""
+    shape = teacher_text_shape(cfg)
+    if shape is None:
+        if captions is not None:
+            raise ValueError(f"--captions {captions}: the teacher is class-conditional (teacher.{cfg.teacher.family}"
+                             ".num_classes); caption conditions are for text-conditional teachers")
+        return None
+    if captions is None:
+        raise ValueError("the teacher is text-conditional (caption_dim > 0): pass --captions DIR, a caption shard "
+                         "directory written by jobs/encode_captions.py")
+    if label_file:
+        raise ValueError("--labels is for class-conditional teachers; a text-conditional teacher takes --captions")
+    caption_set = read_caption_shards(captions)
+    if caption_set.text_shape != shape:
+        raise ValueError(f"--captions {captions}: caption features have text shape {caption_set.text_shape}, the "
+                         f"teacher reads (cls_token_num, caption_dim) = {shape}; encode the captions for this teacher")
+    return caption_set
 
 
 def _num_classes(cfg: Any) -> int:
@@ -253,13 +329,15 @@ def _num_classes(cfg: Any) -> int:
     return int(getattr(cfg.teacher, cfg.teacher.family).num_classes)
 
 
-def finalize_manifest(out: Path, settings: Settings, num_samples: int, labels: np.ndarray, results: list[dict]) -> dict:
-    """Check that keys 0..N-1 are present exactly once and write the final ``manifest.json``."""
+def finalize_manifest(out: Path, settings: Settings, num_samples: int, labels: np.ndarray | None,
+                      results: list[dict], captions: dict | None = None) -> dict:
+    """Check that keys 0..N-1 are present exactly once and write the final ``manifest.json``; ``labels`` is None
+    for a caption-conditioned run, whose caption set is described by ``captions``."""
     present = existing_keys(out)
     missing = [i for i in range(num_samples) if sample_key(i) not in present]
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} samples missing after precompute, e.g. {sample_key(missing[0])}")
-    hist = Counter(int(labels[key_index(k)]) for k in present)
+    hist = Counter() if labels is None else Counter(int(labels[key_index(k)]) for k in present)
     shards = sorted({Path(s).name for s in present.values()})
     manifest = {
         "complete": True,
@@ -272,5 +350,7 @@ def finalize_manifest(out: Path, settings: Settings, num_samples: int, labels: n
         "this_run": {"written": sum(r["written"] for r in results),
                      "workers": [{k: r[k] for k in ("worker", "written", "seconds")} for r in results]},
     }
+    if captions is not None:
+        manifest["captions"] = captions
     _write_json(out / MANIFEST, manifest)
     return manifest

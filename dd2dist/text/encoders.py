@@ -96,29 +96,52 @@ class HashedNgramEncoder(TextEncoder):
         return left_pad([self.token_features(c) for c in captions], self.slots, self.width)
 
 
+def parse_text_encoder_spec(spec: str) -> tuple[str, str | None, dict[str, int]]:
+    """``spec`` -> (kind, T5 directory or None, integer options); ValueError naming the spec on anything else."""
+    kind, _, rest = spec.partition(":")
+    if kind == "hashed":
+        path, opts, allowed, form = None, rest.split(","), ("slots", "width", "seed"), "hashed:slots=N,width=N,seed=N"
+    elif kind == "t5":
+        path, *opts = rest.split(",")
+        allowed, form = ("slots",), "t5:<dir>[,slots=N]"
+        if not path:
+            raise ValueError(f"text encoder spec {spec!r}: expected {form}, the directory is missing")
+    else:
+        raise ValueError(f"text encoder spec {spec!r}: unknown kind {kind!r} (expected 'hashed' or 't5:<dir>')")
+    kw = {}
+    for part in filter(None, opts):
+        k, sep, v = part.partition("=")
+        if not sep or k not in allowed:
+            raise ValueError(f"text encoder spec {spec!r}: expected {form}, got {part!r}")
+        try:
+            kw[k] = int(v)
+        except ValueError:
+            raise ValueError(f"text encoder spec {spec!r}: {k}={v!r} is not an integer") from None
+    return kind, path, kw
+
+
 def build_text_encoder(spec: str) -> TextEncoder:
     """An encoder from a spec string: ``hashed[:slots=16,width=64,seed=0]`` or ``t5:<local directory>[,slots=120]``.
 
     The T5 directory must hold a ``transformers`` T5 encoder checkpoint and its tokenizer; nothing is downloaded.
     """
-    kind, _, rest = spec.partition(":")
+    kind, path, kw = parse_text_encoder_spec(spec)
     if kind == "hashed":
-        kw = {}
-        for part in filter(None, rest.split(",")):
-            k, sep, v = part.partition("=")
-            if not sep or k not in ("slots", "width", "seed"):
-                raise ValueError(f"text encoder spec {spec!r}: expected hashed:slots=N,width=N,seed=N, got {part!r}")
-            kw[k] = int(v)
         return HashedNgramEncoder(**kw)
-    if kind == "t5":
-        from dd2dist.text.t5 import T5TextEncoder
+    from dd2dist.text.t5 import T5TextEncoder
 
-        path, *opts = rest.split(",")
-        kw = {}
-        for part in opts:
-            k, sep, v = part.partition("=")
-            if not sep or k not in ("slots",):
-                raise ValueError(f"text encoder spec {spec!r}: expected t5:<dir>[,slots=N], got {part!r}")
-            kw[k] = int(v)
-        return T5TextEncoder(path, **kw)
-    raise ValueError(f"text encoder spec {spec!r}: unknown kind {kind!r} (expected 'hashed' or 't5:<dir>')")
+    return T5TextEncoder(path, **kw)
+
+
+def text_encoder_identity(spec: str) -> tuple[str, int, int]:
+    """(name, slots, width) of the encoder ``spec`` builds, without loading any weights (a driver checks an output
+    directory against it before starting workers that each load the encoder)."""
+    kind, path, kw = parse_text_encoder_spec(spec)
+    if kind == "hashed":
+        enc = HashedNgramEncoder(**kw)
+        return enc.name, enc.slots, enc.width
+    from dd2dist.text.t5 import t5_identity
+
+    slots = kw.get("slots", 120)
+    name, width = t5_identity(path, slots)
+    return name, slots, width
