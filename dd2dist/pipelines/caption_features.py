@@ -89,7 +89,8 @@ class CaptionEncoderWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.encoder = build_text_encoder(encoder_spec)
+        # a worker given a GPU (gpus_per_worker > 0) runs the encoder there: FLAN-T5-XL on CPU is far too slow
+        self.encoder = build_text_encoder(encoder_spec, device="cuda" if torch.cuda.is_available() else "cpu")
         self.out_dir = out_dir
 
     def run(self, shards: dict[int, list[dict]], batch_size: int) -> dict:

@@ -120,17 +120,20 @@ def parse_text_encoder_spec(spec: str) -> tuple[str, str | None, dict[str, int]]
     return kind, path, kw
 
 
-def build_text_encoder(spec: str) -> TextEncoder:
+def build_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
     """An encoder from a spec string: ``hashed[:slots=16,width=64,seed=0]`` or ``t5:<local directory>[,slots=120]``.
 
     The T5 directory must hold a ``transformers`` T5 encoder checkpoint and its tokenizer; nothing is downloaded.
+    ``device`` places a network encoder (T5); the hashed encoder is a table lookup and ignores it. It is not part of
+    the spec because the spec names the features (recorded in the shards), and the device does not change them
+    beyond floating-point rounding.
     """
     kind, path, kw = parse_text_encoder_spec(spec)
     if kind == "hashed":
         return HashedNgramEncoder(**kw)
     from dd2dist.text.t5 import T5TextEncoder
 
-    return T5TextEncoder(path, **kw)
+    return T5TextEncoder(path, device=device, **kw)
 
 
 def text_encoder_identity(spec: str) -> tuple[str, int, int]:
