@@ -139,3 +139,16 @@ def test_class_conditional_shards_are_not_a_caption_source(tmp_path):
     write_random_shards(tmp_path / "cls", random_spec(num_tokens=16), 4, 4)
     with pytest.raises(ConfigError, match="cond"):
         load_caption_bank(str(tmp_path / "cls"), 8)
+
+
+def test_a_caption_set_directory_goes_to_the_caption_set_reader(tmp_path):
+    """A directory with captions.json is not read as token shards (it need not hold any .tar)."""
+    try:
+        import dd2dist.data.caption_shards  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the caption-set reader is present; reading caption sets is tested beside it")
+    (tmp_path / "captions.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a caption set"):
+        load_caption_bank(str(tmp_path), 8)
