@@ -318,7 +318,7 @@ def test_online_stage1_batches_follow_the_teachers_declared_sampler_capability()
 
 def test_grad_accum_micro_batches_get_balanced_distinct_labels():
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
-    a, b = tr.batches.labels(4, 3, 0, "x"), tr.batches.labels(4, 3, 1, "x")  # iteration 3, micro-batches 0, 1
+    a, b = (tr.batches.conditions_for(4, 3, micro, "x").labels for micro in (0, 1))  # iteration 3, micro-batches 0, 1
     assert torch.equal(torch.cat([a, b]), (torch.arange(8) + 3 * 2 * 4) % 4)  # one unbroken cycle over 4 classes
     tr = _trainer(_cfg(engine=EngineConfig(grad_accum=2)))
     tr.fit(max_iterations=8)  # and the trainer runs with accumulation (loss / 2 per micro-batch)

@@ -119,10 +119,19 @@ class DataConfig:
     shuffle_buffer: int = _f(64, ge=0)  # samples in the streaming shuffle buffer; 0 = no shuffling
     num_loader_workers: int = _f(0, ge=0)  # DataLoader worker processes per rank; 0 = in-process
     label_mode: Literal["balanced", "random"] = "balanced"  # class labels for online sampling
+    # Captions of a text-conditional teacher for the draws not read from data (stage 2, PF-ODE pairs, online
+    # stage 1): text-conditional token shards or a caption set (a directory with captions.json); None = data.shards.
+    # Each rank keeps the first caption_bank_size distinct captions of its share in memory (dd2dist/train/
+    # condition_source.py). Checked when the captions are read (a caption set need not hold .tar files).
+    captions: str | None = None
+    caption_bank_size: int = _f(4096, gt=0)
 
     def __post_init__(self) -> None:
         if self.source == "shards" and not self.shards:
             raise ConfigError("shards", "must be set when data.source is 'shards'")
+        if self.captions is not None and "://" not in self.captions:
+            # stored absolute, like the path fields: Ray workers do not run in the driver's directory
+            object.__setattr__(self, "captions", os.path.abspath(os.path.expanduser(self.captions)))
 
 
 @dataclass(frozen=True)
@@ -338,3 +347,20 @@ class ExperimentConfig:
             storage = os.path.abspath(os.path.expanduser(storage))
         if storage != self.launch.storage_path:
             object.__setattr__(self, "launch", replace(self.launch, storage_path=storage))
+
+    @property
+    def text_conditional(self) -> bool:
+        """Whether the teacher is conditioned on captions (a LlamaGen teacher with ``caption_dim > 0``)."""
+        return self.teacher.family == "llamagen" and self.teacher.arch.caption_dim > 0
+
+    def caption_source(self) -> str:
+        """Where a text-conditional run reads its captions: ``data.captions``, else ``data.shards``.
+
+        Checked by the launch before any worker starts and by the trainer, not when the config loads: teacher
+        files and recipes that leave the data to the command line must still load."""
+        source = self.data.captions or self.data.shards
+        if not source:
+            raise ConfigError("data.captions", "a text-conditional teacher (teacher.llamagen.caption_dim > 0) draws "
+                                               "the captions of stage 2 and of online sampling from data: set "
+                                               "data.captions, or data.shards (text-conditional token shards)")
+        return source

@@ -75,4 +75,14 @@ def teacher_layout(teacher, tid: str) -> dict:
     num_classes = int(teacher.num_classes)
     return {"teacher_id": tid, "family": teacher.family, "layout": token_layout(teacher),
             "num_tokens": int(teacher.num_tokens), "vocab_size": int(teacher.vocab_size),
-            "cond": "class" if num_classes > 0 else "text", "num_classes": num_classes if num_classes > 0 else None}
+            "cond": "class" if num_classes > 0 else "text", "num_classes": num_classes if num_classes > 0 else None,
+            "text_shape": teacher_text_shape(teacher)}
+
+
+def teacher_text_shape(teacher) -> tuple[int, int] | None:
+    """(T caption slots, Dt feature width) that a text-conditional teacher reads; None for class-conditional ones.
+    The teacher fingerprint already covers them, but a shard of another width must be refused by its layout, with
+    both sides named, before a worker meets it as a shape error."""
+    arch = getattr(teacher, "cfg", None)
+    caption_dim = int(getattr(arch, "caption_dim", 0) or 0)
+    return (int(arch.cls_token_num), caption_dim) if caption_dim > 0 else None

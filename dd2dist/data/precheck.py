@@ -20,7 +20,7 @@ from dd2dist.data.stats import DataStats
 from dd2dist.data.stream import list_shards
 from dd2dist.data.tario import iter_raw_samples
 
-LAYOUT_KEYS = ("family", "layout", "num_tokens", "vocab_size", "cond", "num_classes")
+LAYOUT_KEYS = ("family", "layout", "num_tokens", "vocab_size", "cond", "num_classes", "text_shape")
 PRECOMPUTE_MANIFEST = "manifest.json"  # written by dd2dist/pipelines/teacher_tokens.py
 
 
@@ -32,12 +32,16 @@ def spec_layout(spec: ShardSpec) -> dict:
     """The fields of :func:`dd2dist.data.identity.teacher_layout`, as one sample's spec states them."""
     return {"teacher_id": spec.teacher_id, "family": spec.family, "layout": spec.layout, "num_tokens": spec.num_tokens,
             "vocab_size": spec.vocab_size, "cond": spec.cond,
-            "num_classes": spec.num_classes if spec.cond == "class" else None}
+            "num_classes": spec.num_classes if spec.cond == "class" else None,
+            "text_shape": spec.text_shape if spec.cond == "text" else None}
 
 
 def describe(layout: dict) -> str:
     """``var var:1,2,4, 21 tokens/sample, vocab 64, 10 classes`` (what a person compares)."""
     cond = f"{layout['num_classes']} classes" if layout.get("cond") == "class" else "text-conditional"
+    if layout.get("cond") == "text" and layout.get("text_shape"):
+        slots, width = layout["text_shape"]
+        cond += f" ({slots} caption slots x {width} features)"
     return (f"{layout['family']} {layout['layout'] or '(no layout)'}, {layout['num_tokens']} tokens/sample, "
             f"vocab {layout['vocab_size']}, {cond}")
 
@@ -114,3 +118,26 @@ def check_shard_set(source: str | os.PathLike, expected: dict, max_shards: int =
         raise ShardSetMismatch(f"none of the {len(checked)} shards checked has a readable first sample (e.g. "
                                f"{checked[0]}); python -m data_pipelines.validate {Path(checked[0]).parent} says why")
     return {"shards": len(paths), "checked": len(checked), "unreadable": unreadable, "warnings": warnings}
+
+
+def check_caption_shards(source: str | os.PathLike, text_shape: tuple[int, int], max_shards: int = 32) -> int:
+    """Text-conditional token shards used only for their captions (``data.captions``): the first sample of (up
+    to ``max_shards``) shards must hold captions of ``text_shape`` (T slots, Dt features). Any teacher's shards
+    will do: only the captions are read. Returns the number of shards; raises :class:`ShardSetMismatch` naming
+    the first shard of another caption layout, or one whose first sample does not decode."""
+    paths = list_shards(source)
+    want = tuple(text_shape)
+    for path in _spread(paths, max_shards):
+        raws = list(iter_raw_samples(path, DataStats(), max_samples=1))
+        if not raws:
+            raise ShardSetMismatch(f"shard {path} has no readable sample (python -m data_pipelines.validate says why)")
+        try:
+            spec = decode_sample(raws[0]).spec
+        except SampleError as err:
+            raise ShardSetMismatch(f"shard {path}: {err}") from None
+        found = spec.text_shape if spec.cond == "text" else None
+        if found != want:
+            what = "class-conditional samples" if found is None else f"captions of {found[0]} slots x {found[1]}"
+            raise ShardSetMismatch(f"shard {path} (sample {raws[0].get('__key__', '?')}) holds {what}; the teacher "
+                                   f"reads {want[0]} caption slots x {want[1]} features")
+    return len(paths)

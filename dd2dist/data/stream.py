@@ -368,7 +368,8 @@ def stream_from_config(cfg, rank: int = 0, world_size: int = 1, num_tokens: int 
     """The training stream of an :class:`~dd2dist.config.ExperimentConfig` (``data.source == "shards"``).
 
     Shards of any other teacher than ``cfg.teacher`` are refused (:func:`dd2dist.data.identity.teacher_id`);
-    pass the teacher's ``num_tokens`` to refuse shards of another token layout too.
+    pass the teacher's ``num_tokens`` to refuse shards of another token layout too. For a text-conditional teacher,
+    shards whose captions have another number of slots or feature width than it reads are refused by name.
     """
     from dd2dist.data.identity import teacher_id
 
@@ -376,6 +377,9 @@ def stream_from_config(cfg, rank: int = 0, world_size: int = 1, num_tokens: int 
     if not data.shards:
         raise ValueError("data.shards must name the teacher-token shards when data.source is 'shards'")
     expect = {"teacher_id": teacher_id(cfg.teacher, cfg.seed), "num_tokens": num_tokens}
+    if cfg.text_conditional:
+        arch = cfg.teacher.arch
+        expect["text_shape"] = (arch.cls_token_num, arch.caption_dim)
     return TokenStream(
         data.shards, data.batch_size, seed=cfg.seed, rank=rank, world_size=world_size, expect=expect,
         shuffle_buffer=data.shuffle_buffer, num_workers=data.num_loader_workers,

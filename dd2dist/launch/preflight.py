@@ -3,7 +3,8 @@
 The loader already refuses unknown keys, bad types/ranges and missing files (naming the dotted key). Here:
 combinations the distributed launch cannot run, a teacher checkpoint that does not fit the configured
 architecture (checked on the meta device: no weights are materialised, the checkpoint is memory-mapped), and
-teacher-token shards of another layout or teacher (:mod:`dd2dist.data.precheck`: the first samples are read).
+teacher-token shards of another layout or teacher (:mod:`dd2dist.data.precheck`: the first samples are read),
+and the caption source of a text-conditional teacher (its captions must fit the teacher's slots and width).
 """
 
 from __future__ import annotations
@@ -118,8 +119,32 @@ def validate_data(cfg) -> dict | None:
     return report
 
 
+def validate_captions(cfg) -> str | None:
+    """A text-conditional teacher draws the conditions of stage 2 and online sampling from a caption source
+    (``data.captions``, else ``data.shards``): it must be set and, for token shards, hold captions of the
+    teacher's slots and width (ConfigError("data.captions", ...) naming the shard). Returns the source (None for a
+    class-conditional teacher). Caption sets (a directory with captions.json) are checked when they are read."""
+    if not cfg.text_conditional:
+        return None
+    import os
+
+    from dd2dist.data.precheck import ShardSetMismatch, check_caption_shards
+    from dd2dist.train.condition_source import CAPTION_SET_MARKER
+
+    source = cfg.caption_source()
+    if "://" in source or os.path.isfile(os.path.join(source, CAPTION_SET_MARKER)):
+        return source
+    arch = cfg.teacher.arch
+    try:
+        check_caption_shards(source, (arch.cls_token_num, arch.caption_dim))
+    except (ShardSetMismatch, FileNotFoundError) as err:
+        raise ConfigError("data.captions", f"{source}: {err}") from None
+    return source
+
+
 def validate_run(cfg) -> None:
     """Every pre-launch check (call in the driver before starting Ray workers)."""
     validate_launch(cfg)
     validate_teacher_checkpoint(cfg.teacher)
+    validate_captions(cfg)
     validate_data(cfg)

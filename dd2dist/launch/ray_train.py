@@ -144,10 +144,11 @@ def samples_dir(cfg) -> Path:
 def _final_grid(cfg, trainer, factory, tracker, rank: int) -> None:
     """A sample grid of the exported EMA generator, loaded the way sampling loads it (collective decode)."""
     from dd2dist.eval.sampling import load_generator
-    from dd2dist.launch.sample_grid import generator_grid, save_png
+    from dd2dist.launch.sample_grid import GRID_ROWS, generator_grid, grid_captions, save_png
 
     net, _ = load_generator(export_dir(cfg), device=getattr(factory, "device", "cpu"))
-    grid = generator_grid(net, trainer.teacher_engine.module, trainer.num_classes)
+    grid = generator_grid(net, trainer.teacher_engine.module, trainer.num_classes, GRID_ROWS,
+                          captions=grid_captions(trainer))
     if rank == 0:
         path = save_png(grid, samples_dir(cfg) / "final_ema.png")
         if tracker is not None:

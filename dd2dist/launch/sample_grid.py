@@ -13,8 +13,16 @@ import torch
 
 from dd2dist.conditions import Cond, class_major_labels
 from dd2dist.train.callbacks import TrainerCallback
+from dd2dist.train.condition_source import CaptionDraws
 
 GRID_SEED = 1234  # the same noise for every grid of a run, so grids are comparable over time
+GRID_ROWS = 8  # classes, or captions, shown
+
+
+def grid_captions(trainer) -> Cond | None:
+    """The captions of a text-conditional run's grids: the first of this rank's caption bank (None for labels)."""
+    conditions = trainer.batches.conditions
+    return conditions.first(GRID_ROWS) if isinstance(conditions, CaptionDraws) else None
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
@@ -41,15 +49,21 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def generator_grid(generator_net, teacher, num_classes: int, classes: int = 8, per_class: int = 4) -> np.ndarray:
-    """One-step samples of ``classes`` classes (rows) x ``per_class`` draws, decoded by ``teacher`` (collective)."""
+def generator_grid(generator_net, teacher, num_classes: int, classes: int = 8, per_class: int = 4,
+                   captions: Cond | None = None) -> np.ndarray:
+    """One-step samples of ``classes`` classes (rows) x ``per_class`` draws, decoded by ``teacher`` (collective).
+
+    A text-conditional run passes ``captions``: one row per caption (at most ``classes`` of them)."""
     from dd2dist.eval.sampling import one_step
 
     device = next(generator_net.parameters()).device
-    shown = min(classes, num_classes)
-    labels = class_major_labels(shown, per_class, device)
+    if captions is not None:
+        shown = min(classes, captions.batch_size)
+        cond = captions.select(slice(0, shown)).to(device).repeat(per_class)
+    else:
+        cond = Cond(labels=class_major_labels(min(classes, num_classes), per_class, device))
     noise = torch.Generator(device=device).manual_seed(GRID_SEED)
-    _, ids = one_step(generator_net, Cond(labels=labels), noise)
+    _, ids = one_step(generator_net, cond, noise)
     images = teacher.decode(ids)
     return to_uint8_grid(images, nrow=per_class)
 
@@ -66,7 +80,8 @@ class SampleGrid(TrainerCallback):
         generator = trainer.engines.get("generator")
         if self.every <= 0 or step % self.every or generator is None:
             return
-        grid = generator_grid(generator.callable_module(), trainer.teacher_engine.module, trainer.num_classes)
+        grid = generator_grid(generator.callable_module(), trainer.teacher_engine.module, trainer.num_classes,
+                              GRID_ROWS, captions=grid_captions(trainer))
         if self.rank == 0:
             path = save_png(grid, self.folder / f"grid_{step:08d}.png")
             if self.logger is not None:

@@ -1,5 +1,6 @@
 """Where the trainer's batches come from: stage-1 teacher sequences (online or from a stream), stage-2 noise and
-labels. Every draw is seeded by (seed, rank, iteration, purpose), so batches are a pure function of the step.
+conditions (class labels or captions, :mod:`dd2dist.train.condition_source`). Every draw is seeded by
+(seed, rank, iteration, purpose), so batches are a pure function of the step.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from dd2dist.conditions import Cond, cyclic_labels
+from dd2dist.conditions import Cond
 from dd2dist.engine.base import Engine
 from dd2dist.method.ode_init import teacher_ode_tokens
 from dd2dist.method.seeding import make_generator
 from dd2dist.teachers.base import ARTeacher
+from dd2dist.train.condition_source import ConditionSource, conditions_from_config
 
 
 class BatchSource:
@@ -24,10 +26,13 @@ class BatchSource:
         teacher: the teacher (its sizes; not kept); ``teacher_engine`` is used for online sampling.
         codebook: (V, Ce) fp32 code vectors on ``device``.
         data: a stage-1 stream (see :class:`dd2dist.train.Trainer`), or None for online teacher sampling.
+        conditions: the conditions of the draws not read from data; None builds them from ``cfg``
+            (:func:`~dd2dist.train.condition_source.conditions_from_config`: labels, or a caption bank read now).
     """
 
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device, teacher: ARTeacher,
-                 teacher_engine: Engine, codebook: Tensor, data: Iterable | None = None):
+                 teacher_engine: Engine, codebook: Tensor, data: Iterable | None = None,
+                 conditions: ConditionSource | None = None):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.teacher_engine, self.codebook, self.data = teacher_engine, codebook, data
         self.num_classes = int(teacher.num_classes)
@@ -35,22 +40,19 @@ class BatchSource:
         self.sampler_returns_log_probs = bool(teacher.sample_returns_log_probs)
         self._data_iter = None
         self._ode_block = None  # (key, eps, cond, ids) of the current block of regression pairs
+        if conditions is None:
+            conditions = conditions_from_config(cfg, self.num_classes, rank, world_size, device)
+        self.conditions = conditions
 
     def generator(self, iteration: int, purpose: str) -> torch.Generator:
         """The generator for one purpose of one iteration of this rank."""
         return make_generator(self.cfg.seed, self.rank, iteration, purpose, self.device)
 
-    def labels(self, batch: int, iteration: int, micro: int, purpose: str) -> Tensor:
-        """Class labels: balanced cycles (default) or uniform draws."""
-        if self.num_classes <= 0:
-            raise ValueError("stage 2 / online sampling needs a class-conditional teacher (num_classes > 0); "
-                             "text-conditional distillation needs conditions from data (not supported yet)")
-        if self.cfg.data.label_mode == "balanced":
-            # consecutive micro-batches and ranks continue the cycle, so each optimizer step sees balanced classes
-            slot = (iteration * self.cfg.engine.grad_accum + micro) * self.world_size + self.rank
-            return cyclic_labels(batch, self.num_classes, start=slot * batch, device=self.device)
-        return torch.randint(self.num_classes, (batch,), generator=self.generator(iteration, purpose),
-                             device=self.device)
+    def conditions_for(self, batch: int, iteration: int, micro: int, purpose: str) -> Cond:
+        """The condition of ``batch`` rows: class labels (balanced cycles or uniform draws) or captions drawn
+        from the bank, from the generator of (seed, rank, iteration, ``purpose``). The purposes end in ``/labels``
+        for captions too: they are seeds, and renaming them would change the draws of class-conditional runs."""
+        return self.conditions.draw(batch, iteration, micro, purpose)
 
     def stage1(self, iteration: int, micro: int) -> tuple[Tensor, Cond, Tensor | None]:
         """Clean teacher sequences (B, N, Ce), their condition, and (online sampling) the teacher's log-probs
@@ -58,7 +60,7 @@ class BatchSource:
         lp = None
         if self.data is None:
             B = self.cfg.stage1.batch_size
-            cond = Cond(labels=self.labels(B, iteration, micro, f"s1/{micro}/labels"))
+            cond = self.conditions_for(B, iteration, micro, f"s1/{micro}/labels")
             gen = self.generator(iteration, f"s1/{micro}/sample")
             sample = self.teacher_engine.module.sample
             sampling = self.cfg.teacher.sampling
@@ -86,9 +88,9 @@ class BatchSource:
         return self.codebook[ids], cond, lp
 
     def stage2(self, iteration: int, micro: int, purpose: str) -> tuple[Tensor, Cond]:
-        """Generator input noise (B, N, Ce) and labels for a stage-2 step."""
+        """Generator input noise (B, N, Ce) and its condition for a stage-2 step."""
         B = self.cfg.stage2.batch_size
-        cond = Cond(labels=self.labels(B, iteration, micro, f"{purpose}/{micro}/labels"))
+        cond = self.conditions_for(B, iteration, micro, f"{purpose}/{micro}/labels")
         eps = torch.randn((B, self.num_tokens, self.embed_dim), generator=self.generator(iteration,
                           f"{purpose}/{micro}/eps"), device=self.device)
         return eps, cond
@@ -109,14 +111,14 @@ class BatchSource:
         i0 = iteration - slot * stride
         key = (i0, micro)
         if self._ode_block is None or self._ode_block[0] != key:
-            cond = Cond(labels=self.labels(B * per_call, i0, micro, f"ode/{micro}/labels"))
+            cond = self.conditions_for(B * per_call, i0, micro, f"ode/{micro}/labels")
             eps = torch.randn((B * per_call, self.num_tokens, self.embed_dim), device=self.device,
                               generator=self.generator(i0, f"ode/{micro}/eps"))
             ids = teacher_ode_tokens(teacher, eps, cond, self.cfg.teacher.sampling, self.codebook, s2.ode_steps)
             self._ode_block = (key, eps, cond, ids)
         _, eps, cond, ids = self._ode_block
         own = slice(slot * B, (slot + 1) * B)  # this step's rows of the block
-        return eps[own], Cond(labels=cond.labels[own]), ids[own]
+        return eps[own], cond.select(own), ids[own]
 
     # ---- stream position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:

@@ -46,6 +46,7 @@ from dd2dist.train import manifest
 from dd2dist.train.batches import BatchSource
 from dd2dist.train.callbacks import TrainerCallback, check_callbacks
 from dd2dist.train.collective import any_rank, gather_objects
+from dd2dist.train.condition_source import ConditionSource
 from dd2dist.train.stop import StopRequest
 
 log = logging.getLogger("dd2dist.train")
@@ -104,6 +105,9 @@ class Trainer:
             ``checkpoint_dir`` and the request asks for one) and return from ``fit`` with ``preempted`` set. Give
             it to every rank or to none (it adds a collective).
         method: the phase rules; default :class:`~dd2dist.method.phases.DD2Phases` of ``cfg``.
+        conditions: the conditions of the draws not read from data (stage 2, PF-ODE pairs, online stage 1), a
+            :class:`~dd2dist.train.condition_source.ConditionSource`; None builds them from ``cfg``: class labels,
+            or for a text-conditional teacher this rank's caption bank from ``data.captions`` / ``data.shards``.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Trainer:
         student_template: StudentNet | None = None,
         stop_source: StopSource | None = None,
         method: DD2Phases | None = None,
+        conditions: ConditionSource | None = None,
     ):
         self.cfg = cfg
         self.rank, self.world_size = int(rank), int(world_size)
@@ -154,7 +159,7 @@ class Trainer:
             self.codebook = self._template.backbone.codebook().detach().float().clone().to(self.device)
         self.teacher_engine = engine_factory.teacher(teacher)
         self.batches = BatchSource(cfg, self.rank, self.world_size, self.device, teacher, self.teacher_engine,
-                                   self.codebook, self.data)
+                                   self.codebook, self.data, conditions)
         self.teacher_engine.set_trainable(False)
         self.state = TrainState()
         self.engines: dict[str, Engine] = {}
