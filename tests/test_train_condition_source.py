@@ -141,14 +141,28 @@ def test_class_conditional_shards_are_not_a_caption_source(tmp_path):
         load_caption_bank(str(tmp_path / "cls"), 8)
 
 
-def test_a_caption_set_directory_goes_to_the_caption_set_reader(tmp_path):
-    """A directory with captions.json is not read as token shards (it need not hold any .tar)."""
-    try:
-        import dd2dist.data.caption_shards  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("the caption-set reader is present; reading caption sets is tested beside it")
-    (tmp_path / "captions.json").write_text("{}")
-    with pytest.raises(ConfigError, match="is a caption set"):
-        load_caption_bank(str(tmp_path), 8)
+def test_a_caption_set_directory_is_a_caption_source(tmp_path):
+    """A directory with captions.json (jobs/encode_captions.py's output) is read as a caption set: rank r of W
+    holds its rows r::W, distinct, in key order; a bank of another layout is refused naming data.captions."""
+    import json
+
+    from dd2dist.data.caption_shards import CAPTIONS_JSON, caption_sample, read_caption_shards, write_caption_shard
+    from dd2dist.text import HashedNgramEncoder
+
+    enc = HashedNgramEncoder(slots=8, width=16)
+    captions = [f"a {w} digit {d}" for w in ("thin", "bold", "small") for d in ("zero", "one", "two")]
+    text, mask = enc.encode(captions)
+    write_caption_shard(tmp_path, 0, [caption_sample(f"c{i:03d}", c, text[i].numpy(), mask[i].numpy(), {}, (8, 16))
+                                      for i, c in enumerate(captions)])
+    (tmp_path / CAPTIONS_JSON).write_text(json.dumps({"encoder": enc.name, "text_shape": [8, 16], "complete": True,
+                                                      "count": len(captions), "shards": ["captions-000000.tar"]}))
+    cs = read_caption_shards(tmp_path)
+    banks = [load_caption_bank(str(tmp_path), 100, rank=r, world_size=2, text_shape=(8, 16)) for r in range(2)]
+    assert [len(b) for b in banks] == [5, 4]
+    for r, bank in enumerate(banks):
+        rows = bank.rows(torch.arange(len(bank)), "cpu")
+        assert torch.equal(rows.text, torch.from_numpy(cs.text[r::2].astype(np.float32)))
+        assert torch.equal(rows.text_mask, torch.from_numpy(cs.mask[r::2]))
+    assert len(load_caption_bank(str(tmp_path), 3)) == 3  # the first distinct ones up to the bank size
+    with pytest.raises(ConfigError, match="data.captions"):
+        load_caption_bank(str(tmp_path), 8, text_shape=(8, 32))

@@ -174,15 +174,9 @@ def _token_shard_captions(source: str, size: int, rank: int, world_size: int,
 
 
 def _caption_set_captions(directory: str, size: int, rank: int, world_size: int) -> tuple[list, list]:
-    """Captions of a caption set (a directory with captions.json); rows ``rank::world_size`` are this rank's.
-
-    The one place a caption set is read: through its own reader, ``read_caption_shards(dir)`` -> an object with
-    ``.text`` (M, T, Dt) and ``.mask`` (M, T), imported here so that token-shard runs never need it."""
-    try:
-        from dd2dist.data.caption_shards import read_caption_shards
-    except ImportError as err:
-        raise ValueError(f"{directory} is a caption set ({CAPTION_SET_MARKER}) but its reader is missing: "
-                         f"{err}") from None
+    """Captions of a caption set (a directory with captions.json, read in key order); rows ``rank::world_size``
+    are this rank's."""
+    from dd2dist.data.caption_shards import read_caption_shards
 
     captions = read_caption_shards(directory)
     text, mask = np.asarray(captions.text), np.asarray(captions.mask)
