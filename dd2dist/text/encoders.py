@@ -122,3 +122,25 @@ def build_text_encoder(spec: str) -> TextEncoder:
             kw[k] = int(v)
         return T5TextEncoder(path, **kw)
     raise ValueError(f"text encoder spec {spec!r}: unknown kind {kind!r} (expected 'hashed' or 't5:<dir>')")
+
+
+def text_encoder_geometry(spec: str) -> tuple[int | None, int | None]:
+    """(slots, width) a spec will produce, without loading weights: what config validation compares against the
+    teacher's ``cls_token_num`` / ``caption_dim``. ``None`` where only the loaded model knows (a T5 width, or
+    its slots when the spec does not set them). Raises ValueError for a malformed spec."""
+    kind, _, rest = spec.partition(":")
+    if kind == "hashed":
+        enc = build_text_encoder(spec)  # builds nothing but a seed: no weights behind it
+        return enc.slots, enc.width
+    if kind == "t5":
+        path, *opts = rest.split(",")
+        if not path:
+            raise ValueError(f"text encoder spec {spec!r}: expected t5:<dir>[,slots=N]")
+        slots = None
+        for part in opts:
+            k, sep, v = part.partition("=")
+            if not sep or k != "slots":
+                raise ValueError(f"text encoder spec {spec!r}: expected t5:<dir>[,slots=N], got {part!r}")
+            slots = int(v)
+        return slots, None
+    raise ValueError(f"text encoder spec {spec!r}: unknown kind {kind!r} (expected 'hashed' or 't5:<dir>')")
