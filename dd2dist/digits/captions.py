@@ -50,10 +50,20 @@ TEMPLATES: tuple[str, ...] = (
     "{thickness} strokes, {slant}, {digit}",
     "the {digit} is written {thickness} and {slant}",
     "{digit} {slant} with {thickness} strokes",
+    "{thickness} {digit} {slant}",
+    "a scan of a {digit}; the strokes are {thickness}; it is {slant}",
+    "{slant}, a {digit} in {thickness} pen",
+    "written by hand: {digit}, {thickness}, {slant}",
+    "{digit} written {slant} using {thickness} lines",
+    "here is a {thickness} {digit} that looks {slant}",
+    "sketch of {digit}, {slant} and {thickness}",
+    "{thickness} and {slant} {digit} on a black background",
+    # held out: word orders and filler words no training caption has
     "a photo showing {digit} drawn {slant} in {thickness} ink",
     "{slant} and {thickness}: {digit}",
+    "picture of {digit}, quite {thickness}, {slant}",
 )
-HELDOUT_TEMPLATES: frozenset[int] = frozenset({8, 9})  # never rendered into training captions
+HELDOUT_TEMPLATES: frozenset[int] = frozenset({16, 17, 18})  # never rendered into training captions
 SEEN_TEMPLATES: tuple[int, ...] = tuple(i for i in range(len(TEMPLATES)) if i not in HELDOUT_TEMPLATES)
 
 
@@ -165,14 +175,15 @@ def _record(rng: np.random.Generator, kind: str, cls: int, words: dict[str, str]
     template = int(rng.choice(_templates(kind)))
     name = int(rng.integers(len(digit_names(cls))))
     return {"caption": render_caption(template, cls, words, name), "class": cls, "words": dict(words),
-            "template": template, "heldout": template in HELDOUT_TEMPLATES}
+            "template": template, "name": name, "heldout": template in HELDOUT_TEMPLATES}
 
 
 def caption_records(split: str = "train", seed: int = 0, per_image: int = 4, kind: str = "seen") -> list[dict]:
     """``per_image`` true captions of every image of a digits split, image by image (split order).
 
     Each record: ``key`` ("<split>-<sklearn row>"), ``index`` (row in the split), ``caption``, ``class``,
-    ``words`` ({property: word}), ``template`` (id), ``heldout`` (template held out). The train split only ever
+    ``words`` ({property: word}), ``template`` (id), ``name`` (which of :func:`digit_names`), ``heldout``
+    (template held out). The train split only ever
     gets seen templates; ``kind="heldout"`` (held-out phrasings) is for the held-out split.
     """
     if per_image <= 0:
