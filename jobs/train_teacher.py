@@ -1,7 +1,8 @@
-"""Train (or reuse) a small class-conditional teacher on scikit-learn's digits: VQ tokenizer + AR transformer.
+"""Train (or reuse) a small class- or text-conditional digits teacher: VQ tokenizer + AR transformer.
 
-    python jobs/train_teacher.py --config configs/teachers/digits_var.yaml      --out runs/teachers
-    python jobs/train_teacher.py --config configs/teachers/digits_llamagen.yaml --out runs/teachers --quick
+    python jobs/train_teacher.py --config configs/teachers/digits_var.yaml          --out runs/teachers
+    python jobs/train_teacher.py --config configs/teachers/digits_llamagen.yaml     --out runs/teachers --quick
+    python jobs/train_teacher.py --config configs/teachers/digits_llamagen_t2i.yaml --out runs/teachers
 
 Writes ``<out>/teacher-<key>.pt`` (loadable as ``teacher.checkpoint``), ``.json`` (quality report) and ``.yaml``
 (the config with ``teacher.checkpoint`` set: pass it as ``--config`` to the distillation jobs). ``<key>`` hashes
@@ -20,8 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def main(argv: list[str] | None = None) -> int:
     from dd2dist.config import add_config_args, parse_config_args
-    from dd2dist.digits.recipe import FULL, QUICK
+    from dd2dist.digits.recipe import FULL, FULL_T2I, QUICK
     from dd2dist.digits.teacher_job import train_digits_teacher
+    from dd2dist.digits.text_teacher import is_text_teacher
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
@@ -29,15 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seconds-long recipe for tests (quality meaningless)")
     parser.add_argument("--no-eval", action="store_true", help="skip the sample-quality report")
     args, cfg = parse_config_args(parser, argv)
-    report = train_digits_teacher(cfg, args.out, QUICK if args.quick else FULL, evaluate=not args.no_eval)
+    recipe = QUICK if args.quick else FULL_T2I if is_text_teacher(cfg) else FULL
+    report = train_digits_teacher(cfg, args.out, recipe, evaluate=not args.no_eval)
     summary = {k: report.get(k) for k in ("family", "checkpoint", "config", "reused", "seconds")}
     if "quality" in report:
         q = report["quality"]
-        summary.update(
-            fid_teacher=q["teacher"]["fid"], class_consistency_teacher=q["teacher"]["class_consistency"],
-            fid_train_vs_heldout=q["reference_train_vs_heldout"]["fid"],
-            fid_reconstructions=q["reference_reconstructions"]["fid"],
-        )
+        summary.update(fid_teacher=q["teacher"]["fid"], class_consistency_teacher=q["teacher"]["class_consistency"])
+        if "reference_train_vs_heldout" in q:  # class teachers
+            summary["fid_train_vs_heldout"] = q["reference_train_vs_heldout"]["fid"]
+        summary["fid_reconstructions"] = q["reference_reconstructions"]["fid"]
+        for kind, scores in q.get("prompt_adherence", {}).items():  # text teachers
+            summary[f"prompt_adherence_{kind}"] = {
+                "class_accuracy": scores["class_accuracy"], "property_agreement": scores["property_agreement"]}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -156,7 +156,7 @@ def test_online_mode_fine_tunes_on_teacher_samples(tmp_path):
         (FULL, [], "teacher.checkpoint"),
         (TINY, ["teacher.llamagen.input_adapter=mlp"], "teacher.llamagen.input_adapter"),
         (TINY, ["teacher.llamagen.num_classes=0", "teacher.llamagen.cls_token_num=5",
-                "teacher.llamagen.caption_dim=16"], "data.source"),
+                "teacher.llamagen.caption_dim=16", "teacher.text_encoder=hashed:slots=5,width=16"], "data.source"),
     ],
 )
 def test_bad_configs_exit_2_naming_the_key(config, overrides, key, tmp_path, capsys):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from dd2dist.conditions import Sampling
 from dd2dist.config.typed import ConfigError
 from dd2dist.teachers.arch import OFFICIAL_ARCHS, LlamaGenConfig, VARConfig
+from dd2dist.text.encoders import text_encoder_geometry
 
 Stage = Literal["stage1", "stage2", "alignment"]
 STAGE_ORDER: tuple[str, ...] = ("stage1", "stage2", "alignment")
@@ -52,6 +53,9 @@ class TeacherConfig:
     # LlamaGen; tiny vocabularies keep filtering off). VAR's own rule is "var_linear", LlamaGen's "constant".
     sampling: Sampling = field(default_factory=lambda: Sampling(guidance_scale=2.0, guidance_schedule="var_linear"))
     dtype: Literal["float32", "bfloat16"] = "float32"  # teacher forward precision (closed form stays fp32)
+    # Captions -> Cond.text of a text-to-image teacher: a dd2dist.text.build_text_encoder spec
+    # ("hashed:slots=16,width=64", "t5:<dir>"). Part of the teacher: it fixes what each caption slot means.
+    text_encoder: str | None = None
 
     def __post_init__(self) -> None:
         if self.official is not None:
@@ -83,6 +87,32 @@ class TeacherConfig:
                 "llamagen.input_adapter",
                 f"must be one of {', '.join(LLAMAGEN_INPUT_ADAPTERS)}; got {self.llamagen.input_adapter!r}",
             )
+        self._check_text_encoder()
+
+    def _check_text_encoder(self) -> None:
+        """A text teacher of our own needs its encoder (features made by another encoder mean nothing to it), and
+        the encoder must fill exactly the teacher's caption slots and width."""
+        arch = self.arch
+        text_teacher = self.family == "llamagen" and arch.caption_dim > 0
+        if self.text_encoder is None:
+            if text_teacher and self.official is None:
+                raise ConfigError("text_encoder", "must be set for a text-conditional teacher (llamagen.caption_dim "
+                                  f"{arch.caption_dim} > 0), e.g. 'hashed:slots={arch.cls_token_num},"
+                                  f"width={arch.caption_dim}'")
+            return
+        if not text_teacher:
+            raise ConfigError("text_encoder", "is only for a text-conditional llamagen teacher (caption_dim > 0); "
+                              f"this teacher is class-conditional: set it to null, got {self.text_encoder!r}")
+        try:
+            slots, width = text_encoder_geometry(self.text_encoder)
+        except ValueError as err:
+            raise ConfigError("text_encoder", str(err)) from None
+        if slots is not None and slots != arch.cls_token_num:
+            raise ConfigError("text_encoder", f"{self.text_encoder!r} gives {slots} caption slots but the teacher's "
+                              f"cls_token_num is {arch.cls_token_num}")
+        if width is not None and width != arch.caption_dim:
+            raise ConfigError("text_encoder", f"{self.text_encoder!r} gives {width}-wide features but the teacher's "
+                              f"caption_dim is {arch.caption_dim}")
 
     @property
     def arch(self) -> VARConfig | LlamaGenConfig:

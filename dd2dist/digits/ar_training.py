@@ -2,8 +2,10 @@
 
 Plain cross-entropy on token ids through the teacher's own teacher-forced pass (``features`` + ``head_logits``:
 the shift by one AR step is built in, so row i predicts token i from earlier steps). VAR consumes the flat
-multi-scale ids (scales concatenated), LlamaGen the raster ids. A fraction of labels is replaced by the null
-class so the same network also models the unconditional distribution that classifier-free guidance needs.
+multi-scale ids (scales concatenated), LlamaGen the raster ids. A fraction of conditions is replaced by the null
+condition (the null class, or a text teacher's null caption) so the same network also models the unconditional
+distribution that classifier-free guidance needs. Each batch's condition comes from a :data:`BatchCond`: class
+labels (:func:`label_batches`) or captions (:mod:`dd2dist.digits.caption_batches`).
 The tokenizer is frozen here; it was trained first (:mod:`dd2dist.digits.vq_training`).
 """
 
@@ -21,6 +23,22 @@ from dd2dist.conditions import Cond
 from dd2dist.digits.recipe import TeacherRecipe
 from dd2dist.teachers.base import ARTeacher
 
+# (indices of the batch's training images, the training generator) -> the batch's condition, condition dropout
+# already applied. Drawing from the training generator keeps a run reproducible from recipe.seed alone.
+BatchCond = Callable[[Tensor, torch.Generator], Cond]
+
+
+def label_batches(labels: Tensor, null_label: int, drop_prob: float) -> BatchCond:
+    """Class labels of each batch, each replaced by ``null_label`` with probability ``drop_prob``."""
+
+    def batch(idx: Tensor, gen: torch.Generator) -> Cond:
+        y = labels[idx].clone()
+        drop = torch.rand(y.shape, generator=gen) < drop_prob
+        y[drop] = null_label
+        return Cond(labels=y)
+
+    return batch
+
 
 def transformer_parameters(teacher: ARTeacher) -> list[torch.nn.Parameter]:
     """Everything but the tokenizer: what AR training updates."""
@@ -28,9 +46,10 @@ def transformer_parameters(teacher: ARTeacher) -> list[torch.nn.Parameter]:
     return [p for p in teacher.parameters() if id(p) not in tok]
 
 
-def ar_loss(teacher: ARTeacher, ids: Tensor, labels: Tensor) -> Tensor:
-    """Mean token cross-entropy of the teacher-forced pass (nats per token)."""
-    cond = Cond(labels=labels)
+def ar_loss(teacher: ARTeacher, ids: Tensor, cond: Cond | Tensor) -> Tensor:
+    """Mean token cross-entropy of the teacher-forced pass (nats per token); ``cond`` may be bare class labels."""
+    if not isinstance(cond, Cond):
+        cond = Cond(labels=cond)
     logits = teacher.head_logits(teacher.features(ids, cond), cond)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
 
@@ -38,15 +57,19 @@ def ar_loss(teacher: ARTeacher, ids: Tensor, labels: Tensor) -> Tensor:
 def train_ar(
     teacher: ARTeacher,
     ids: Tensor,
-    labels: Tensor,
+    conds: Tensor | BatchCond,
     recipe: TeacherRecipe,
     log: Callable[[str], None] = print,
-    heldout: tuple[Tensor, Tensor] | None = None,
+    heldout: tuple[Tensor, Tensor | Cond] | None = None,
 ) -> dict:
-    """Train the teacher's transformer in place on (ids (N, L), labels (N,)); the tokenizer stays frozen.
+    """Train the teacher's transformer in place on ids (N, L); the tokenizer stays frozen.
 
-    Returns final train / held-out cross-entropy (held-out with true labels) and the time taken.
+    ``conds``: class labels (N,) (dropped to the null class with ``recipe.label_drop``), or a :data:`BatchCond`.
+    ``heldout``: (ids, true labels or Cond) scored without dropout. Returns final train / held-out cross-entropy
+    and the time taken.
     """
+    if isinstance(conds, Tensor):
+        conds = label_batches(conds, teacher.num_classes, recipe.label_drop)
     if ids.shape[1] != teacher.num_tokens:
         raise ValueError(f"token ids have {ids.shape[1]} tokens per image, the teacher expects {teacher.num_tokens}")
     torch.manual_seed(recipe.seed)
@@ -81,10 +104,7 @@ def train_ar(
         total_ce, batches = 0.0, 0
         for i in range(0, n, recipe.ar_batch_size):
             idx = order[i : i + recipe.ar_batch_size]
-            y = labels[idx].clone()
-            drop = torch.rand(y.shape, generator=gen) < recipe.label_drop
-            y[drop] = teacher.num_classes  # the null class
-            loss = ar_loss(teacher, ids[idx], y)
+            loss = ar_loss(teacher, ids[idx], conds(idx, gen))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -106,14 +126,15 @@ def train_ar(
 
 
 @torch.no_grad()
-def heldout_ce(teacher: ARTeacher, ids: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    """Cross-entropy (nats / token) of true-label held-out token sequences, in eval mode."""
+def heldout_ce(teacher: ARTeacher, ids: Tensor, cond: Tensor | Cond, batch_size: int = 256) -> float:
+    """Cross-entropy (nats / token) of held-out token sequences under their true condition, in eval mode."""
+    if not isinstance(cond, Cond):
+        cond = Cond(labels=cond)
     was_training = teacher.training
     teacher.eval()
     total = 0.0
     for i in range(0, ids.shape[0], batch_size):
-        total += ar_loss(teacher, ids[i : i + batch_size], labels[i : i + batch_size]).item() * min(
-            batch_size, ids.shape[0] - i
-        )
+        rows = slice(i, i + batch_size)
+        total += ar_loss(teacher, ids[rows], cond.select(rows)).item() * min(batch_size, ids.shape[0] - i)
     teacher.train(was_training)
     return total / ids.shape[0]

@@ -3,10 +3,13 @@
     digits train split -> PNG WebDataset shards (dd2dist.data.image_shards)
       -> tokenizer training (dd2dist.digits.vq_training) on the same uint8 images
       -> DALI decode + the trained tokenizer's encoder (dd2dist.pipelines.tokenize_images) -> token shards
-      -> AR cross-entropy training on those token ids (dd2dist.digits.ar_training)
+      -> AR cross-entropy training on those token ids (dd2dist.digits.ar_training), conditioned on the class or,
+         for a text-to-image teacher, on true captions of each image (dd2dist.digits.captions)
       -> checkpoint {"teacher": state_dict}, loadable by dd2dist.teachers.build_teacher (teacher.checkpoint)
       -> quality: teacher samples vs the held-out split (FID / IS / PR in the digits-classifier space, class
-         consistency), next to the real-data references (train vs held-out, tokenizer reconstructions).
+         consistency; prompt adherence for a text teacher), next to the real-data references.
+
+A text teacher shares the tokenizer of its class-conditional counterpart (dd2dist.digits.text_teacher).
 
 Cached by the hash of what determines the weights (teacher architecture, recipe, seed, split): a rerun with the
 same inputs returns the stored report without training. Every file is written atomically.
@@ -26,9 +29,11 @@ from typing import Any
 import torch
 
 from dd2dist.conditions import Cond, Sampling, class_major_labels
-from dd2dist.config import dump_yaml, fingerprint
+from dd2dist.config import dump_yaml, fingerprint, to_dict
 from dd2dist.data.digits import NUM_CLASSES, SPLIT_SEED, digits_split, to_uint8
+from dd2dist.digits import text_teacher
 from dd2dist.digits.ar_training import train_ar
+from dd2dist.digits.caption_batches import caption_batches
 from dd2dist.digits.recipe import TeacherRecipe
 from dd2dist.digits.vq_training import reconstruction_mse, train_tokenizer
 from dd2dist.teachers import build_family, build_teacher
@@ -41,10 +46,15 @@ def cache_key(cfg: Any, recipe: TeacherRecipe) -> str:
     """Hash of everything that determines the trained weights: the architecture, the training recipe, the seed and
     the split. Not output paths or the run name, and not the sampling setting, the compute dtype or the size of
     the quality evaluation, which change only the report (it is redone on reuse when they change)."""
-    teacher = replace(cfg.teacher, checkpoint=None, sampling=Sampling(), dtype="float32")
+    teacher = to_dict(replace(cfg.teacher, checkpoint=None, sampling=Sampling(), dtype="float32"))
+    if teacher["text_encoder"] is None:
+        del teacher["text_encoder"]  # the class-conditional keys predate the field: their cached teachers stay valid
     training = {k: v for k, v in asdict(recipe).items() if k != "eval_per_class"}
-    return fingerprint({"teacher": teacher, "recipe": training, "seed": cfg.seed, "split_seed": SPLIT_SEED,
-                        "version": CACHE_VERSION})
+    inputs = {"teacher": teacher, "recipe": training, "seed": cfg.seed, "split_seed": SPLIT_SEED,
+              "version": CACHE_VERSION}
+    if text_teacher.is_text_teacher(cfg):
+        inputs["captions"] = text_teacher.caption_settings()
+    return fingerprint(inputs)
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -139,6 +149,71 @@ def evaluate_teacher(teacher: ARTeacher, sampling: Sampling, per_class: int, see
     }
 
 
+def evaluate_any_teacher(teacher: ARTeacher, cfg: Any, per_class: int) -> dict:
+    """The quality report of a class teacher (:func:`evaluate_teacher`) or a text teacher (prompt adherence)."""
+    if text_teacher.is_text_teacher(cfg):
+        from dd2dist.text import build_text_encoder
+
+        encoder = build_text_encoder(cfg.teacher.text_encoder)
+        return text_teacher.evaluate_text_teacher(teacher, encoder, cfg.teacher.sampling, per_class, cfg.seed)
+    return evaluate_teacher(teacher, cfg.teacher.sampling, per_class, cfg.seed)
+
+
+def _check_config(cfg: Any) -> None:
+    if cfg.teacher.official:
+        raise ValueError("teacher.official is set: jobs/train_teacher.py trains our own small architectures only")
+    if text_teacher.is_text_teacher(cfg):
+        if cfg.teacher.arch.num_classes != 0:
+            raise ValueError("teacher.llamagen.num_classes must be 0 for a text-to-image teacher (caption_dim > 0), "
+                             f"got {cfg.teacher.arch.num_classes}")
+    elif cfg.teacher.arch.num_classes != NUM_CLASSES:
+        raise ValueError(f"teacher.{cfg.teacher.family}.num_classes must be {NUM_CLASSES} for the digits, "
+                         f"got {cfg.teacher.arch.num_classes}")
+
+
+# The recipe fields the tokenizer depends on (the AR fields only change the transformer).
+TOKENIZER_FIELDS = ("vq_epochs", "vq_batch_size", "vq_lr", "commitment_beta", "dead_code_restart", "seed",
+                    "max_train_images")
+
+
+def _cached_counterpart(out: Path, base_cfg: Any, recipe: TeacherRecipe) -> Path | None:
+    """A cached class-conditional teacher of ``base_cfg`` in ``out`` whose tokenizer was trained as ``recipe``
+    would train it, whatever its AR settings (a text recipe may train the transformer longer): its report's
+    recipe must reproduce its own cache key, so architecture, seed and split match too."""
+    for report_path in sorted(out.glob("teacher-*.json")):
+        try:
+            rep = json.loads(report_path.read_text())
+            theirs = TeacherRecipe(**rep["recipe"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable, or written by an older recipe schema
+        ckpt = report_path.with_suffix(".pt")
+        if (rep.get("key") == cache_key(base_cfg, theirs) and ckpt.is_file()
+                and all(getattr(theirs, f) == getattr(recipe, f) for f in TOKENIZER_FIELDS)):
+            return ckpt
+    return None
+
+
+def _text_tokenizer(cfg: Any, recipe: TeacherRecipe, out: Path, train_images: torch.Tensor, work: Path,
+                    log: Callable[[str], None]) -> tuple[ARTeacher, Path, Any, dict]:
+    """The class-conditional counterpart holding the text teacher's tokenizer: (counterpart teacher, a checkpoint
+    of it for the DALI tokenisation, its config, tokenizer info). Reused from the counterpart's cache when present,
+    else trained the way the counterpart's own job trains it."""
+    base_cfg = text_teacher.counterpart_config(cfg)
+    base_ckpt = _cached_counterpart(out, base_cfg, recipe)
+    torch.manual_seed(cfg.seed)
+    base = build_family("llamagen", llamagen=base_cfg.teacher.llamagen)
+    if base_ckpt is not None:
+        log(f"[llamagen t2i] reusing the tokenizer of the class-conditional teacher {base_ckpt}")
+        base.load_state_dict(torch.load(base_ckpt, map_location="cpu", weights_only=True)["teacher"])
+        return base, base_ckpt, base_cfg, {"reused_from": str(base_ckpt)}
+    log(f"[llamagen t2i] no class-conditional counterpart with this tokenizer recipe cached in {out}: training the "
+        "tokenizer as that teacher's job would")
+    info = train_tokenizer(base.tokenizer, train_images, recipe, log)
+    tok_ckpt = work / "tokenizer_stage.pt"
+    _atomic_save({"teacher": base.state_dict()}, tok_ckpt)
+    return base, tok_ckpt, base_cfg, {**info, "reused_from": None}
+
+
 def train_digits_teacher(
     cfg: Any, out_dir: str | os.PathLike, recipe: TeacherRecipe, log: Callable[[str], None] = print,
     evaluate: bool = True,
@@ -149,11 +224,7 @@ def train_digits_teacher(
     ``<out>/teacher-<key>.yaml`` (the input config with ``teacher.checkpoint`` pointing at the .pt). Returns the
     report, with ``reused`` telling whether training was skipped.
     """
-    if cfg.teacher.official:
-        raise ValueError("teacher.official is set: jobs/train_teacher.py trains our own small architectures only")
-    if cfg.teacher.arch.num_classes != NUM_CLASSES:
-        raise ValueError(f"teacher.{cfg.teacher.family}.num_classes must be {NUM_CLASSES} for the digits, "
-                         f"got {cfg.teacher.arch.num_classes}")
+    _check_config(cfg)
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     key = cache_key(cfg, recipe)
@@ -166,8 +237,7 @@ def train_digits_teacher(
         old = report.get("quality", {}).get("teacher", {}).get("sampling", {})
         if evaluate and {k: old.get(k) for k in settings} != settings:
             log(f"[{cfg.teacher.family}] sampling or evaluation size changed: re-evaluating the cached teacher")
-            report["quality"] = evaluate_teacher(build_teacher(final_cfg.teacher), cfg.teacher.sampling,
-                                                 recipe.eval_per_class, cfg.seed)
+            report["quality"] = evaluate_any_teacher(build_teacher(final_cfg.teacher), cfg, recipe.eval_per_class)
             _atomic_json(report_path, report)
         dump_yaml(final_cfg, cfg_path)  # the current sampling / dtype, for the jobs that read this config
         report["reused"] = True
@@ -185,22 +255,41 @@ def train_digits_teacher(
     work = out / f"work-{key}"
     work.mkdir(exist_ok=True)
 
-    log(f"[{family}] tokenizer: {sum(p.numel() for p in teacher.tokenizer.parameters()):,} parameters")
-    vq_info = train_tokenizer(teacher.tokenizer, train_images, recipe, log)
+    text = text_teacher.is_text_teacher(cfg)
+    tag = f"{family} t2i" if text else family
+    if text:
+        tok_teacher, tok_ckpt, tok_cfg, vq_info = _text_tokenizer(cfg, recipe, out, train_images, work, log)
+        teacher.tokenizer.load_state_dict(tok_teacher.tokenizer.state_dict())
+    else:
+        log(f"[{family}] tokenizer: {sum(p.numel() for p in teacher.tokenizer.parameters()):,} parameters")
+        vq_info = train_tokenizer(teacher.tokenizer, train_images, recipe, log)
+        tok_ckpt, tok_cfg = work / "tokenizer_stage.pt", cfg
+        _atomic_save({"teacher": teacher.state_dict()}, tok_ckpt)
     vq_info["heldout_reconstruction_mse"] = reconstruction_mse(teacher.tokenizer, _quantised(held.images))
-    tok_ckpt = work / "tokenizer_stage.pt"
-    _atomic_save({"teacher": teacher.state_dict()}, tok_ckpt)
 
-    log(f"[{family}] tokenising {len(train)} PNG digits through DALI")
-    ids, labels, tok_summary = _tokenise_through_dali(cfg, tok_ckpt, to_uint8(train.images), train.labels, work)
+    log(f"[{tag}] tokenising {len(train)} PNG digits through DALI")
+    ids, labels, tok_summary = _tokenise_through_dali(tok_cfg, tok_ckpt, to_uint8(train.images), train.labels, work)
     with torch.no_grad():
         direct = teacher.encode(train_images[:256])
     dali_agreement = float((direct == ids[:256]).float().mean())  # DALI decode vs in-memory images
     held_ids = teacher.encode(_quantised(held.images)).detach()
 
     n_ar = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
-    log(f"[{family}] AR transformer: {n_ar:,} parameters, {ids.shape[1]} tokens per image")
-    ar_info = train_ar(teacher, ids, labels, recipe, log, heldout=(held_ids, held.labels))
+    log(f"[{tag}] AR transformer: {n_ar:,} parameters, {ids.shape[1]} tokens per image")
+    if text:
+        if not torch.equal(labels, train.labels):  # captions are matched to token rows by position
+            raise RuntimeError(f"token shards in {work / 'tokens'} are not in the order of the train split")
+        from dd2dist.text import build_text_encoder
+
+        encoder = build_text_encoder(cfg.teacher.text_encoder)
+        records = text_teacher.training_captions(cfg.seed, len(train))
+        conds = caption_batches(records, len(train), encoder, teacher.null_cond(1).text[0], recipe.label_drop)
+        held_cond = text_teacher.heldout_condition(encoder, cfg.seed)
+        log(f"[{tag}] {len(records)} training captions ({text_teacher.CAPTIONS_PER_IMAGE} per image), "
+            f"encoder {encoder.name}")
+        ar_info = train_ar(teacher, ids, conds, recipe, log, heldout=(held_ids, held_cond))
+    else:
+        ar_info = train_ar(teacher, ids, labels, recipe, log, heldout=(held_ids, held.labels))
     _atomic_save({"teacher": teacher.state_dict()}, ckpt)
 
     report: dict[str, Any] = {
@@ -211,14 +300,23 @@ def train_digits_teacher(
         "ar": ar_info, "params": {"tokenizer": sum(p.numel() for p in teacher.tokenizer.parameters()),
                                   "transformer": n_ar},
     }
+    if text:
+        report["captions"] = {**text_teacher.caption_settings(), "encoder": cfg.teacher.text_encoder,
+                              "property_bins": json.loads(text_teacher.train_bins().to_json())}
     if evaluate:
         loaded = build_teacher(final_cfg.teacher)  # the checkpoint must load through the shared loader
-        log(f"[{family}] evaluating {recipe.eval_per_class} samples per class")
-        report["quality"] = evaluate_teacher(loaded, cfg.teacher.sampling, recipe.eval_per_class, cfg.seed)
+        log(f"[{tag}] evaluating {recipe.eval_per_class} samples per class")
+        report["quality"] = evaluate_any_teacher(loaded, cfg, recipe.eval_per_class)
         q = report["quality"]["teacher"]
-        log(f"[{family}] teacher FID {q['fid']:.3f} (train-vs-heldout reference "
-            f"{report['quality']['reference_train_vs_heldout']['fid']:.3f}), class consistency "
-            f"{q['class_consistency']:.3f}")
+        if text:
+            pa = report["quality"]["prompt_adherence"]
+            log(f"[{tag}] teacher FID {q['fid']:.3f}; prompt adherence seen / held-out phrasings: class "
+                f"{pa['seen']['class_accuracy']:.3f} / {pa['heldout']['class_accuracy']:.3f}, properties "
+                f"{pa['seen']['property_agreement_mean']:.3f} / {pa['heldout']['property_agreement_mean']:.3f}")
+        else:
+            log(f"[{family}] teacher FID {q['fid']:.3f} (train-vs-heldout reference "
+                f"{report['quality']['reference_train_vs_heldout']['fid']:.3f}), class consistency "
+                f"{q['class_consistency']:.3f}")
     report["seconds"] = time.perf_counter() - t_start
     dump_yaml(final_cfg, cfg_path)
     _atomic_json(report_path, report)

@@ -6,8 +6,9 @@ from dd2dist.text.encoders import (
     build_text_encoder,
     left_pad,
     parse_text_encoder_spec,
+    text_encoder_geometry,
     text_encoder_identity,
 )
 
 __all__ = ["HashedNgramEncoder", "TextEncoder", "build_text_encoder", "left_pad", "parse_text_encoder_spec",
-           "text_encoder_identity"]
+           "text_encoder_geometry", "text_encoder_identity"]

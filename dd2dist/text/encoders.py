@@ -148,3 +148,14 @@ def text_encoder_identity(spec: str) -> tuple[str, int, int]:
     slots = kw.get("slots", 120)
     name, width = t5_identity(path, slots)
     return name, slots, width
+
+
+def text_encoder_geometry(spec: str) -> tuple[int | None, int | None]:
+    """(slots, width) a spec will produce, without loading weights or reading files: what config validation compares
+    against the teacher's ``cls_token_num`` / ``caption_dim``. ``None`` where only the model knows (a T5 width, or
+    its slots when the spec does not set them). Raises ValueError for a malformed spec."""
+    kind, _, kw = parse_text_encoder_spec(spec)
+    if kind == "hashed":
+        enc = HashedNgramEncoder(**kw)  # a seed and two sizes: nothing is loaded
+        return enc.slots, enc.width
+    return kw.get("slots"), None
