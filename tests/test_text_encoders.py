@@ -113,3 +113,17 @@ def test_t5_directory_problems_name_what_is_missing(tiny_t5, tmp_path):
     (no_tok / "config.json").unlink()
     with pytest.raises(ValueError, match="lacks config.json, tokenizer files"):
         text_encoder_identity(f"t5:{no_tok},slots=8")
+
+
+def test_hashed_unigram_features_carry_a_word_into_a_new_phrasing_unchanged():
+    uni = build_text_encoder("hashed:slots=8,width=16,ngrams=1")
+    assert isinstance(uni, HashedNgramEncoder) and uni.name.endswith(",ngrams=1")
+    a, _ = uni.encode(["a thick seven"])
+    b, _ = uni.encode(["look at this seven"])
+    assert torch.equal(a[0, -1], b[0, -1])  # "seven" after another word: the same vector
+    bi = build_text_encoder("hashed:slots=8,width=16")
+    a, _ = bi.encode(["a thick seven"])
+    b, _ = bi.encode(["look at this seven"])
+    assert not torch.equal(a[0, -1], b[0, -1])  # with bigrams it depends on the word before
+    with pytest.raises(ValueError, match="ngrams"):
+        build_text_encoder("hashed:ngrams=3")

@@ -68,13 +68,22 @@ def words(caption: str) -> list[str]:
 
 
 class HashedNgramEncoder(TextEncoder):
-    """Fixed hashed unigram + bigram features; see the module docstring. ``seed`` changes every vector."""
+    """Fixed hashed n-gram features; see the module docstring. ``seed`` changes every vector.
 
-    def __init__(self, slots: int = 16, width: int = 64, seed: int = 0):
+    ``ngrams=2`` (default) adds to each word the vector of the bigram it ends, so word order is in the features;
+    ``ngrams=1`` keeps the unigram alone. With bigrams, a content word after a filler word it never followed in
+    training gets a half-new vector, which is what a held-out phrasing does to it; unigram features leave the
+    order to the slot positions the teacher sees, and carry a known word into a new phrasing unchanged.
+    """
+
+    def __init__(self, slots: int = 16, width: int = 64, seed: int = 0, ngrams: int = 2):
         if slots <= 0 or width <= 0:
             raise ValueError(f"HashedNgramEncoder needs slots > 0 and width > 0, got {slots}, {width}")
-        self.slots, self.width, self.seed = int(slots), int(width), int(seed)
-        self.name = f"hashed-ngram:slots={self.slots},width={self.width},seed={self.seed}"
+        if ngrams not in (1, 2):
+            raise ValueError(f"HashedNgramEncoder: ngrams must be 1 or 2, got {ngrams}")
+        self.slots, self.width, self.seed, self.ngrams = int(slots), int(width), int(seed), int(ngrams)
+        self.name = f"hashed-ngram:slots={self.slots},width={self.width},seed={self.seed}" + (
+            f",ngrams={self.ngrams}" if self.ngrams != 2 else "")
         self._cache: dict[str, Tensor] = {}
 
     def _vector(self, gram: str) -> Tensor:
@@ -87,9 +96,12 @@ class HashedNgramEncoder(TextEncoder):
         return v
 
     def token_features(self, caption: str) -> Tensor:
-        """(n_words, width): unigram vector + the vector of the bigram ending at that word."""
+        """(n_words, width): unigram vector (+ the vector of the bigram ending at that word, with ``ngrams=2``)."""
         ws = words(caption)
-        feats = [self._vector(w) + self._vector(f"{prev} {w}") for prev, w in zip(["<s>"] + ws[:-1], ws)]
+        if self.ngrams == 1:
+            feats = [self._vector(w) for w in ws]
+        else:
+            feats = [self._vector(w) + self._vector(f"{prev} {w}") for prev, w in zip(["<s>"] + ws[:-1], ws)]
         return torch.stack(feats) if feats else torch.zeros(0, self.width)
 
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
@@ -100,7 +112,8 @@ def parse_text_encoder_spec(spec: str) -> tuple[str, str | None, dict[str, int]]
     """``spec`` -> (kind, T5 directory or None, integer options); ValueError naming the spec on anything else."""
     kind, _, rest = spec.partition(":")
     if kind == "hashed":
-        path, opts, allowed, form = None, rest.split(","), ("slots", "width", "seed"), "hashed:slots=N,width=N,seed=N"
+        path, opts, allowed, form = None, rest.split(","), ("slots", "width", "seed", "ngrams"), \
+            "hashed:slots=N,width=N,seed=N,ngrams=1|2"
     elif kind == "t5":
         path, *opts = rest.split(",")
         allowed, form = ("slots",), "t5:<dir>[,slots=N]"
@@ -121,7 +134,8 @@ def parse_text_encoder_spec(spec: str) -> tuple[str, str | None, dict[str, int]]
 
 
 def build_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
-    """An encoder from a spec string: ``hashed[:slots=16,width=64,seed=0]`` or ``t5:<local directory>[,slots=120]``.
+    """An encoder from a spec string: ``hashed[:slots=16,width=64,seed=0,ngrams=2]`` or
+    ``t5:<local directory>[,slots=120]``.
 
     The T5 directory must hold a ``transformers`` T5 encoder checkpoint and its tokenizer; nothing is downloaded.
     ``device`` places a network encoder (T5); the hashed encoder is a table lookup and ignores it. It is not part of
