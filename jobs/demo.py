@@ -3,6 +3,7 @@
     python jobs/demo.py                                   # full demo (both families), writes runs/demo/
     python jobs/demo.py --quick --out /tmp/demo_quick     # the same path at smoke-test size (tests)
     python jobs/demo.py --families var --out runs/demo_var --set stage2.generator_steps=600   # any recipe key
+    python jobs/demo.py --t2i                             # text-to-image: captions -> one-step, writes runs/demo_t2i/
 
 Per family (``var``, ``llamagen``), with the recipe ``configs/demo/[smoke_]<family>.yaml``:
 
@@ -25,6 +26,11 @@ Per family (``var``, ``llamagen``), with the recipe ``configs/demo/[smoke_]<fami
 
 Writes ``<out>/results.json`` (per family: ``fid_*``, ``precision_*``, ``recall_*``, ``class_consistency_*``,
 ``seconds``, the sampling settings, classifier accuracy, MLflow run) and ``<out>/results.md`` (the tables).
+``--t2i`` runs the text-to-image demo instead (``dd2dist.demo.t2i``, recipe ``configs/demo/[smoke_]llamagen_t2i.yaml``):
+captioned digits -> the text-conditional LlamaGen digits teacher -> caption features across Ray actors -> teacher-token
+shards conditioned on the captions -> stage 1 + stage 2 on 2 DeepSpeed workers -> prompt adherence (seen and held-out
+phrasings) and FID to the teacher's own samples with its floor -> MLflow and ``<out>/results.json``.
+
 Every run of the demo trains the students afresh; teachers and teacher-token shards are reused when present.
 Exit codes: 0 done, 2 bad arguments / configuration, 1 a stage failed.
 """
@@ -48,7 +54,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke-test size (configs/demo/smoke_*.yaml)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: var,llamagen")
-    parser.add_argument("--out", default="runs/demo", help="demo directory (results.json, one folder per family)")
+    parser.add_argument("--t2i", action="store_true", help="the text-to-image demo (default --out runs/demo_t2i)")
+    parser.add_argument("--out", default=None,
+                        help="demo directory (results.json, one folder per family); runs/demo, or runs/demo_t2i")
     parser.add_argument("--teachers", default=None,
                         help="teacher cache directory (default: runs/teachers, or <out>/teachers with --quick)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
@@ -56,11 +64,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the students an earlier demo run trained under --out (no training)")
     args = parser.parse_args(argv)
+    if args.t2i:
+        if args.eval_only:
+            parser.error("--eval-only is not available with --t2i")
+        from dd2dist.demo.t2i import run_t2i_demo
+
+        return run_t2i_demo(args.quick, args.out or "runs/demo_t2i", args.teachers, tuple(args.overrides))
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
         parser.error(f"--families: unknown {bad or list(families)}; choose from {', '.join(FAMILIES)}")
-    return run_demo(DemoArgs(quick=args.quick, families=families, out=args.out, teachers=args.teachers,
+    return run_demo(DemoArgs(quick=args.quick, families=families, out=args.out or "runs/demo", teachers=args.teachers,
                              overrides=tuple(args.overrides), eval_only=args.eval_only))
 
 
