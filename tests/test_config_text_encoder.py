@@ -19,7 +19,7 @@ def test_the_digits_t2i_config_loads_with_its_encoder():
     cfg = load_config(T2I)
     arch = cfg.teacher.arch
     assert (arch.num_classes, arch.cls_token_num, arch.caption_dim) == (0, 16, 64)
-    assert cfg.teacher.text_encoder == "hashed:slots=16,width=64"
+    assert cfg.teacher.text_encoder == "hashed:slots=16,width=64,ngrams=1"
     base = load_config(CLASS)  # everything but the condition is the class-conditional digits teacher
     for name in ("n_layer", "n_head", "dim", "grid", "tokenizer"):
         assert getattr(arch, name) == getattr(base.teacher.arch, name)

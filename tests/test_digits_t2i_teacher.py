@@ -24,7 +24,7 @@ from dd2dist.text import build_text_encoder
 REPO = Path(__file__).resolve().parents[1]
 T2I = REPO / "configs" / "teachers" / "digits_llamagen_t2i.yaml"
 CLASS = REPO / "configs" / "teachers" / "digits_llamagen.yaml"
-ENCODER = "hashed:slots=16,width=64"
+ENCODER = "hashed:slots=16,width=64,ngrams=1"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from dd2dist.digits.captions import HELDOUT_TEMPLATES, TEMPLATES, caption_record
 from dd2dist.teachers.base import ARTeacher
 from dd2dist.text import TextEncoder
 
-CAPTIONS_PER_IMAGE = 8  # training phrasings drawn per image (one of them is used each time the image is seen)
+CAPTIONS_PER_IMAGE = 32  # training phrasings drawn per image (one of them is used each time the image is seen)
 CAPTION_VERSION = 1  # bump when the captions or their use in training change what a text config produces
 PROPERTY_COMBOS = 6  # thickness words x slant words: prompts per class in one pass over the combinations
 
