@@ -43,6 +43,8 @@ def test_results_hold_adherence_and_fidelity_per_sampler(quick_t2i):
         for key in ("prompt_class_accuracy_seen", "prompt_class_accuracy_heldout", "prompt_property_agreement_seen",
                     "prompt_property_agreement_heldout"):
             assert _finite(r[key]) and 0.0 <= r[key] <= 1.0, (name, key, r.get(key))
+        for prop in ("thickness", "slant"):  # agreement of each measured property with the caption
+            assert 0.0 <= r[f"prompt_property_agreement_{prop}_heldout"] <= 1.0, (name, prop)
         assert _finite(r["fid_to_teacher"]) and r["fid_to_teacher"] >= 0, (name, r.get("fid_to_teacher"))
     # the floor is the second teacher draw's score, and dependence captured is measured between it and the marginals
     assert results["floor"]["fid_to_teacher"] == pytest.approx(samplers["teacher"]["fid_to_teacher"])
@@ -52,7 +54,13 @@ def test_results_hold_adherence_and_fidelity_per_sampler(quick_t2i):
     assert results["iteration"] > 0 and results["settings"]["quick"] is True
     for key in ("teacher", "captions_and_tokens", "stage1", "stage2", "evaluation"):
         assert results["seconds_by_step"][key] > 0, key
-    assert set(results["verdict"]) >= {"class_accuracy_gap_seen", "class_accuracy_gap_heldout", "dependence_captured"}
+    v = results["verdict"]
+    for kind in ("seen", "heldout"):
+        diff = samplers["one_step"][f"prompt_class_accuracy_{kind}"] - samplers["reference"][
+            f"prompt_class_accuracy_{kind}"]
+        assert v[f"class_accuracy_one_step_minus_teacher_{kind}"] == pytest.approx(diff)
+        assert v[f"class_accuracy_within_0.05_{kind}"] == (abs(diff) <= 0.05)
+    assert v["dependence_captured"] == pytest.approx(samplers["one_step"]["dependence_captured"])
 
 
 def test_mlflow_holds_the_evaluation(quick_t2i):
