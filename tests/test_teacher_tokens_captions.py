@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 N, BATCH, M = 11, 4, 5
 TEXT_TEACHER = ["teacher.family=llamagen", "teacher.llamagen.num_classes=0", "teacher.llamagen.cls_token_num=8",
-                "teacher.llamagen.caption_dim=16", "teacher.sampling.guidance_scale=2.0"]
+                "teacher.llamagen.caption_dim=16", "teacher.text_encoder=hashed:slots=8,width=16",
+                "teacher.sampling.guidance_scale=2.0"]
 RECORDS = [{"key": f"k{i}", "caption": c, "label": i} for i, c in
            enumerate(["a thin zero", "a bold one", "a small two centred", "three", "a large thick four"])]
 

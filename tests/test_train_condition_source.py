@@ -95,7 +95,7 @@ def test_a_text_teacher_without_captions_is_refused_naming_data_captions(tmp_pat
     with pytest.raises(ConfigError, match="data.caption_bank_size"):
         text_config(tmp_path, "data.caption_bank_size=0")
     class_cfg = text_config(tmp_path, "teacher.llamagen.num_classes=10", "teacher.llamagen.cls_token_num=1",
-                            "teacher.llamagen.caption_dim=0")
+                            "teacher.llamagen.caption_dim=0", "teacher.text_encoder=null")
     assert validate_captions(class_cfg) is None  # labels need no captions
     assert isinstance(Trainer(class_cfg, text_teacher(class_cfg), TorchEngineFactory()).batches.conditions,
                       ClassLabels)

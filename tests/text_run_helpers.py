@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "experiments" / "smoke_llamagen_torch.yaml"
 SLOTS, WIDTH = 8, 16
 TEXT_TEACHER = ["teacher.llamagen.num_classes=0", f"teacher.llamagen.cls_token_num={SLOTS}",
-                f"teacher.llamagen.caption_dim={WIDTH}"]
+                f"teacher.llamagen.caption_dim={WIDTH}", f"teacher.text_encoder=hashed:slots={SLOTS},width={WIDTH}"]
 TINY_SCHEDULE = ["stage1.steps=2", "stage1.warmup_steps=1", "stage1.batch_size=3", "stage2.batch_size=3",
                  "stage2.generator_steps=2", "stage2.guidance_per_generator=1", "stage2.warmup_guidance_steps=2",
                  "stage2.fcs_samples=2", "student.head_width=16", "student.head_depth=1",
