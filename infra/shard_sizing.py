@@ -20,7 +20,8 @@ META_JSON_BYTES = 200  # teacher id, shape, CFG/top-k/top-p, seed: ~150-250 B
 SEQUENCE_TOKENS = {"VAR (680 tokens)": 680, "LlamaGen 256 px (256 tokens)": 256, "LlamaGen 384 px (576 tokens)": 576}
 SHARD_TARGETS_GB = (0.5, 1.0)
 # Text-conditional sequences: (image tokens, caption slots T, feature width Dt). Features are stored as float16.
-TEXT_SEQUENCES = {"LlamaGen-XL t2i 256 px (FLAN-T5-XL)": (256, 120, 2048), "digits t2i demo (hashed n-grams)": (16, 16, 64)}
+TEXT_SEQUENCES = {"LlamaGen-XL t2i 256 px (FLAN-T5-XL)": (256, 120, 2048),
+                  "digits t2i demo (hashed n-grams)": (16, 16, 64)}
 CAPTION_BANK = 4096  # data.caption_bank_size default: captions each rank holds for stage-2 draws
 
 
