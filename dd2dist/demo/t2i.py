@@ -50,12 +50,10 @@ class T2IPlan:
 
 
 def t2i_plan(quick: bool) -> T2IPlan:
-    from dataclasses import replace
-
     from dd2dist.digits.recipe import FULL_T2I, QUICK
 
     if quick:
-        return T2IPlan(replace(QUICK, eval_per_class=4), captions_per_image=1, token_samples=64,
+        return T2IPlan(QUICK, captions_per_image=1, token_samples=64,
                        prompts_per_combo=1, token_batch=16)
     return T2IPlan(FULL_T2I, captions_per_image=3, token_samples=0, prompts_per_combo=25)
 
