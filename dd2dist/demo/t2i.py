@@ -226,9 +226,10 @@ def _run(quick: bool, plan: T2IPlan, run_dir: Path, teachers_dir: Path, override
     import torch
 
     from dd2dist.config import load_config
-    from dd2dist.digits.captions import caption_records, prompt_set
+    from dd2dist.digits.captions import caption_records, prompt_set, train_bins
     from dd2dist.digits.teacher_job import train_digits_teacher
     from dd2dist.eval.t2i_fidelity import t2i_fidelity
+    from dd2dist.pipelines.caption_features import encode_captions
     from dd2dist.pipelines.teacher_tokens import precompute_teacher_tokens
 
     steps: dict[str, float] = {}
@@ -248,7 +249,7 @@ def _run(quick: bool, plan: T2IPlan, run_dir: Path, teachers_dir: Path, override
     train_records = [{**r, "image": r["key"], "key": f"{r['key']}-{j % plan.captions_per_image}"}
                      for j, r in enumerate(caption_records("train", seed=cfg.seed,
                                                            per_image=plan.captions_per_image))]
-    encode_records(train_records, encoder, run_dir / "captions", plan.encode_workers)
+    encode_captions(train_records, encoder, run_dir / "captions", workers=plan.encode_workers)  # read by training
     prompt_records = [{**r, "key": f"{kind}-{i:05d}"} for kind in ("seen", "heldout")
                       for i, r in enumerate(prompt_set(kind, per_combo=plan.prompts_per_combo, seed=cfg.seed))]
     prompts = prompts_from(encode_records(prompt_records, encoder, run_dir / "prompts", plan.encode_workers))
@@ -269,8 +270,8 @@ def _run(quick: bool, plan: T2IPlan, run_dir: Path, teachers_dir: Path, override
     t0 = time.perf_counter()
     log(f"[t2i] 4/5 evaluation: {prompts.classes.shape[0]} prompts ({int(prompts.heldout.sum())} with held-out "
         "phrasings) per sampler, against an independent teacher draw")
-    bins = _property_bins(report)
-    evaluation = t2i_fidelity(run_dir, prompts, adherence_scorer(bins), batch_size=cfg.eval.batch_size,
+    # the property thresholds the captions were made with (fitted on the train split)
+    evaluation = t2i_fidelity(run_dir, prompts, adherence_scorer(train_bins()), batch_size=cfg.eval.batch_size,
                               log=lambda m: log(f"[t2i] {m}"))
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -296,9 +297,3 @@ def _run(quick: bool, plan: T2IPlan, run_dir: Path, teachers_dir: Path, override
         "iteration": train["stage2"]["iteration"],
     }
 
-
-def _property_bins(report: dict):
-    """The property thresholds the teacher's captions were made with (fitted on the train split)."""
-    from dd2dist.digits.captions import train_bins
-
-    return train_bins()
