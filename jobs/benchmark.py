@@ -6,10 +6,11 @@
     python jobs/benchmark.py speed --out runs/bench/speed.json                           # one-step vs AR sampler
     python jobs/benchmark.py fidelity --run runs/demo/var --out runs/bench/fidelity_var.json  # samplers vs teacher
     python jobs/benchmark.py probe --run runs/demo/llamagen                              # earlier noise seen?
+    python jobs/benchmark.py odemap --run runs/demo/llamagen                             # PF-ODE map converged?
     python jobs/benchmark.py manifest --out runs/bench/manifest.json                     # checkpoint manifest cost
 
 Each subcommand takes its own flags (``python jobs/benchmark.py toy --help``); the measurements live in their
-subsystems (dd2dist/bench/, dd2dist/eval/speed.py, fidelity.py, noise_probe.py), this file only parses and prints.
+subsystems (dd2dist/bench/, dd2dist/eval/speed.py, fidelity.py, noise_probe.py, ode_map.py), this file only parses and prints.
 Each subcommand imports its own stack when it runs, so that one benchmark does not load another's dependencies.
 """
 
@@ -310,6 +311,28 @@ def probe(argv: list[str]) -> int:
     return 0
 
 
+def odemap(argv: list[str]) -> int:
+    """``benchmark.py odemap --run DIR``: how many PF-ODE steps the run's teacher needs for converged pairs."""
+    from dd2dist.eval.ode_map import ode_map_run
+
+    p = argparse.ArgumentParser(prog="benchmark.py odemap", description=_summary("dd2dist.eval.ode_map"))
+    p.add_argument("--run", required=True, help="a run directory (its config.yaml names the teacher)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=_ints, default=(8, 16, 32), help="Heun step counts to score, e.g. 8,16,32")
+    p.add_argument("--reference-steps", type=int, default=128)
+    p.add_argument("--samples", type=int, default=1000)
+    args = p.parse_args(argv)
+    report = ode_map_run(args.run, tuple(args.steps), args.reference_steps, args.samples)
+    print(f"{report['family']} teacher of {args.run} (stage2.ode_steps {report['configured_ode_steps']}), agreement "
+          f"with {report['reference_steps']} steps on {report['samples']} sequences:")
+    for s, r in report["steps"].items():
+        print(f"  {s:>4} steps: first AR step {r['first_step']:.3f}, all tokens {r['all_tokens']:.3f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 SUBCOMMANDS = {
     "toy": toy,
     "data": data,
@@ -317,6 +340,7 @@ SUBCOMMANDS = {
     "speed": speed,
     "fidelity": fidelity,
     "probe": probe,
+    "odemap": odemap,
     "manifest": manifest,
 }
 

@@ -5,6 +5,7 @@ conditions (class labels or captions, :mod:`dd2dist.train.condition_source`). Ev
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -12,10 +13,13 @@ from torch import Tensor
 
 from dd2dist.conditions import Cond
 from dd2dist.engine.base import Engine
-from dd2dist.method.ode_init import teacher_ode_tokens
+from dd2dist.method.ode_init import teacher_ode_agreement, teacher_ode_tokens
 from dd2dist.method.seeding import make_generator
 from dd2dist.teachers.base import ARTeacher
 from dd2dist.train.condition_source import ConditionSource, conditions_from_config
+
+log = logging.getLogger("dd2dist.train")
+ODE_AGREEMENT_WARN = 0.95  # below this share of converged tokens the regression pairs are called noisy
 
 
 class BatchSource:
@@ -40,6 +44,7 @@ class BatchSource:
         self.sampler_returns_log_probs = bool(teacher.sample_returns_log_probs)
         self._data_iter = None
         self._ode_block = None  # (key, eps, cond, ids) of the current block of regression pairs
+        self.ode_map_agreement: float | None = None  # set by the first block (_check_ode_map)
         if conditions is None:
             conditions = conditions_from_config(cfg, self.num_classes, rank, world_size, device)
         self.conditions = conditions
@@ -115,10 +120,27 @@ class BatchSource:
             eps = torch.randn((B * per_call, self.num_tokens, self.embed_dim), device=self.device,
                               generator=self.generator(i0, f"ode/{micro}/eps"))
             ids = teacher_ode_tokens(teacher, eps, cond, self.cfg.teacher.sampling, self.codebook, s2.ode_steps)
+            if self._ode_block is None:
+                self._check_ode_map(teacher, eps, cond, ids)
             self._ode_block = (key, eps, cond, ids)
         _, eps, cond, ids = self._ode_block
         own = slice(slot * B, (slot + 1) * B)  # this step's rows of the block
         return eps[own], cond.select(own), ids[own]
+
+    def _check_ode_map(self, teacher: ARTeacher, eps: Tensor, cond: Cond, ids: Tensor, rows: int = 64) -> None:
+        """Once per run: how many of the first pairs' tokens 4x the PF-ODE steps reproduce (pairs from an unconverged
+        integrator are a noisy target; dd2dist.method.ode_init.ode_map_agreement)."""
+        n = min(rows, ids.shape[0])
+        steps = self.cfg.stage2.ode_steps
+        agree = teacher_ode_agreement(teacher, eps[:n], cond.select(slice(0, n)), self.cfg.teacher.sampling,
+                                      self.codebook, steps, ids[:n])
+        self.ode_map_agreement = agree
+        if agree < ODE_AGREEMENT_WARN:
+            log.warning("stage2.ode_steps=%d: only %.0f%% of the PF-ODE regression targets' tokens match %d steps; "
+                        "the pairs are a noisy map of the noise, raise stage2.ode_steps", steps, 100 * agree, 4 * steps)
+        else:
+            log.info("stage2.ode_steps=%d: %.1f%% of the PF-ODE targets' tokens match %d steps", steps, 100 * agree,
+                     4 * steps)
 
     # ---- stream position ----------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:
