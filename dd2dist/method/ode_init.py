@@ -70,8 +70,8 @@ def ode_map_agreement(log_probs: Tensor, codebook: Tensor, eps: Tensor, num_step
 
     Why it matters: regression pairs made by an unconverged integrator are a noisy function of the noise. On the
     digits LlamaGen teacher (64 unit codes in R^8, closest pair 0.17 apart) 8 Heun steps agree with 128 on 80% of the
-    first tokens and 51% of all tokens (a different token changes every later conditional); 16 steps agree on 95%,
-    32 on 99% (``python jobs/benchmark.py odemap``).
+    first tokens and 49% of all tokens (a different token changes every later conditional); 16 steps agree on 94%,
+    32 on 98.5% (``python jobs/benchmark.py odemap``).
     """
     ref = pf_ode_codes(log_probs, codebook, eps, reference_steps or 4 * num_steps, t_min)
     return float((pf_ode_codes(log_probs, codebook, eps, num_steps, t_min) == ref).float().mean())
