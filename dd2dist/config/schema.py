@@ -213,7 +213,7 @@ class Stage2Config:
     ode_init_warmup_steps: int = _f(20, ge=0)  # its linear warm-up, in regression steps
     # Heun steps of the teacher PF-ODE per AR step for those pairs: the map must have converged, not only its code
     # frequencies (8 steps agree with 128 on 49% of the digits LlamaGen teacher's tokens, 16 on 94%; see
-    # dd2dist.method.ode_init.ode_map_agreement, which the first block of pairs logs)
+    # dd2dist.method.ode_init.teacher_ode_agreement, which the first block of pairs logs)
     ode_steps: int = _f(32, ge=1)
     ode_pairs_per_call: int = _f(8, ge=1)  # regression steps whose pairs one teacher sampler call makes
     # DMD-style anchor during CSD: the generator loss adds this weight times the regression loss on PF-ODE pairs,

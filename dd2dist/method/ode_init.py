@@ -42,7 +42,7 @@ def pf_ode_codes(log_probs: Tensor, codebook: Tensor, eps: Tensor, num_steps: in
     Heun, not Euler: on a 16-code test mixture 8 Heun steps (16 velocity evaluations) match the code probabilities
     to sampling noise (TV 0.013 over 20k draws), where 64 Euler steps still leave 0.014 and 16 leave 0.034. Matching
     the probabilities is not enough for a regression target, though: the map itself must have converged, and with
-    close codes it needs more steps (see :func:`ode_map_agreement`).
+    close codes it needs more steps (see :func:`teacher_ode_agreement`).
     """
     if log_probs.shape[:2] != eps.shape[:2] or log_probs.shape[-1] != codebook.shape[0]:
         raise ValueError(f"pf_ode_codes: log_probs {tuple(log_probs.shape)}, eps {tuple(eps.shape)} and codebook "
@@ -61,20 +61,6 @@ def pf_ode_codes(log_probs: Tensor, codebook: Tensor, eps: Tensor, num_steps: in
     t_end = torch.full((B * n,), times[-1], device=z.device)
     logits = mixture_logits(lp.reshape(B * n, -1), cb, (cb * cb).sum(-1), z.reshape(B * n, Ce), t_end)
     return logits.argmax(-1).view(B, n)
-
-
-def ode_map_agreement(log_probs: Tensor, codebook: Tensor, eps: Tensor, num_steps: int,
-                      reference_steps: int | None = None, t_min: float = T_MIN) -> float:
-    """The fraction of tokens that :func:`pf_ode_codes` at ``num_steps`` sends to the same code as at
-    ``reference_steps`` (default 4x as many): how far the discretised map is from the converged one.
-
-    Why it matters: regression pairs made by an unconverged integrator are a noisy function of the noise. On the
-    digits LlamaGen teacher (64 unit codes in R^8, closest pair 0.17 apart) 8 Heun steps agree with 128 on 80% of the
-    first tokens and 49% of all tokens (a different token changes every later conditional); 16 steps agree on 94%,
-    32 on 98.5% (``python jobs/benchmark.py odemap``).
-    """
-    ref = pf_ode_codes(log_probs, codebook, eps, reference_steps or 4 * num_steps, t_min)
-    return float((pf_ode_codes(log_probs, codebook, eps, num_steps, t_min) == ref).float().mean())
 
 
 def ode_picker(eps: Tensor, codebook: Tensor, num_steps: int, t_min: float = T_MIN) -> TokenPicker:
@@ -102,9 +88,14 @@ def teacher_ode_tokens(
 @torch.no_grad()
 def teacher_ode_agreement(teacher: ARTeacher, eps: Tensor, cond: Cond, sampling: Sampling, codebook: Tensor,
                           num_steps: int, ids: Tensor) -> float:
-    """:func:`ode_map_agreement` along the teacher's chain: the fraction of tokens of ``ids`` (made by
-    :func:`teacher_ode_tokens` at ``num_steps``) that 4x the steps reproduce; a token that differs also changes the
-    conditionals of every later one. One more sampler call (collective for a ZeRO-3 teacher)."""
+    """The fraction of tokens of ``ids`` (made by :func:`teacher_ode_tokens` at ``num_steps``) that 4x the steps
+    reproduce along the teacher's chain, where a token that differs also changes the conditionals of every later one.
+    One more sampler call (collective for a ZeRO-3 teacher).
+
+    Why it matters: regression pairs made by an unconverged integrator are a noisy function of the noise. On the
+    digits LlamaGen teacher (64 unit codes in R^8, closest pair 0.17 apart) 8 Heun steps agree with 128 on 80% of the
+    first tokens and 49% of all tokens; 16 steps agree on 94%, 32 on 98.5% (``python jobs/benchmark.py odemap``).
+    """
     ref = teacher_ode_tokens(teacher, eps, cond, sampling, codebook, 4 * num_steps)
     return float((ref == ids).float().mean())
 

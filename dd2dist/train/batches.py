@@ -129,7 +129,7 @@ class BatchSource:
 
     def _check_ode_map(self, teacher: ARTeacher, eps: Tensor, cond: Cond, ids: Tensor, rows: int = 64) -> None:
         """Once per run: how many of the first pairs' tokens 4x the PF-ODE steps reproduce (pairs from an unconverged
-        integrator are a noisy target; dd2dist.method.ode_init.ode_map_agreement)."""
+        integrator are a noisy target; dd2dist.method.ode_init.teacher_ode_agreement)."""
         n = min(rows, ids.shape[0])
         steps = self.cfg.stage2.ode_steps
         agree = teacher_ode_agreement(teacher, eps[:n], cond.select(slice(0, n)), self.cfg.teacher.sampling,
