@@ -10,7 +10,8 @@
     python jobs/benchmark.py manifest --out runs/bench/manifest.json                     # checkpoint manifest cost
 
 Each subcommand takes its own flags (``python jobs/benchmark.py toy --help``); the measurements live in their
-subsystems (dd2dist/bench/, dd2dist/eval/speed.py, fidelity.py, noise_probe.py, ode_map.py), this file only parses and prints.
+subsystems (dd2dist/bench/, dd2dist/eval/speed.py, fidelity.py, noise_probe.py, ode_map.py), this file only parses
+and prints.
 Each subcommand imports its own stack when it runs, so that one benchmark does not load another's dependencies.
 """
 
@@ -259,15 +260,15 @@ def speed(argv: list[str]) -> int:
 
 
 def fidelity_parser() -> argparse.ArgumentParser:
-    from dd2dist.eval.fidelity import ALL_SAMPLERS, FidelityOptions
+    from dd2dist.eval.fidelity import ALL_SAMPLERS, DEFAULT_SAMPLERS, FidelityOptions
 
     p = argparse.ArgumentParser(prog="benchmark.py fidelity", description=_summary("dd2dist.eval.fidelity"))
     p.add_argument("--run", required=True, help="a run directory (its config.yaml and export/)")
     p.add_argument("--out", default=None, help="write the report JSON here")
     p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
     p.add_argument("--batch-size", type=int, default=FidelityOptions.batch_size)
-    p.add_argument("--samplers", default=",".join(ALL_SAMPLERS),
-                   help="comma-separated subset of " + ", ".join(ALL_SAMPLERS))
+    p.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS),
+                   help="comma-separated subset of " + ", ".join(ALL_SAMPLERS) + " (default: all but stage1_ar)")
     p.add_argument("--space", default="auto", choices=("auto", "digits", "inception"), help="feature space")
     return p
 

@@ -70,6 +70,8 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         # both recipes start CSD from the PF-ODE regression: its generator is the DD1-style baseline
         assert set(m) >= {"teacher", "marginals", "stage1", "one_step", "one_step_snapped", "one_step_compact",
                           "refined_2", "dd1", "dd1_snapped"}, sorted(m)
+        # where along the sequence each sampler loses the teacher's likelihood
+        assert all(len(m[name]["nll_gap_by_position"]) == len(m["teacher"]["nll_gap_by_position"]) > 0 for name in m)
         assert "beats_dd1" in r["targets"]
         # the compact sampling head was fitted to this run's generator and scored on one_step's noise
         assert r["compact_head"]["steps"] == 5 and Path(r["compact_head"]["path"]).is_file()
@@ -101,6 +103,22 @@ def test_artefacts_exist_and_load(quick_demo):
         assert "TrainingReport(" in (out / family / "logs" / "rank0.log").read_text()  # the full log of rank 0
     assert Path(results["settings"]["loss_curves"]).is_file()
     assert (out / "results.md").read_text().count("| var |") >= 8
+
+
+def test_the_stage1_model_is_scored_as_an_ar_diffusion_sampler_on_request(quick_demo):
+    """``stage1_ar`` (left out of the demo for its cost): the trained stage-1 model of each family as an AR-diffusion
+    sampler, scored like every other sampler, with its own draw."""
+    from dd2dist.eval.fidelity import FidelityOptions, fidelity_benchmark
+
+    out, _, _ = quick_demo
+    for family in ("var", "llamagen"):
+        report = fidelity_benchmark(out / family, FidelityOptions(num_samples=40, batch_size=20,
+                                                                  samplers=("teacher", "marginals", "stage1_ar")),
+                                    log=lambda _: None)
+        ar = report["samplers"]["stage1_ar"]
+        assert math.isfinite(ar["fid_to_teacher"]) and math.isfinite(ar["dependence_captured"])
+        assert ar["settings"]["seed_base"] != report["samplers"]["teacher"]["settings"]["seed_base"]
+        assert len(ar["nll_gap_by_position"]) == len(report["samplers"]["teacher"]["nll_gap_by_position"])
 
 
 def test_output_is_progress_not_ray_reports_or_dependency_warnings(quick_demo):

@@ -18,10 +18,11 @@ TINY = {"var": ROOT / "configs/experiments/smoke_var_torch.yaml",
         "llamagen": ROOT / "configs/experiments/smoke_llamagen_torch.yaml"}
 
 
-@pytest.mark.parametrize("family,noise_input", [("var", "none"), ("llamagen", "none"), ("llamagen", "mlp")])
-def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, noise_input, tmp_path):
-    cfg = load_config(TINY[family], ["teacher.official=null", f"student.noise_input={noise_input}"],
-                      check_paths=False)
+@pytest.mark.parametrize("family,noise_input,posterior_head", [
+    ("var", "none", False), ("llamagen", "none", False), ("llamagen", "mlp", False), ("llamagen", "mlp", True)])
+def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, noise_input, posterior_head, tmp_path):
+    cfg = load_config(TINY[family], ["teacher.official=null", f"student.noise_input={noise_input}",
+                                     f"student.posterior_head={str(posterior_head).lower()}"], check_paths=False)
     torch.manual_seed(3)
     teacher = build_teacher(cfg.teacher)
     path = tmp_path / "teacher.pt"
@@ -35,12 +36,13 @@ def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, no
     ref_state, built_state = reference.state_dict(), built.state_dict()
     assert set(ref_state) == set(built_state)
     for key, value in ref_state.items():
-        if key.startswith("backbone."):
+        if key.startswith(("backbone.", "code_logits.")):  # the posterior head's logits are the output layer
             assert torch.equal(built_state[key], value), key
         else:  # a fresh head: same layout, zero-initialised output, so it starts at v = 0 like the copy
             assert built_state[key].shape == value.shape, key
     assert not built.head.final.linear.weight.any() and not built.head.final.linear.bias.any()
     assert any(".vector_input." in key for key in built_state) == (noise_input == "mlp")
+    assert ("code_logits.weight" in built_state) == posterior_head
     seq = torch.randn(2, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(0))
     cond = Cond(labels=torch.tensor([0, 1]))
     with torch.no_grad():  # non-persistent buffers (masks, RoPE tables) were rebuilt

@@ -320,3 +320,37 @@ def test_noise_input_is_refused_by_name_for_an_unknown_value():
 
     with pytest.raises(ConfigError, match="student.noise_input"):
         load_config("configs/base.yaml", ["student.noise_input=linear"])
+
+
+def test_posterior_head_starts_at_the_teachers_closed_form_velocity():
+    """With the MLP head at its zero start, a posterior-head student on a code prefix predicts the closed-form
+    velocity of the teacher's own (unguided) conditionals, and its sampling form generates what it generates."""
+    from dd2dist.latent import posterior
+
+    teacher = _teacher("llamagen")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True))
+    assert net.code_logits is not None and net.code_logits.weight.requires_grad
+    torch.manual_seed(2)
+    ids = torch.randint(0, teacher.vocab_size, (4, teacher.num_tokens))
+    cond = Cond(labels=torch.tensor([0, 1, 2, 3]))
+    codebook = teacher.codebook().float()
+    x_t, t = torch.randn(4, teacher.num_tokens, teacher.embed_dim), torch.rand(4, teacher.num_tokens) * 0.9 + 0.05
+    with torch.no_grad():
+        got = net.velocity(x_t, t, net.features(codebook[ids], cond))
+        want = posterior(teacher.log_probs(ids, cond, None), codebook, x_t, t).velocity
+    assert (got - want).abs().max() < 0.02 * want.abs().max(), (got - want).abs().max()
+    _randomize_head(net.head)  # the MLP part now adds to the mixture
+    eps = torch.randn(4, teacher.num_tokens, teacher.embed_dim)
+    with torch.no_grad():
+        expected = net.generate(eps, cond)
+    torch.testing.assert_close(net.for_sampling().generate(eps, cond), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_posterior_head_is_refused_for_var():
+    from dd2dist.config.schema import ConfigError, ExperimentConfig, TeacherConfig
+
+    with pytest.raises(ValueError, match="posterior_head"):
+        StudentNet(_teacher("var"), StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True))
+    with pytest.raises(ConfigError, match="student.posterior_head"):
+        ExperimentConfig(teacher=TeacherConfig(family="var", var=SMALL_VAR),
+                         student=StudentConfig(posterior_head=True))

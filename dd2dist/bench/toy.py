@@ -30,7 +30,7 @@ from torch import Tensor
 from dd2dist.bench.toy_teacher import ToyTeacherSpec, build_toy_teacher, teacher_arch
 from dd2dist.bench.toy_tv import empirical, exact_joint, marginal_product, tv, tv_floor, tv_per_position
 from dd2dist.conditions import Cond, class_major_labels
-from dd2dist.teachers.base import ARTeacher
+from dd2dist.eval.sampling import ar_diffusion_ids
 
 # Measured on this CPU: the VAR generator reached TV 0.40 in 100 generator steps at width 64 but plateaued near 0.5
 # for 1000+ steps at width 32 (it must re-derive scale 1 from noise through the phi convs); LlamaGen did well at 32.
@@ -53,32 +53,6 @@ def one_step_ids(net, labels: Tensor, gen: torch.Generator, batch: int = 32768) 
         eps = torch.randn((lab.shape[0], net.num_tokens, net.embed_dim), generator=gen)
         q = net.generate(eps, Cond(labels=lab)).float()
         out.append(net.backbone.quantize(q))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def ar_diffusion_ids(net, teacher: ARTeacher, labels: Tensor, gen: torch.Generator, euler_steps: int = 32,
-                     batch: int = 16384) -> Tensor:
-    """The stage-1 model as an AR-diffusion sampler: for each AR step, teacher-force the backbone on the tokens so
-    far and integrate the head's velocity from t=1 to 0 with ``euler_steps`` Euler steps per token; snap the
-    step's tokens to the nearest code before the next step (they enter the prefix as code vectors, as in GTS)."""
-    codebook = teacher.codebook().float()
-    out = []
-    for s in range(0, labels.shape[0], batch):
-        cond = Cond(labels=labels[s : s + batch])
-        B = cond.batch_size
-        x = torch.zeros(B, net.num_tokens, net.embed_dim)
-        ids = torch.zeros(B, net.num_tokens, dtype=torch.long)
-        for sl in teacher.steps:
-            feats = net.features(x, cond)[:, sl]  # rows of this step see earlier steps only
-            xt = torch.randn((B, feats.shape[1], net.embed_dim), generator=gen)
-            for j in range(euler_steps):
-                t = 1.0 - j / euler_steps
-                v = net.velocity(xt, torch.full((B, feats.shape[1]), t), feats).float()
-                xt = xt - v / euler_steps
-            ids[:, sl] = net.backbone.quantize(xt)
-            x[:, sl] = codebook[ids[:, sl]]
-        out.append(ids)
     return torch.cat(out)
 
 

@@ -19,6 +19,7 @@ REQUIRED_KEYS = ("dependence_captured", "fid_to_teacher_teacher", "fid_to_teache
                  "fid_to_teacher_one_step", "fid_teacher", "fid_one_step", "class_consistency_teacher",
                  "class_consistency_one_step", "seconds")
 TITLES = {"teacher": "teacher, 2nd draw (floor)", "marginals": "product of marginals", "stage1": "stage-1 model",
+          "stage1_ar": "stage-1 model, AR diffusion",
           "dd1": "DD1-style regression", "dd1_snapped": "DD1-style regression, snapped",
           "one_step": "DD2 one-step", "one_step_snapped": "DD2 one-step, snapped",
           "one_step_compact": "DD2 one-step, compact head", "refined_2": "DD2 + teacher, 2 steps",

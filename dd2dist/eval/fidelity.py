@@ -10,7 +10,9 @@ sampler here is scored against an independent set of the teacher's samples (draw
   counted on a third teacher draw (C). A sampler at this score has learned no dependence between tokens;
 * ``one_step`` (continuous tokens decoded as they are), ``one_step_snapped`` (their nearest codes),
   ``one_step_compact`` (the compact sampling head), ``refined_k`` (the one-step sample with its last k-1 AR steps
-  re-sampled by the teacher), ``stage1`` (the stage-1 model used as a one-step generator), ``dd1`` /
+  re-sampled by the teacher), ``stage1`` (the stage-1 model used as a one-step generator), ``stage1_ar`` (the
+  stage-1 model as an AR-diffusion sampler, :func:`~dd2dist.eval.sampling.ar_diffusion_ids`: how much of the
+  teacher the guidance network starts from), ``dd1`` /
   ``dd1_snapped`` (the generator after the PF-ODE regression alone, before any CSD step: Distilled Decoding 1's
   noise-to-token map), each where the run has its weights.
 
@@ -45,9 +47,14 @@ from dd2dist.teachers.base import ARTeacher
 REGRESSION_EXPORT = "generator_regression.safetensors"  # the generator as the PF-ODE regression left it
 # Seed offsets of the independent draws, far from evaluate_run's per-run range (seed * 1_000_003 + 7919 + i)
 DRAW_OFFSETS = {"reference": 100_000_000, "teacher": 200_000_000, "marginal_counts": 300_000_000,
-                "marginals": 400_000_000, "one_step": 500_000_000, "stage1": 600_000_000, "dd1": 700_000_000}
+                "marginals": 400_000_000, "one_step": 500_000_000, "stage1": 600_000_000, "dd1": 700_000_000,
+                "stage1_ar": 800_000_000}
 ALL_SAMPLERS = ("teacher", "marginals", "one_step", "one_step_snapped", "one_step_compact", "refined", "stage1",
-                "dd1", "dd1_snapped")
+                "stage1_ar", "dd1", "dd1_snapped")
+# what the demo and the benchmark score unless asked: stage1_ar takes 16 x 32 head calls per sample (111 s for 10,000
+# digits LlamaGen samples on 2 cores, 20x the one-step draw), a diagnostic to ask for by name
+DEFAULT_SAMPLERS = tuple(s for s in ALL_SAMPLERS if s != "stage1_ar")
+AR_DIFFUSION_EULER_STEPS = 32  # per token, for ``stage1_ar``
 
 
 @dataclass
@@ -56,7 +63,7 @@ class FidelityOptions:
 
     num_samples: int = 10_000
     batch_size: int = 500
-    samplers: tuple[str, ...] = ALL_SAMPLERS  # those whose weights the run lacks are left out
+    samplers: tuple[str, ...] = DEFAULT_SAMPLERS  # those whose weights the run lacks are left out
     refine_steps: tuple[int, ...] | None = None  # None: the run's eval.refine_steps
     prc_neighborhood: int = 3
     nll_samples: int = 1_000  # sequences per set whose teacher NLL is computed (s.e. 0.3-1.3 nats on the digits)
@@ -120,6 +127,16 @@ def one_step_draw(net, labels: Tensor, seed_base: int, batch: int) -> Tensor:
         eps = torch.randn((lab.shape[0], net.num_tokens, net.embed_dim), generator=gen)
         out.append(net.generate(eps, Cond(labels=lab)).float())
     return torch.cat(out)
+
+
+def stage1_ar_draw(net, teacher: ARTeacher, labels: Tensor, seed_base: int, batch: int) -> Tensor:
+    """Ids (M, N) of the stage-1 model's AR-diffusion sampler; batch starting at i draws from seed_base + i."""
+    from dd2dist.eval.sampling import ar_diffusion_ids
+
+    return torch.cat([ar_diffusion_ids(net, teacher, labels[s : s + batch],
+                                       torch.Generator().manual_seed(seed_base + s),
+                                       AR_DIFFUSION_EULER_STEPS, batch)
+                      for s in range(0, labels.shape[0], batch)])
 
 
 @torch.no_grad()
@@ -194,18 +211,22 @@ def inception_score(logits: Tensor) -> float:
 
 
 @torch.no_grad()
-def teacher_nll(teacher: ARTeacher, ids: Tensor, labels: Tensor, sampling, batch: int) -> dict[str, float]:
+def teacher_nll(teacher: ARTeacher, ids: Tensor, labels: Tensor, sampling, batch: int) -> dict:
     """The teacher's exact negative log-likelihood of token sequences under the distillation target ``sampling``,
-    in nats per sequence (mean and its standard error), and the fraction of tokens the target gives no mass."""
-    totals, zero = [], 0
+    in nats per sequence (mean and its standard error), its mean per position (``per_position``: each token scored
+    under the teacher's conditional given the sequence's own prefix) and the fraction of tokens the target gives no
+    mass."""
+    rows, zero = [], 0
     for s in range(0, ids.shape[0], batch):
         x = ids[s : s + batch]
         lp = teacher.log_probs(x, Cond(labels=labels[s : s + batch]), sampling).gather(-1, x[..., None])[..., 0]
         finite = torch.isfinite(lp)
         zero += int((~finite).sum())
-        totals.append(-lp.double().where(finite, torch.zeros_like(lp, dtype=torch.float64)).sum(-1))
-    nll = torch.cat(totals)
+        rows.append(-lp.double().where(finite, torch.zeros_like(lp, dtype=torch.float64)))
+    per_token = torch.cat(rows)  # (M, N)
+    nll = per_token.sum(-1)
     return {"mean": float(nll.mean()), "se": float(nll.std() / math.sqrt(max(1, nll.numel()))),
+            "per_position": [float(v) for v in per_token.mean(0)],
             "zero_probability_tokens": zero / max(1, ids.numel())}
 
 
@@ -227,7 +248,8 @@ def run_config(run_dir: str | Path):
 
 
 def load_run_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
-    """The sampling forms of the generators the run has: one_step (+ compact), stage1, dd1."""
+    """The sampling forms of the generators the run has: one_step (+ compact), stage1, dd1; and the stage-1 model
+    itself for its AR-diffusion sampler (stage1_ar)."""
     from dd2dist.eval.run_eval import find_stage1_weights, load_student_weights
     from dd2dist.eval.sampling import load_generator
     from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
@@ -243,12 +265,16 @@ def load_run_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...
     if "dd1" in wanted or "dd1_snapped" in wanted:
         if (export / REGRESSION_EXPORT).is_file():
             nets["dd1"] = load_generator(export, weights_file=REGRESSION_EXPORT)[0].for_sampling()
-    if "stage1" in wanted:
+    if "stage1" in wanted or "stage1_ar" in wanted:
         path = find_stage1_weights(run_dir)
         if path is not None:
             net = StudentNet(teacher, cfg.student, init_adapter=False)
             net.load_state_dict(load_student_weights(path))
-            nets["stage1"] = net.eval().requires_grad_(False).for_sampling()
+            net = net.eval().requires_grad_(False)
+            if "stage1" in wanted:
+                nets["stage1"] = net.for_sampling()
+            if "stage1_ar" in wanted:
+                nets["stage1_ar"] = net
     return nets
 
 
@@ -303,6 +329,9 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
             make = (lambda seed, net=nets[key]: one_step_draw(net, labels, seed, batch))
             plan += [(name, base + DRAW_OFFSETS[key], make, kind)
                      for name, kind in ((key, "continuous"), (f"{key}_snapped", "snapped")) if name in opts.samplers]
+    if "stage1_ar" in nets:
+        plan.append(("stage1_ar", base + DRAW_OFFSETS["stage1_ar"],
+                     lambda seed: stage1_ar_draw(nets["stage1_ar"], teacher, labels, seed, batch), "ids"))
     if "one_step_compact" in nets:  # on one_step's noise: the two differ by the head alone
         plan.append(("one_step_compact", base + DRAW_OFFSETS["one_step"],
                      lambda seed: one_step_draw(nets["one_step_compact"], labels, seed, batch), "continuous"))
@@ -360,6 +389,9 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         nll = teacher_nll(teacher, draw.ids[:n_nll], labels[:n_nll], sampling, batch)
         res["teacher_nll"], res["teacher_nll_se"] = nll["mean"], nll["se"]
         res["nll_gap"] = nll["mean"] - ref_nll["mean"]
+        # where along the sequence the likelihood is lost: a generator whose tokens stop following their own prefix
+        # shows it as a gap that grows with the position, while its per-position marginals may still look right
+        res["nll_gap_by_position"] = [round(a - b, 4) for a, b in zip(nll["per_position"], ref_nll["per_position"])]
         res["zero_probability_tokens"] = nll["zero_probability_tokens"]
         res["generation_seconds"] = draw.seconds
         res["settings"] = draw.settings

@@ -4,7 +4,8 @@ on all tokens of the teacher's chain.
 
 The PF-ODE regression start (``stage2.ode_init_steps``) regresses the generator onto these pairs, so an unconverged
 map is a noisy target. Codebooks with close codes need many steps: on the digits LlamaGen teacher (64 unit codes in
-R^8) 8 steps reproduce only about half of all tokens (docs/results.md §3). Run it on a new teacher before choosing ``stage2.ode_steps``.
+R^8) 8 steps reproduce only about half of all tokens (docs/results.md §3). Run it on a new teacher before choosing
+``stage2.ode_steps``.
 """
 
 from __future__ import annotations

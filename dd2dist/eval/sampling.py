@@ -4,6 +4,7 @@
   their nearest codes (the snapping ablation).
 * :func:`teacher_refined`: DD2's Alg.4: generate once, then the teacher re-samples the last k-1 AR steps one by
   one, each conditioned on everything before it (for VAR a step is a whole scale), for k steps in total.
+* :func:`ar_diffusion_ids`: the stage-1 model (the guidance network's start) as an AR-diffusion sampler.
 * :func:`load_generator`: ``generator.safetensors`` + ``config.yaml`` written by ``Trainer.export_generator``.
 """
 
@@ -68,6 +69,32 @@ def teacher_refined(
         ids[:, sl] = new
         x[:, sl] = codebook[new]
     return x, ids
+
+
+@torch.no_grad()
+def ar_diffusion_ids(net, teacher: ARTeacher, labels: Tensor, gen: torch.Generator, euler_steps: int = 32,
+                     batch: int = 16384) -> Tensor:
+    """The stage-1 model as an AR-diffusion sampler: for each AR step, teacher-force the backbone on the tokens so
+    far and integrate the head's velocity from t=1 to 0 with ``euler_steps`` Euler steps per token; snap the
+    step's tokens to the nearest code before the next step (they enter the prefix as code vectors, as in GTS)."""
+    codebook = teacher.codebook().float()
+    out = []
+    for s in range(0, labels.shape[0], batch):
+        cond = Cond(labels=labels[s : s + batch])
+        B = cond.batch_size
+        x = torch.zeros(B, net.num_tokens, net.embed_dim)
+        ids = torch.zeros(B, net.num_tokens, dtype=torch.long)
+        for sl in teacher.steps:
+            feats = net.features(x, cond)[:, sl]  # rows of this step see earlier steps only
+            xt = torch.randn((B, feats.shape[1], net.embed_dim), generator=gen)
+            for j in range(euler_steps):
+                t = 1.0 - j / euler_steps
+                v = net.velocity(xt, torch.full((B, feats.shape[1]), t), feats).float()
+                xt = xt - v / euler_steps
+            ids[:, sl] = net.backbone.quantize(xt)
+            x[:, sl] = codebook[ids[:, sl]]
+        out.append(ids)
+    return torch.cat(out)
 
 
 def load_generator(directory: str | Path, device: torch.device | str = "cpu",
