@@ -25,7 +25,8 @@ ADAM_ATOL = 0.025 * LR  # see the comment in the test
 FAMILIES = {
     "var": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16"],
     "llamagen": ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant", "student.head_width=32",
-                 "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10"],
+                 "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10",
+                 "student.posterior_head=true"],  # FCS computes its code log-probs in a call of their own
 }
 # parameters used as tensors rather than through a sub-module call (they must move, identically at ZeRO-0 and 3)
 DIRECT_READS = {
@@ -343,9 +344,13 @@ def test_zero3_generator_and_guidance_equal_zero0(tmp_path):
             assert z3["norms"] == pytest.approx(z0["norms"], rel=1e-5), (family, stage)
             for step, (g3, g0) in enumerate(zip(z3["grads"], z0["grads"], strict=True)):
                 assert set(g3) == set(g0)
-                for key, value in g0.items():  # the gradients themselves: relative error 1e-5 per tensor
+                # the gradients themselves, per tensor: relative error 1e-5 while each net has taken at most one step;
+                # after that fp32 reduction-order differences in the weights show, and the posterior head's mixture
+                # (a softmax over distances / t^2) amplifies them to ~2e-5. A missing or wrong term is O(1).
+                rtol = 1e-5 if step < 2 else 1e-4
+                for key, value in g0.items():
                     assert value.norm() > 0, (family, step, key)
-                    assert (g3[key] - value).norm() <= 1e-5 * value.norm(), (family, stage, step, key)
+                    assert (g3[key] - value).norm() <= rtol * value.norm(), (family, stage, step, key)
             # After AdamW steps: an AdamW update is ~lr (2e-3) per element whatever the gradient's size, so a
             # gradient missing or wrong anywhere moves weights by ~1e-3. Equal fp32 gradients (last-bit differences
             # of summation order) can still differ by ~1e-5 on single entries: Adam divides m by sqrt(v), which

@@ -354,3 +354,38 @@ def test_posterior_head_is_refused_for_var():
     with pytest.raises(ConfigError, match="student.posterior_head"):
         ExperimentConfig(teacher=TeacherConfig(family="var", var=SMALL_VAR),
                          student=StudentConfig(posterior_head=True))
+
+
+def test_fcs_computes_the_posterior_heads_code_log_probs_once():
+    """FCS runs the head on m noise draws of the same features: the code logits run once per position, not m
+    times, and the loss equals the one computed with the logits recomputed for every draw."""
+    from dd2dist.method import fcs_loss
+
+    teacher = _teacher("llamagen")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True))
+    _randomize_head(net.head)
+    q = torch.randn(3, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(6))
+    cond = Cond(labels=torch.tensor([0, 1, 2]))
+    rows = []
+    net.code_logits.register_forward_hook(lambda _m, inputs, _out: rows.append(inputs[0].shape[0]))
+    loss, _ = fcs_loss(net, q, cond, torch.Generator().manual_seed(7), num_samples=4)
+    assert rows == [3]  # one call on the B = 3 feature rows
+
+    class PerDraw(torch.nn.Module):  # the same net without the shared log-probs
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def features(self, seq, c):
+            return self.inner.features(seq, c)
+
+        def code_log_probs(self, feats):
+            return None
+
+        def velocity(self, x_t, t, feats, log_probs=None):
+            return self.inner.velocity(x_t, t, feats)
+
+    rows.clear()
+    again, _ = fcs_loss(PerDraw(net), q, cond, torch.Generator().manual_seed(7), num_samples=4)
+    assert rows == [12]
+    torch.testing.assert_close(again, loss, rtol=1e-6, atol=1e-7)

@@ -158,15 +158,18 @@ def student_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeacher
     return backbone
 
 
-def posterior_velocity(code_logits: nn.Linear, codebook: Tensor, x_t: Tensor, t: Tensor | float,
-                       feats: Tensor) -> Tensor:
+def code_log_probs(code_logits: nn.Linear, feats: Tensor) -> Tensor:
+    """The posterior head's mixture weights, fp32 log-probs (B, N, V) ``log_softmax(code_logits(feats))``. The
+    layer is called as a module, like the teacher's output layer, so that ZeRO-3 gathers it through its own hooks."""
+    return torch.log_softmax(code_logits(feats).float(), dim=-1)
+
+
+def mixture_velocity(log_probs: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
     """The posterior head's mixture part, fp32 (B, N, Ce): the closed-form velocity at (x_t, t) of the mixture over
-    ``codebook`` with log-probs ``log_softmax(code_logits(feats))`` (the teacher's own formula, :mod:`dd2dist.latent`).
+    ``codebook`` with ``log_probs`` (the teacher's own formula, :mod:`dd2dist.latent`).
     Outside autocast, like the teacher's posterior: a bf16 softmax over distances would blur close codes."""
     with torch.autocast(device_type=x_t.device.type, enabled=False):
-        logits = F.linear(feats.float(), code_logits.weight.float())
-        return posterior(torch.log_softmax(logits, dim=-1), codebook.float(), x_t.float(), t,
-                         t_min=POSTERIOR_T_FLOOR).velocity
+        return posterior(log_probs, codebook.float(), x_t.float(), t, t_min=POSTERIOR_T_FLOOR).velocity
 
 
 def _check_noise(eps: Tensor, num_tokens: int, embed_dim: int) -> None:
@@ -210,13 +213,20 @@ class StudentNet(nn.Module):
         """Backbone features (B, N, D) of a sequence (B, N, Ce); row i depends on earlier AR steps only."""
         return self.backbone.features(seq, cond)
 
-    def velocity(self, x_t: Tensor, t: Tensor | float, feats: Tensor) -> Tensor:
+    def code_log_probs(self, feats: Tensor) -> Tensor | None:
+        """A posterior head's mixture log-probs (B, N, V) for :meth:`features` (None without one). Callers that run
+        the head on several (x_t, t) of the same features compute them once and pass them to :meth:`velocity`: at
+        LlamaGen-L size the D x V product is ~15% of a backbone pass per token."""
+        return None if self.code_logits is None else code_log_probs(self.code_logits, feats)
+
+    def velocity(self, x_t: Tensor, t: Tensor | float, feats: Tensor, log_probs: Tensor | None = None) -> Tensor:
         """Head velocity (B, N, Ce) at noisy tokens x_t and times t (B, N) given :meth:`features` (with a posterior
-        head: the mixture part plus the MLP head)."""
+        head: the mixture part plus the MLP head; ``log_probs``: :meth:`code_log_probs` of ``feats`` if known)."""
         v = self.head(x_t, t, feats)
         if self.code_logits is None:
             return v
-        return v + posterior_velocity(self.code_logits, self.backbone.codebook(), x_t, t, feats).to(v.dtype)
+        lp = self.code_log_probs(feats) if log_probs is None else log_probs
+        return v + mixture_velocity(lp, self.backbone.codebook(), x_t, t).to(v.dtype)
 
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
@@ -264,7 +274,8 @@ class OneStepSampler(nn.Module):
         feats = self.backbone.features(eps, cond)
         v = self.head(eps, feats)
         if self.code_logits is not None:
-            v = v + posterior_velocity(self.code_logits, self.backbone.codebook(), eps, self.time, feats).to(v.dtype)
+            lp = code_log_probs(self.code_logits, feats)
+            v = v + mixture_velocity(lp, self.backbone.codebook(), eps, self.time).to(v.dtype)
         return eps - v.to(eps.dtype)
 
     def forward(self, eps: Tensor, cond: Cond) -> Tensor:
