@@ -161,3 +161,23 @@ def test_a_posterior_head_stage1_model_starts_at_the_teacher_and_a_plain_one_doe
         gaps[posterior_head] = teacher_nll(teacher, ids, labels, None, 1000)["mean"] - ref["mean"]
     assert abs(gaps[True]) < 0.25, gaps  # the soft input rule and 32 Euler steps: not exact
     assert gaps[False] > 0.5, gaps
+
+
+def test_cached_point_sets_score_exactly_like_torch_fidelity():
+    """Precision / recall from reused k-NN radii equal torch-fidelity's per-pair computation, on both sides and
+    whichever side is passed prebuilt; FID equals its statistics path."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    from dd2dist.eval.fidelity import PointSet
+
+    g = torch.Generator().manual_seed(3)
+    gen, ref = torch.randn(700, 16, generator=g).double(), 0.8 * torch.randn(500, 16, generator=g).double() + 0.3
+    precision, recall = calculate_precision_recall_part(gen.float(), ref.float(), 3, 10_000)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), False)
+    want = {"fid_to_teacher": float(fid["frechet_inception_distance"]), "precision": precision, "recall": recall}
+    assert 0.05 < precision < 0.95 and 0.05 < recall < 0.95  # neither trivially 0 nor 1
+    for a, b in ((gen, ref), (PointSet(gen), ref), (gen, PointSet(ref)), (PointSet(gen), PointSet(ref))):
+        assert feature_scores(a, b) == want
+    with pytest.raises(ValueError, match="neighbourhoods"):
+        feature_scores(PointSet(gen, 3), PointSet(ref, 5))

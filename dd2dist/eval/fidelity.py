@@ -163,17 +163,48 @@ def decode(teacher: ARTeacher, tokens: Tensor, batch: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def feature_scores(feats: Tensor, reference: Tensor, prc_neighborhood: int = 3) -> dict[str, float]:
-    """FID, precision and recall of features ``feats`` (M, D) (generated) against ``reference`` (M', D), with
-    torch-fidelity's formulas."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_prc import calculate_precision_recall_part
+PRC_BATCH = 10_000  # rows per distance block, torch-fidelity's default
 
-    fid = fid_statistics_to_metric(fid_features_to_statistics(feats.double()),
-                                   fid_features_to_statistics(reference.double()), False)
-    precision, recall = calculate_precision_recall_part(feats.float(), reference.float(), prc_neighborhood, 10_000)
-    return {"fid_to_teacher": float(fid["frechet_inception_distance"]), "precision": float(precision),
-            "recall": float(recall)}
+
+class PointSet:
+    """A feature set (M, D) with what FID and precision / recall read of it, computed once: its mean and covariance
+    (fp64) and the radius of each point's k-th nearest neighbour. The benchmark scores ~10 sets against one
+    reference, and each set against two references (the teacher and the held-out data): computing the reference's
+    radii once, and each set's once, halves the distance work of torch-fidelity's per-pair function."""
+
+    def __init__(self, feats: Tensor, neighborhood: int = 3):
+        from torch_fidelity.metric_fid import fid_features_to_statistics
+        from torch_fidelity.metric_prc import calc_cdist_part
+
+        self.feats = feats.float()
+        self.neighborhood = int(neighborhood)
+        self.stats = fid_features_to_statistics(feats.double())
+        self.radii = torch.cat([calc_cdist_part(rows, self.feats, PRC_BATCH).kthvalue(self.neighborhood + 1).values
+                                for rows in self.feats.split(PRC_BATCH)])
+
+    def covers(self, feats: Tensor) -> float:
+        """The fraction of the rows of ``feats`` inside at least one of this set's k-NN balls."""
+        from torch_fidelity.metric_prc import calc_cdist_part
+
+        inside = [(calc_cdist_part(rows, self.feats, PRC_BATCH) <= self.radii).any(dim=1).float()
+                  for rows in feats.float().split(PRC_BATCH)]
+        return torch.cat(inside).mean().item()
+
+
+def feature_scores(feats: Tensor | PointSet, reference: Tensor | PointSet,
+                   prc_neighborhood: int = 3) -> dict[str, float]:
+    """FID, precision and recall of features ``feats`` (M, D) (generated) against ``reference`` (M', D), with
+    torch-fidelity's formulas (precision: generated points inside the reference's k-NN balls; recall: the
+    reverse). Either side may be a :class:`PointSet` built once and reused."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    gen = feats if isinstance(feats, PointSet) else PointSet(feats, prc_neighborhood)
+    ref = reference if isinstance(reference, PointSet) else PointSet(reference, prc_neighborhood)
+    if gen.neighborhood != ref.neighborhood:
+        raise ValueError(f"precision / recall neighbourhoods differ: {gen.neighborhood} and {ref.neighborhood}")
+    fid = fid_statistics_to_metric(gen.stats, ref.stats, False)
+    return {"fid_to_teacher": float(fid["frechet_inception_distance"]), "precision": ref.covers(gen.feats),
+            "recall": gen.covers(ref.feats)}
 
 
 class FeatureScorer:
@@ -357,9 +388,9 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
 
     t0 = time.perf_counter()
     ref_images = decode(teacher, ref_ids, batch)
-    ref_feats, _ = scorer.features(ref_images)
+    ref_points = PointSet(scorer.features(ref_images)[0], opts.prc_neighborhood)
     # real held-out images (digits): the same sets also scored against data, the secondary column
-    heldout_feats = scorer.features(heldout)[0] if torch.is_tensor(heldout) else None
+    heldout_points = PointSet(scorer.features(heldout)[0], opts.prc_neighborhood) if torch.is_tensor(heldout) else None
     ref_marg = class_position_counts(ref_ids, labels, C, V)
     ref_pairs = pair_counts(ref_ids, labels, C, V)
     n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
@@ -367,10 +398,11 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     results: dict[str, dict] = {}
     for name, draw in draws.items():
         feats, logits = scorer.features(draw.images)
-        res = feature_scores(feats, ref_feats, opts.prc_neighborhood)
+        points = PointSet(feats, opts.prc_neighborhood)
+        res = feature_scores(points, ref_points)
         res["isc_mean"] = inception_score(logits)
-        if heldout_feats is not None:
-            data = feature_scores(feats, heldout_feats, opts.prc_neighborhood)
+        if heldout_points is not None:
+            data = feature_scores(points, heldout_points)
             res.update({"fid_heldout": data["fid_to_teacher"], "precision_heldout": data["precision"],
                         "recall_heldout": data["recall"]})
         if classifier is not None:

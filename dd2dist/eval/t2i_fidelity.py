@@ -33,6 +33,7 @@ from torch import Tensor
 from dd2dist.conditions import Cond
 from dd2dist.eval.fidelity import (
     FeatureScorer,
+    PointSet,
     decode,
     dependence_captured,
     feature_scores,
@@ -158,7 +159,7 @@ def t2i_fidelity(run_dir: str | Path, prompts: Prompts, adherence: Adherence, ba
 
     t0 = time.perf_counter()
     ref_images = decode(teacher, ref_ids, batch)
-    ref_feats, _ = scorer.features(ref_images)
+    ref_points = PointSet(scorer.features(ref_images)[0])
     ref_marg = class_position_counts(ref_ids, classes, C, V)
     ref_pairs = pair_counts(ref_ids, classes, C, V)
     results: dict[str, dict] = {}
@@ -168,7 +169,7 @@ def t2i_fidelity(run_dir: str | Path, prompts: Prompts, adherence: Adherence, ba
         ids = teacher.quantize(toks).long() if toks.is_floating_point() else toks.long()
         images = decode(teacher, toks if kind == "continuous" else ids, batch)
         feats, _ = scorer.features(images)
-        res: dict[str, Any] = feature_scores(feats, ref_feats)
+        res: dict[str, Any] = feature_scores(feats, ref_points)
         res.update(_split_adherence(adherence, images, prompts))
         res["token_marginal_tv"] = marginal_tv(class_position_counts(ids, classes, C, V), ref_marg)["mean"]
         res["pair_tv"] = pair_tv(pair_counts(ids, classes, C, V), ref_pairs)["mean"]
