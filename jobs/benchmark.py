@@ -7,6 +7,7 @@
     python jobs/benchmark.py fidelity --run runs/demo/var --out runs/bench/fidelity_var.json  # samplers vs teacher
     python jobs/benchmark.py probe --run runs/demo/llamagen                              # earlier noise seen?
     python jobs/benchmark.py odemap --run runs/demo/llamagen                             # PF-ODE map converged?
+    python jobs/benchmark.py stepcost --run runs/demo/llamagen --variant student.posterior_head=false  # step cost
     python jobs/benchmark.py manifest --out runs/bench/manifest.json                     # checkpoint manifest cost
 
 Each subcommand takes its own flags (``python jobs/benchmark.py toy --help``); the measurements live in their
@@ -334,6 +335,33 @@ def odemap(argv: list[str]) -> int:
     return 0
 
 
+def stepcost(argv: list[str]) -> int:
+    """``benchmark.py stepcost --run DIR --variant K=V[,K=V] ...``: per-step cost of config variants."""
+    from dd2dist.bench.step_cost import step_cost
+
+    p = argparse.ArgumentParser(prog="benchmark.py stepcost", description=_summary("dd2dist.bench.step_cost"))
+    p.add_argument("--run", required=True, help="a run directory (its config.yaml names the teacher and student)")
+    p.add_argument("--variant", action="append", default=None,
+                   help="comma-separated KEY=VALUE overrides of the run's config; repeat for each variant (the "
+                        "first is the baseline of the ratios; without any: the run's config alone)")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="default: the run's stage2.batch_size")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    variants = [tuple(x for x in v.split(",") if x) for v in (args.variant or [""])]
+    report = step_cost(args.run, variants, args.repeats, args.iters, args.batch)
+    report.update(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
+                  cpus=os.cpu_count())
+    for row in report["variants"]:
+        print(f"{report['family']} {','.join(row['overrides']) or '(run config)'}: "
+              + "  ".join(f"{k} {1000 * s:.1f} ms ({row['ratio'][k]:.3f}x)" for k, s in row["seconds"].items()))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 SUBCOMMANDS = {
     "toy": toy,
     "data": data,
@@ -342,6 +370,7 @@ SUBCOMMANDS = {
     "fidelity": fidelity,
     "probe": probe,
     "odemap": odemap,
+    "stepcost": stepcost,
     "manifest": manifest,
 }
 

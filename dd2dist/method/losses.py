@@ -108,7 +108,7 @@ def fcs_loss(
     qm = q.unsqueeze(0).expand(m, B, N, Ce)
     x_t = add_noise(qm, eps, t)
     fm = feats.unsqueeze(0).expand(m, *feats.shape)
-    lp = guidance.code_log_probs(feats)  # a posterior head's code log-probs depend on the features only: once, not m times
+    lp = guidance.code_log_probs(feats)  # a posterior head's code log-probs depend on the features only: once
     lpm = None if lp is None else lp.unsqueeze(0).expand(m, *lp.shape).reshape(m * B, N, -1)
     v = guidance.velocity(x_t.reshape(m * B, N, Ce), t.reshape(m * B, N), fm.reshape(m * B, N, -1), lpm).float()
     loss = (v.reshape(m, B, N, Ce) - (eps - qm)).pow(2).mean()
