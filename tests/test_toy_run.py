@@ -29,6 +29,8 @@ def test_var_one_step_tv_falls_below_half_the_stage1_tv(tmp_path):
         "--family", "var", "--seed", "0", "--out", str(out), "--budget-seconds", "3600", "--generator-steps", "300",
         "--eval-every", "100000",
         "--samples", "60000", "--curve-samples", "5000", "--multistep-samples", "0", "--threads", "1",
+        # CSD from the stage-1 start: the recipe's PF-ODE regression start would pass this on its own
+        "--set", "stage2.ode_init_steps=0",
     ])
     assert rc == 0
     res = json.loads(out.read_text())
