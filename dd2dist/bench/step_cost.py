@@ -19,16 +19,6 @@ from dd2dist.conditions import Cond
 LOSSES = ("gts", "fcs", "csd")
 
 
-def _variant_config(run_dir: Path, overrides: tuple[str, ...]):
-    from dd2dist.config import load_config
-
-    for path in (run_dir / "config.yaml", run_dir / "export" / "config.yaml"):
-        if path.is_file():
-            return load_config(path, list(overrides), check_paths=False)
-    raise FileNotFoundError(f"{run_dir}: no config.yaml (the resolved config jobs/distill.py writes) in the run or "
-                            "its export/ folder")
-
-
 def _loss_calls(cfg, teacher, batch: int, seed: int) -> dict:
     """One zero-argument call per loss, each building its graph from fixed inputs (no optimizer step: the cost of
     an option is its forward and backward)."""
@@ -56,12 +46,13 @@ def step_cost(run_dir: str | Path, variants: list[tuple[str, ...]], repeats: int
               batch: int | None = None, seed: int = 0) -> dict:
     """Median seconds per forward + backward of each loss for each variant (a tuple of ``KEY=VALUE`` overrides of
     the run's config; the first is the baseline of the ratios)."""
+    from dd2dist.eval.fidelity import run_config
     from dd2dist.teachers import build_seeded_teacher
 
     if not variants:
         raise ValueError("stepcost needs at least one variant (an empty one is the run's own config)")
     run_dir = Path(run_dir)
-    configs = [_variant_config(run_dir, v) for v in variants]
+    configs = [run_config(run_dir, v) for v in variants]
     cfg0 = configs[0]
     teacher = build_seeded_teacher(cfg0.teacher, cfg0.seed).freeze()
     batch = int(batch or cfg0.stage2.batch_size)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,14 +266,15 @@ def teacher_nll(teacher: ARTeacher, ids: Tensor, labels: Tensor, sampling, batch
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_config(run_dir: str | Path):
-    """The resolved config a run was trained with (``<run>/config.yaml``, else ``<run>/export/config.yaml``)."""
+def run_config(run_dir: str | Path, overrides: Sequence[str] = ()):
+    """The resolved config a run was trained with (``<run>/config.yaml``, else ``<run>/export/config.yaml``), with
+    ``KEY=VALUE`` ``overrides`` applied."""
     from dd2dist.config import load_config
 
     run_dir = Path(run_dir)
     for path in (run_dir / "config.yaml", run_dir / "export" / "config.yaml"):
         if path.is_file():
-            return load_config(path, check_paths=False)
+            return load_config(path, list(overrides), check_paths=False)
     raise FileNotFoundError(f"{run_dir}: no config.yaml (the resolved config jobs/distill.py writes) in the run or "
                             "its export/ folder")
 
