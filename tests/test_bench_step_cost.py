@@ -53,3 +53,23 @@ def test_the_job_writes_its_report(tmp_path):
     assert [v["overrides"] for v in report["variants"]] == [["student.posterior_head=false"],
                                                             ["student.posterior_head=true", "student.head_width=8"]]
     assert "gts" in proc.stdout and report["cpus"] >= 1
+
+
+def test_a_teacher_based_guidance_is_timed_with_the_teacher_pass_its_fcs_step_makes(tmp_path):
+    """stage2.guidance_base=teacher: the FCS call runs the teacher on the generator's samples, as the training
+    step does, and CSD takes the correction path (both counted, so the ratio is the option's cost)."""
+    from dd2dist.bench.step_cost import _loss_calls
+    from dd2dist.eval.fidelity import run_config
+    from dd2dist.teachers import build_seeded_teacher
+
+    run = _run_dir(tmp_path)
+    for base, teacher_calls in (("none", 0), ("teacher", 1)):
+        cfg = run_config(run, (f"stage2.guidance_base={base}",))
+        teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
+        seen = []
+        real = teacher.log_probs
+        teacher.log_probs = lambda *a, **k: seen.append(1) or real(*a, **k)
+        calls = _loss_calls(cfg, teacher, 2, 0)
+        calls["fcs"]().backward()
+        assert len(seen) == teacher_calls, base
+        calls["csd"]().backward()

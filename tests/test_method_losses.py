@@ -309,3 +309,74 @@ def test_gts_with_sampler_log_probs_equals_teacher_forced(setup):
         a, _ = gts_loss(gen, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(9), teacher_log_probs=lp.clone())
         b, _ = gts_loss(gen, teacher, teacher.codebook(), x0, cond, SAMPLING, _g(9))
     assert torch.allclose(a, b, rtol=1e-5)
+
+
+def _teacher_based_guidance(teacher, zero=True):
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in net.head.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    if zero:
+        net.zero_head_output()
+    return net
+
+
+@pytest.mark.parametrize("kind", ["sid", "dmd"])
+def test_csd_on_a_teacher_based_guidance_at_its_start_moves_nothing(setup, kind):
+    """ψ = the teacher's velocity + a zeroed correction is exactly the teacher: the CSD gradient is zero, where a
+    plain ψ at the same weights pushes the generator by its own fitting error."""
+    teacher, _, _ = setup
+    gui = _frozen(_teacher_based_guidance(teacher))
+    cond = Cond(labels=torch.tensor([0, 1, 2, 3]))
+    q = torch.randn(4, teacher.num_tokens, teacher.embed_dim, requires_grad=True)
+    loss, m = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(9), kind=kind, guidance_base="teacher")
+    loss.backward()
+    assert float(m["score_gap"]) == 0.0
+    assert torch.count_nonzero(q.grad) == 0
+    q.grad = None
+    plain, m_plain = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(9), kind=kind)
+    plain.backward()
+    assert float(m_plain["score_gap"]) > 0 and q.grad.abs().sum() > 0
+
+
+def test_csd_on_a_teacher_based_guidance_uses_its_correction_only(setup):
+    """x̂0_Φ - x̂0_ψ = t · correction, with the teacher on the prefix CSD gives it (here: snapped)."""
+    teacher, _, _ = setup
+    gui = _frozen(_teacher_based_guidance(teacher, zero=False))
+    cond = Cond(labels=torch.tensor([1, 3]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    snapped = teacher.codebook()[teacher.quantize(q)]
+    loss, _ = csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), teacher_prefix="snap",
+                       guidance_base="teacher")
+    g = _g(13)
+    t = 0.02 + 0.94 * torch.rand(q.shape[:2], generator=g)
+    eps = torch.randn(q.shape, generator=g)
+    xt = (1 - t[..., None]) * q + t[..., None] * eps
+    xr = posterior(teacher.log_probs(snapped, cond, SAMPLING), teacher.codebook(), xt, t).x0
+    xf = xr - t[..., None] * gui.correction(xt, t, gui.features(q, cond))
+    w = (q - xr).abs().mean(dim=(1, 2))
+    assert torch.allclose(loss, (((xr - xf) * (xf - q)).sum(-1) / w[:, None]).mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="guidance_base"):
+        csd_loss(q, teacher, gui, teacher.codebook(), cond, SAMPLING, _g(13), guidance_base="student")
+
+
+def test_fcs_on_a_teacher_based_guidance_fits_the_correction_on_the_teachers_velocity(setup):
+    teacher, _, _ = setup
+    gui = _teacher_based_guidance(teacher)
+    gui.zero_grad(set_to_none=True)
+    cond = Cond(labels=torch.tensor([0, 2]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    lp = teacher.log_probs(q, cond, SAMPLING)
+    loss, m = fcs_loss(gui, q, cond, _g(3), num_samples=2, base_log_probs=lp, codebook=teacher.codebook())
+    g = _g(3)
+    t = 0.02 + 0.98 * torch.rand((2, *q.shape[:2]), generator=g)
+    eps = torch.randn((2, *q.shape), generator=g)
+    xt = (1 - t[..., None]) * q + t[..., None] * eps
+    v = torch.stack([posterior(lp, teacher.codebook(), xt[i], t[i]).velocity for i in range(2)])
+    assert torch.allclose(loss, (v - (eps - q)).pow(2).mean(), rtol=1e-5, atol=1e-7)  # the correction is 0
+    assert float(m["correction_rms"]) == 0.0
+    loss.backward()
+    assert gui.head.final.linear.weight.grad.abs().sum() > 0  # the zeroed output layer learns first
+    with pytest.raises(ValueError, match="codebook"):
+        fcs_loss(gui, q, cond, _g(3), base_log_probs=lp)

@@ -271,6 +271,37 @@ def test_stage2_only_run_starts_from_given_student():
     _assert_same(s2.ema.shadow, s2.engines["generator"].local_param_tensors(), "ema")
 
 
+def test_teacher_based_guidance_starts_with_a_zero_correction_and_resumes_exactly(tmp_path):
+    """stage2.guidance_base=teacher: ψ is the stage-1 student with its head's output layer zeroed (the generator is
+    the student unchanged); a checkpoint inside stage 2 restores ψ's trained output layer, not a zeroed one."""
+    def cfg(stages):
+        return _cfg(stages=stages, alignment=AlignmentConfig(),
+                    stage2=Stage2Config(generator_steps=3, guidance_per_generator=2, generator_lr=5e-4,
+                                        guidance_lr=1e-3, warmup_guidance_steps=4, fcs_samples=2, batch_size=4,
+                                        guidance_base="teacher"))
+
+    s1 = _trainer(cfg(("stage1",)))
+    s1.fit()
+    student = s1.student_state_dict()
+    s2 = _trainer(cfg(("stage2",)), init_student=student)
+    s2._ensure_engines(s2.phase)
+    _assert_same(s2.engines["generator"].full_state_dict(), student, "generator")
+    guidance = s2.engines["guidance"].full_state_dict()
+    zeroed = {"head.final.linear.weight", "head.final.linear.bias"}
+    _assert_same({k: v for k, v in guidance.items() if k not in zeroed},
+                 {k: v for k, v in student.items() if k not in zeroed}, "guidance")
+    assert all(not guidance[k].any() for k in zeroed) and all(student[k].any() for k in zeroed)
+    s2.fit()
+    assert s2.engines["guidance"].full_state_dict()["head.final.linear.weight"].any()
+    end = _snapshot(s2)
+    a = _trainer(cfg(("stage2",)), init_student=student)
+    a.fit(checkpoint_dir=tmp_path, max_iterations=5)
+    b = _trainer(cfg(("stage2",)), init_student=student)
+    b.resume_latest(tmp_path)
+    b.fit()
+    _assert_same(_snapshot(b), end)
+
+
 class Exports(TrainerCallback):
     """Records every export: (name, weights, iteration, engine group at the time)."""
 

@@ -34,11 +34,21 @@ def _loss_calls(cfg, teacher, batch: int, seed: int) -> dict:
     cond = Cond(labels=torch.arange(batch) % int(teacher.num_classes))
     x0 = codebook[torch.randint(0, teacher.vocab_size, (batch, teacher.num_tokens), generator=gen)]
     s2, sampling = cfg.stage2, cfg.teacher.sampling
+
+    def fcs():
+        with torch.no_grad():
+            q = generator.generate(eps, cond)
+            # a guidance network built on the teacher's velocity needs the teacher on the generator's samples
+            # (dd2dist.method.steps.guidance_step)
+            base = teacher.log_probs(q, cond, sampling) if s2.guidance_base == "teacher" else None
+        return fcs_loss(guidance, q, cond, gen, num_samples=s2.fcs_samples, base_log_probs=base,
+                        codebook=codebook)[0]
+
     return {
         "gts": lambda: gts_loss(guidance, teacher, codebook, x0, cond, sampling, gen)[0],
-        "fcs": lambda: fcs_loss(guidance, generator.generate(eps, cond).detach(), cond, gen,
-                                num_samples=s2.fcs_samples)[0],
-        "csd": lambda: csd_loss(generator.generate(eps, cond), teacher, guidance, codebook, cond, sampling, gen)[0],
+        "fcs": fcs,
+        "csd": lambda: csd_loss(generator.generate(eps, cond), teacher, guidance, codebook, cond, sampling, gen,
+                                guidance_base=s2.guidance_base)[0],
     }
 
 

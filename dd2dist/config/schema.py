@@ -243,6 +243,12 @@ class Stage2Config:
     # What ψ's backbone is teacher-forced on (FCS and CSD): sg(q) itself, or its nearest codes ("snap": ψ then
     # models the generator given the quantised prefix, the quantity the quantised joint is made of)
     guidance_prefix: Literal["continuous", "snap"] = "continuous"
+    # What ψ's velocity is built on (docs/method.md §12.11). "none": ψ's head predicts the whole velocity (the
+    # paper). "teacher": ψ = the teacher's closed-form velocity on the same prefix (as CSD conditions the teacher,
+    # ``teacher_prefix``) plus ψ's MLP head as a learned correction, its output layer zeroed when stage 2 starts.
+    # ψ then fits only where the generator differs from the teacher, so a generator at the teacher meets an
+    # exactly zero CSD gradient instead of ψ's own fitting error
+    guidance_base: Literal["none", "teacher"] = "none"
     fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
     ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+ema_rampup))

@@ -90,12 +90,18 @@ def fcs_loss(
     num_samples: int = 4,
     t_min: float = 0.02,
     prefix: Tensor | None = None,
+    base_log_probs: Tensor | None = None,
+    codebook: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Guidance (fake-score) loss on detached generator samples (docs/method.md §8, velocity form).
 
     One teacher-forced backbone pass on sg(q) (or on ``prefix``, e.g. its nearest codes, see
     ``stage2.guidance_prefix``), then ``num_samples`` independent (t, eps) draws per position through the head
     (MAR's multi-sample trick, m=4); target velocity ``eps - q``; t ~ U(t_min, 1).
+
+    ``base_log_probs`` (B, N, V), with ``codebook`` (``stage2.guidance_base="teacher"``): ψ's velocity is the
+    closed-form velocity of these log-probs (the teacher's on the generator's prefix) plus ψ's MLP head alone, so
+    the head fits only the generator's difference from the teacher.
     """
     q = q.detach().float()
     B, N, Ce = q.shape
@@ -107,12 +113,24 @@ def fcs_loss(
     eps = torch.randn((m, B, N, Ce), generator=gen, device=q.device, dtype=torch.float32)
     qm = q.unsqueeze(0).expand(m, B, N, Ce)
     x_t = add_noise(qm, eps, t)
-    fm = feats.unsqueeze(0).expand(m, *feats.shape)
-    lp = guidance.code_log_probs(feats)  # a posterior head's code log-probs depend on the features only: once
-    lpm = None if lp is None else lp.unsqueeze(0).expand(m, *lp.shape).reshape(m * B, N, -1)
-    v = guidance.velocity(x_t.reshape(m * B, N, Ce), t.reshape(m * B, N), fm.reshape(m * B, N, -1), lpm).float()
+    fm = feats.unsqueeze(0).expand(m, *feats.shape).reshape(m * B, N, -1)
+    x_t, t = x_t.reshape(m * B, N, Ce), t.reshape(m * B, N)
+    metrics = {}
+    if base_log_probs is None:
+        lp = guidance.code_log_probs(feats)  # a posterior head's code log-probs depend on the features only: once
+        lpm = None if lp is None else lp.unsqueeze(0).expand(m, *lp.shape).reshape(m * B, N, -1)
+        v = guidance.velocity(x_t, t, fm, lpm).float()
+    else:
+        if codebook is None:
+            raise ValueError("fcs_loss: base_log_probs needs the codebook they are over")
+        lpm = base_log_probs.detach().unsqueeze(0).expand(m, *base_log_probs.shape).reshape(m * B, N, -1)
+        with torch.no_grad():
+            v_base = closed_form(lpm, codebook, x_t, t, t_min).velocity
+        correction = guidance.correction(x_t, t, fm).float()
+        v = v_base + correction
+        metrics["correction_rms"] = correction.detach().pow(2).mean().sqrt()
     loss = (v.reshape(m, B, N, Ce) - (eps - qm)).pow(2).mean()
-    return loss, {"loss": loss.detach()}
+    return loss, {"loss": loss.detach(), **metrics}
 
 
 def csd_loss(
@@ -129,6 +147,7 @@ def csd_loss(
     t_max: float = 0.96,
     teacher_prefix: Literal["continuous", "snap"] = "continuous",
     guidance_prefix: Literal["continuous", "snap"] = "continuous",
+    guidance_base: Literal["none", "teacher"] = "none",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Conditional Score Distillation loss of the generator (docs/method.md §9).
 
@@ -150,12 +169,18 @@ def csd_loss(
     does the same for ψ's backbone (it must match how ψ is trained, :func:`fcs_loss` ``prefix``); with both
     snapped, CSD compares the two conditionals given the quantised prefix, whose product is the quantised joint.
     The gradient path is unchanged (the prefix is stop-gradient either way).
+
+    ``guidance_base="teacher"``: ψ's velocity is the teacher's closed-form velocity at the same x_t plus ψ's MLP
+    head (:func:`fcs_loss` ``base_log_probs``), so ``x̂0_Φ - x̂0_ψ = t · correction``: the generator moves only
+    where ψ has measured a difference from the teacher.
     """
     if kind not in ("sid", "dmd"):
         raise ValueError(f"stage2.csd_loss must be 'sid' or 'dmd', got {kind!r}")
     for key, val in (("teacher_prefix", teacher_prefix), ("guidance_prefix", guidance_prefix)):
         if val not in ("continuous", "snap"):
             raise ValueError(f"stage2.{key} must be 'continuous' or 'snap', got {val!r}")
+    if guidance_base not in ("none", "teacher"):
+        raise ValueError(f"stage2.guidance_base must be 'none' or 'teacher', got {guidance_base!r}")
     B, N, _ = q.shape
     qf = q.float()
     q_sg = qf.detach()
@@ -168,8 +193,13 @@ def csd_loss(
     eps = gaussian(qf, gen)
     with torch.set_grad_enabled(kind == "sid" and torch.is_grad_enabled()):
         x_t = add_noise(qf if kind == "sid" else q_sg, eps, t)
-        x0_real = closed_form(lp, codebook, x_t, t, t_min).x0
-        x0_fake = velocity_to_x0(x_t, guidance.velocity(x_t, t, feats).float(), t)
+        real = closed_form(lp, codebook, x_t, t, t_min)
+        x0_real = real.x0
+        if guidance_base == "teacher":
+            # x0 = x_t - t v with v = v_Φ + correction, written so that a zero correction gives exactly x̂0_Φ
+            x0_fake = x0_real - t.unsqueeze(-1) * guidance.correction(x_t, t, feats).float()
+        else:
+            x0_fake = velocity_to_x0(x_t, guidance.velocity(x_t, t, feats).float(), t)
     w = (q_sg - x0_real.detach()).abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)
     diff = x0_real - x0_fake
     if kind == "sid":

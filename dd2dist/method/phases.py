@@ -27,11 +27,14 @@ REGRESSION_EXPORT_NAME = "generator_regression"  # the generator as the regressi
 @dataclass(frozen=True)
 class NetSpec:
     """One trainable network: its role (the engine's name), its optimizer, and whether only its head trains (the
-    backbone then stays frozen, and the loss still gets the whole network)."""
+    backbone then stays frozen, and the loss still gets the whole network). ``zero_head_output``: the head's
+    output layer is zeroed when the network is built from the weights it starts from (not when a checkpoint
+    restores it)."""
 
     role: str
     optim: OptimSpec
     head_only: bool = False
+    zero_head_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,10 @@ class DD2Phases:
         gen = optim_specs.regression_spec(cfg) if regress else optim_specs.generator_spec(cfg)
         s2 = cfg.stage2
         return EngineGroup(
-            name, (NetSpec("generator", gen), NetSpec("guidance", optim_specs.guidance_spec(cfg))),
+            # a guidance network built on the teacher's velocity starts as exactly the teacher: its head is the
+            # correction, zero until FCS has seen the generator
+            name, (NetSpec("generator", gen), NetSpec("guidance", optim_specs.guidance_spec(cfg),
+                                                      zero_head_output=s2.guidance_base == "teacher")),
             ema=EMASpec("generator", s2.ema_max, s2.ema_warmup, s2.ema_rampup, tuple(s2.ema_compare)),
             export_incoming=STAGE1_EXPORT_NAME,
             fresh_start_warning="stage 2 starts without a stage-1 model in this run: generator and guidance are the "

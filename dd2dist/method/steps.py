@@ -70,9 +70,14 @@ def guidance_step(ctx: StepContext) -> StepResult:
     eps, cond = ctx.batches.stage2(ctx.iteration, ctx.micro, "guidance")
     with torch.no_grad():
         q = generator.generate(eps, cond)
-    prefix = snap_to_codes(q, ctx.codebook, ctx.teacher.family) if s2.guidance_prefix == "snap" else None
+        prefix = snap_to_codes(q, ctx.codebook, ctx.teacher.family) if s2.guidance_prefix == "snap" else None
+        base_lp = None
+        if s2.guidance_base == "teacher":
+            # the teacher on the prefix CSD gives it, so that ψ's base and CSD's teacher are the same function
+            seen = snap_to_codes(q, ctx.codebook, ctx.teacher.family) if s2.teacher_prefix == "snap" else q
+            base_lp = ctx.teacher.log_probs(seen.float(), cond, ctx.cfg.teacher.sampling)
     loss, m = fcs_loss(guidance, q, cond, ctx.generator(f"fcs/{ctx.micro}"), num_samples=s2.fcs_samples,
-                       t_min=s2.fcs_t_min, prefix=prefix)
+                       t_min=s2.fcs_t_min, prefix=prefix, base_log_probs=base_lp, codebook=ctx.codebook)
     return loss, m, eps.shape[0]
 
 
@@ -90,7 +95,8 @@ def generator_step(ctx: StepContext) -> StepResult:
     q = generator.generate(eps, cond)
     loss, m = csd_loss(q, ctx.teacher, guidance, ctx.codebook, cond, ctx.cfg.teacher.sampling,
                        ctx.generator(f"csd/{ctx.micro}"), kind=s2.csd_loss, alpha=s2.csd_alpha, t_min=s2.csd_t_min,
-                       t_max=s2.csd_t_max, teacher_prefix=s2.teacher_prefix, guidance_prefix=s2.guidance_prefix)
+                       t_max=s2.csd_t_max, teacher_prefix=s2.teacher_prefix, guidance_prefix=s2.guidance_prefix,
+                       guidance_base=s2.guidance_base)
     if anchor:
         reg = (q.float() - ctx.codebook[ids]).pow(2).sum(-1).mean()
         loss = loss + s2.regression_weight * reg

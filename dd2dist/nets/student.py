@@ -228,6 +228,18 @@ class StudentNet(nn.Module):
         lp = self.code_log_probs(feats) if log_probs is None else log_probs
         return v + mixture_velocity(lp, self.backbone.codebook(), x_t, t).to(v.dtype)
 
+    def correction(self, x_t: Tensor, t: Tensor | float, feats: Tensor) -> Tensor:
+        """The MLP head alone (B, N, Ce): a guidance network built on the teacher's velocity
+        (``stage2.guidance_base="teacher"``) adds it to that velocity, in place of its own mixture part."""
+        return self.head(x_t, t, feats)
+
+    def zero_head_output(self) -> None:
+        """Zero the head's output layer, so that :meth:`correction` starts at exactly zero (the other head weights
+        keep what stage 1 taught them and start learning once the output layer has moved)."""
+        with torch.no_grad():
+            self.head.final.linear.weight.zero_()
+            self.head.final.linear.bias.zero_()
+
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
         _check_noise(eps, self.num_tokens, self.embed_dim)

@@ -224,7 +224,10 @@ class Trainer:
                 self.engines[spec.role] = self.factory.trainable(spec.role, net.head, spec.optim)
                 self._whole_nets[spec.role] = net
             else:
-                self.engines[spec.role] = self.factory.trainable(spec.role, self._new_student(init), spec.optim)
+                net = self._new_student(init)
+                if spec.zero_head_output and not loading:
+                    net.zero_head_output()
+                self.engines[spec.role] = self.factory.trainable(spec.role, net, spec.optim)
         if group.ema is not None:
             e = group.ema
             tensors = self.engines[e.role].local_param_tensors()
