@@ -322,12 +322,13 @@ def test_noise_input_is_refused_by_name_for_an_unknown_value():
         load_config("configs/base.yaml", ["student.noise_input=linear"])
 
 
-def test_posterior_head_starts_at_the_teachers_closed_form_velocity():
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_posterior_head_starts_at_the_teachers_closed_form_velocity(family):
     """With the MLP head at its zero start, a posterior-head student on a code prefix predicts the closed-form
     velocity of the teacher's own (unguided) conditionals, and its sampling form generates what it generates."""
     from dd2dist.latent import posterior
 
-    teacher = _teacher("llamagen")
+    teacher = _teacher(family)
     net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True))
     assert net.code_logits is not None and net.code_logits.weight.requires_grad
     torch.manual_seed(2)
@@ -346,14 +347,23 @@ def test_posterior_head_starts_at_the_teachers_closed_form_velocity():
     torch.testing.assert_close(net.for_sampling().generate(eps, cond), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_posterior_head_is_refused_for_var():
-    from dd2dist.config.schema import ConfigError, ExperimentConfig, TeacherConfig
+def test_a_var_posterior_head_reads_the_class_modulated_features_of_the_teachers_output_layer():
+    """VAR's logits are head(head_nm(h, class)): the student keeps head_nm, its features are head_nm's output, and
+    its code logits (a copy of head) on them equal the teacher's unguided logits; without the option both go."""
+    from dd2dist.config.schema import ExperimentConfig, TeacherConfig
 
-    with pytest.raises(ValueError, match="posterior_head"):
-        StudentNet(_teacher("var"), StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True))
-    with pytest.raises(ConfigError, match="student.posterior_head"):
-        ExperimentConfig(teacher=TeacherConfig(family="var", var=SMALL_VAR),
-                         student=StudentConfig(posterior_head=True))
+    teacher = _teacher("var")
+    net = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True))
+    assert net.backbone.transformer.head is None and net.backbone.transformer.head_nm is not None
+    plain = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8))
+    assert plain.backbone.transformer.head is None and plain.backbone.transformer.head_nm is None
+    assert not teacher.features_after_head_norm  # the teacher itself is untouched
+    ids = torch.randint(0, teacher.vocab_size, (3, teacher.num_tokens), generator=torch.Generator().manual_seed(4))
+    cond = Cond(labels=torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        torch.testing.assert_close(net.code_log_probs(net.features(teacher.embed(ids), cond)),
+                                   teacher.log_probs(ids, cond, None), rtol=1e-5, atol=1e-5)
+    ExperimentConfig(teacher=TeacherConfig(family="var", var=SMALL_VAR), student=StudentConfig(posterior_head=True))
 
 
 def test_fcs_computes_the_posterior_heads_code_log_probs_once():

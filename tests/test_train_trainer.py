@@ -575,3 +575,22 @@ def test_consolidation_refuses_a_damaged_checkpoint(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(UnverifiedCheckpoint, match="engines/student/module.pt: sha256 differs"):
         load_student_weights(step)
+
+
+def test_a_var_posterior_head_student_trains_through_every_phase(tmp_path):
+    """The head-only VAR phase trains the MLP head alone (the copied code logits stay the teacher's until the full
+    stage 1), and the run resumes exactly inside stage 2."""
+    student = StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True)
+    tr = _trainer(_cfg(student=student))
+    teacher_head = _teacher().transformer.head.weight.detach().clone()
+    tr.fit(max_iterations=3)
+    assert torch.equal(tr._whole_nets["student_head"].code_logits.weight, teacher_head)
+    tr.fit()
+    assert tr.done and all(math.isfinite(v) for v in tr.last_metrics.values())
+    end = _snapshot(tr)
+    a = _trainer(_cfg(student=student))
+    a.fit(checkpoint_dir=tmp_path, max_iterations=10)
+    b = _trainer(_cfg(student=student))
+    b.resume_latest(tmp_path)
+    b.fit()
+    _assert_same(_snapshot(b), end)

@@ -133,9 +133,9 @@ class StudentConfig:
     # LlamaGen students reading vectors through the soft rule: "mlp" adds a zero-initialised MLP of each raw input
     # vector to its embedding (dd2dist/nets/vector_input.py), so the generator sees its noise, not just its code cell
     noise_input: Literal["none", "mlp"] = "none"
-    # LlamaGen students: the head's velocity is the closed-form posterior of the student's own code logits (a
-    # trainable copy of the teacher's output layer on the backbone features) plus the MLP head as a correction, so
-    # stage 1 and the guidance network start at the teacher's conditionals (dd2dist/nets/student.py)
+    # The head's velocity is the closed-form posterior of the student's own code logits (a trainable copy of the
+    # teacher's output layer on the backbone features; VAR: on its class-modulated head_nm output) plus the MLP head
+    # as a correction, so stage 1 and the guidance network start at the teacher's conditionals (dd2dist/nets/student.py)
     posterior_head: bool = False
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
@@ -382,10 +382,6 @@ class ExperimentConfig:
             raise ConfigError("stages", f"must be in the order {', '.join(STAGE_ORDER)}; got {list(self.stages)}")
         if "alignment" in self.stages and not self.alignment.enabled:
             raise ConfigError("alignment.enabled", "must be true when stages include 'alignment'")
-        if self.student.posterior_head and self.teacher.family != "llamagen":
-            raise ConfigError("student.posterior_head", f"is implemented for LlamaGen students (their code logits are "
-                                                        f"one linear layer of the features); the teacher is "
-                                                        f"{self.teacher.family!r}")
         # Derived defaults are resolved here, once, so that every worker and the dumped config agree on them.
         output_dir = os.path.abspath(os.path.expanduser(self.output_dir or os.path.join("runs", self.name)))
         object.__setattr__(self, "output_dir", output_dir)

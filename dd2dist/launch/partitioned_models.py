@@ -65,6 +65,7 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     """
     from dd2dist.nets import StudentNet
     from dd2dist.nets.head import MLPHead
+    from dd2dist.nets.student import OUTPUT_LAYER
     from dd2dist.nets.vector_input import VectorInput
     from dd2dist.teachers import build_family
 
@@ -85,12 +86,13 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
         time_embed_dim=student_cfg.time_embed_dim).state_dict().items()})
     loaded: dict[str, Tensor] = {}
     names = set(state)
+    output_layer = OUTPUT_LAYER[teacher_cfg.family]
     for key in student.state_dict():
         if key in fresh:
             loaded[key] = fresh[key]
-        elif key.startswith("code_logits.") and "gpt.output." + key.removeprefix("code_logits.") in names:
+        elif key.startswith("code_logits.") and f"{output_layer}.{key.removeprefix('code_logits.')}" in names:
             # a posterior head's code logits start as the teacher's output layer
-            loaded[key] = state["gpt.output." + key.removeprefix("code_logits.")]
+            loaded[key] = state[f"{output_layer}.{key.removeprefix('code_logits.')}"]
         elif key[len("backbone."):] in names:
             loaded[key] = state[key[len("backbone."):]]
         else:

@@ -136,14 +136,19 @@ def _llamagen_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeach
     return backbone
 
 
-def student_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeacher:
+def student_backbone(teacher: ARTeacher, noise_input: str = "none", posterior_head: bool = False) -> ARTeacher:
     """A pruned, trainable copy of the teacher that still implements ``features`` (see the module docstring);
-    ``noise_input`` is ``student.noise_input`` (LlamaGen soft-rule students only)."""
+    ``noise_input`` is ``student.noise_input`` (LlamaGen soft-rule students only). A VAR copy for a posterior head
+    keeps the class-modulated ``head_nm`` and returns its output as the features."""
     if noise_input not in NOISE_INPUTS:
         raise ValueError(f"student.noise_input must be one of {NOISE_INPUTS}, got {noise_input!r}")
     if teacher.family == "var":
         backbone = copy.deepcopy(teacher)
-        _drop(backbone.transformer, "head", "head_nm")
+        _drop(backbone.transformer, "head")
+        if posterior_head:
+            backbone.features_after_head_norm = True
+        else:
+            _drop(backbone.transformer, "head_nm")
     elif teacher.family == "llamagen":
         backbone = _llamagen_backbone(teacher, noise_input)
         _drop(backbone.gpt, "output")
@@ -156,6 +161,17 @@ def student_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeacher
     backbone.train()
     backbone.requires_grad_(True)
     return backbone
+
+
+# where a posterior head's code logits come from: the teacher's output layer, whose input is the student's features
+OUTPUT_LAYER = {"llamagen": "gpt.output", "var": "transformer.head"}
+
+
+def teacher_output_layer(teacher: ARTeacher) -> nn.Linear:
+    """The teacher's last linear layer (features -> code logits), which a posterior head copies."""
+    if teacher.family not in OUTPUT_LAYER:
+        raise ValueError(f"student.posterior_head: no output layer known for teacher family {teacher.family!r}")
+    return teacher.get_submodule(OUTPUT_LAYER[teacher.family])
 
 
 def code_log_probs(code_logits: nn.Linear, feats: Tensor) -> Tensor:
@@ -190,7 +206,8 @@ class StudentNet(nn.Module):
 
     def __init__(self, teacher: ARTeacher, student_cfg, init_adapter: bool = True):
         super().__init__()
-        self.backbone = student_backbone(teacher, getattr(student_cfg, "noise_input", "none"))
+        posterior_head = bool(getattr(student_cfg, "posterior_head", False))
+        self.backbone = student_backbone(teacher, getattr(student_cfg, "noise_input", "none"), posterior_head)
         # τ is a function of the codebook, which loading weights may replace (an exported student is loaded into a
         # randomly initialised build): recompute it after every load so training and sampling read alike
         self.register_load_state_dict_post_hook(lambda module, _incompatible: refresh_soft_tau(module.backbone))
@@ -204,10 +221,8 @@ class StudentNet(nn.Module):
         self.generator_time = float(student_cfg.generator_time)
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
         self.code_logits: nn.Linear | None = None
-        if getattr(student_cfg, "posterior_head", False):
-            if teacher.family != "llamagen":
-                raise ValueError(f"student.posterior_head is implemented for LlamaGen students, not {teacher.family!r}")
-            self.code_logits = copy.deepcopy(teacher.gpt.output).requires_grad_(True)
+        if posterior_head:
+            self.code_logits = copy.deepcopy(teacher_output_layer(teacher)).requires_grad_(True)
 
     def features(self, seq: Tensor, cond: Cond) -> Tensor:
         """Backbone features (B, N, D) of a sequence (B, N, Ce); row i depends on earlier AR steps only."""

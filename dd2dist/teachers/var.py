@@ -229,6 +229,9 @@ class VARTeacher(ARTeacher):
 
     family = "var"
     sample_returns_log_probs = True
+    # A student copy with a posterior head sets this: its features are then the class-modulated ``head_nm`` output,
+    # the exact input of the (copied) output layer, so that its code logits are one linear layer of the features
+    features_after_head_norm = False
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -282,7 +285,11 @@ class VARTeacher(ARTeacher):
     # ---- teacher-forced passes ------------------------------------------------------------------------
     def features(self, x: Tensor, cond: Cond) -> Tensor:
         x_in = self.tokenizer.teacher_forced_inputs(self._vectors(x))
-        return self.transformer(x_in, self._labels(cond))
+        labels = self._labels(cond)
+        h = self.transformer(x_in, labels)
+        if self.features_after_head_norm:
+            return self.transformer.head_nm(h, self.transformer.class_vector(labels))
+        return h
 
     def head_logits(self, feats: Tensor, cond: Cond) -> Tensor:
         return self.transformer.logits(feats, self.transformer.class_vector(self._labels(cond)))
