@@ -399,3 +399,26 @@ def test_fcs_computes_the_posterior_heads_code_log_probs_once():
     again, _ = fcs_loss(PerDraw(net), q, cond, torch.Generator().manual_seed(7), num_samples=4)
     assert rows == [12]
     torch.testing.assert_close(again, loss, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_a_generator_without_the_posterior_mixture_outputs_eps_minus_its_mlp(family):
+    """student.generator_posterior=false: the guidance role keeps the mixture in its velocity, the generator's
+    one-step output (and its sampling form) is eps - MLP(eps, t=1, f), as with a plain head."""
+    teacher = _teacher(family)
+    cfg = StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True, generator_posterior=False)
+    net = StudentNet(teacher, cfg)
+    _randomize_head(net.head)
+    with_mixture = StudentNet(teacher, StudentConfig(head_width=16, head_depth=1, time_embed_dim=8,
+                                                     posterior_head=True))
+    with_mixture.load_state_dict(net.state_dict())
+    eps = torch.randn(3, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(5))
+    cond = Cond(labels=torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        feats = net.features(eps, cond)
+        got = net.generate(eps, cond)
+        torch.testing.assert_close(got, eps - net.head(eps, 1.0, feats))
+        torch.testing.assert_close(net.for_sampling().generate(eps, cond), got, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(with_mixture.generate(eps, cond), got)
+        x_t, t = torch.randn_like(eps), torch.full(eps.shape[:2], 0.5)
+        torch.testing.assert_close(net.velocity(x_t, t, feats), with_mixture.velocity(x_t, t, feats))

@@ -137,6 +137,11 @@ class StudentConfig:
     # teacher's output layer on the backbone features; VAR: on its class-modulated head_nm output) plus the MLP head
     # as a correction, so stage 1 and the guidance network start at the teacher's conditionals (dd2dist/nets/student.py)
     posterior_head: bool = False
+    # With a posterior head: whether the generator's one-step output includes its mixture part too. At t = 1 that
+    # part is the logits' softmax mean of the codes, whatever the noise, so the noise reaches the output through the
+    # MLP alone; false keeps the mixture in the guidance network (and the stage-1 model's AR sampler) only and lets
+    # the generator's output be eps - MLP, as with the plain head (docs/method.md §12.10)
+    generator_posterior: bool = True
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)

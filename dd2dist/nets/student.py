@@ -29,14 +29,15 @@ returned norm 359 on N(0, I) noise, so the generator's token rows swamped the cl
 positions >= 1 against 9.1 for the teacher on the same noise), and trained, it blew up to norm 609 on codes within
 50 stage-1 steps: stage 1 lost the class (AR-diffusion class consistency 0.12 against 0.57 with this rule).
 
-Posterior head (``student.posterior_head``, LlamaGen): the velocity is the closed-form posterior velocity of a mixture
+Posterior head (``student.posterior_head``): the velocity is the closed-form posterior velocity of a mixture
 over the codes whose log-probs are the student's own code logits, ``log_softmax(code_logits(f_i))``, plus the MLP head
 as a correction. ``code_logits`` starts as a copy of the teacher's output layer, so on a code prefix the stage-1 model
 and the guidance network start at the teacher's own (unguided) conditionals instead of learning them through the MLP.
 Measured on the digits LlamaGen teacher after the demo's 500 stage-1 steps (the stage-1 model as an AR-diffusion
 sampler, 10,000 samples): dependence captured -0.87 and a teacher NLL gap of 60.3 nats per sequence with the plain head
 (and the stage-1 LR of 1e-3; the product of marginals: 66.8), 0.96 and 6.6 with the posterior head at 1e-4
-(docs/results.md §3).
+(docs/results.md §3). VAR's output layer reads ``head_nm(h, class)``: a VAR posterior-head backbone keeps ``head_nm``
+and returns its output as the features, so ``code_logits`` is a copy of ``head`` alone.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ class StudentNet(nn.Module):
             time_embed_dim=student_cfg.time_embed_dim,
         ).to(next(self.backbone.parameters()).device)
         self.generator_time = float(student_cfg.generator_time)
+        self.generator_posterior = bool(getattr(student_cfg, "generator_posterior", True))
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
         self.code_logits: nn.Linear | None = None
         if posterior_head:
@@ -259,6 +261,8 @@ class StudentNet(nn.Module):
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
+        if not self.generator_posterior:  # the mixture part is the guidance network's only (student.generator_posterior)
+            return eps - self.head(eps, self.generator_time, feats).to(eps.dtype)
         return eps - self.velocity(eps, self.generator_time, feats).to(eps.dtype)
 
     def forward(self, eps: Tensor, cond: Cond) -> Tensor:
@@ -290,7 +294,8 @@ class OneStepSampler(nn.Module):
             raise ValueError(f"OneStepSampler: the head runs at t = {head.time}, the generator at "
                              f"t = {net.generator_time}")
         self.head = net.head.at_time(net.generator_time) if head is None else head
-        self.code_logits = net.code_logits  # shared, like the backbone; a posterior head's mixture part stays exact
+        # shared, like the backbone; a posterior head's mixture part stays exact (none when the generator runs without it)
+        self.code_logits = net.code_logits if net.generator_posterior else None
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
 
