@@ -67,8 +67,12 @@ def test_a_teacher_based_guidance_is_timed_with_the_teacher_pass_its_fcs_step_ma
         cfg = run_config(run, (f"stage2.guidance_base={base}",))
         teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
         seen = []
-        real = teacher.log_probs
-        teacher.log_probs = lambda *a, **k: seen.append(1) or real(*a, **k)
+
+        def counted(*a, _real=teacher.log_probs, _seen=seen, **k):
+            _seen.append(1)
+            return _real(*a, **k)
+
+        teacher.log_probs = counted
         calls = _loss_calls(cfg, teacher, 2, 0)
         calls["fcs"]().backward()
         assert len(seen) == teacher_calls, base

@@ -64,7 +64,8 @@ def regression_step(ctx: StepContext) -> StepResult:
 
 
 def guidance_step(ctx: StepContext) -> StepResult:
-    """FCS: the guidance net fits the generator's current samples."""
+    """FCS: the guidance net fits the generator's current samples (with ``stage2.guidance_base="teacher"``, as a
+    correction to the teacher's closed-form velocity on the prefix CSD gives the teacher)."""
     s2 = ctx.cfg.stage2
     generator, guidance = ctx.net("generator"), ctx.net("guidance")
     eps, cond = ctx.batches.stage2(ctx.iteration, ctx.micro, "guidance")

@@ -261,7 +261,7 @@ class StudentNet(nn.Module):
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
-        if not self.generator_posterior:  # the mixture part is the guidance network's only (student.generator_posterior)
+        if not self.generator_posterior:  # the mixture is then the guidance network's only (generator_posterior)
             return eps - self.head(eps, self.generator_time, feats).to(eps.dtype)
         return eps - self.velocity(eps, self.generator_time, feats).to(eps.dtype)
 
@@ -294,7 +294,7 @@ class OneStepSampler(nn.Module):
             raise ValueError(f"OneStepSampler: the head runs at t = {head.time}, the generator at "
                              f"t = {net.generator_time}")
         self.head = net.head.at_time(net.generator_time) if head is None else head
-        # shared, like the backbone; a posterior head's mixture part stays exact (none when the generator runs without it)
+        # shared, like the backbone; a posterior head's mixture part stays exact (none: the generator runs without it)
         self.code_logits = net.code_logits if net.generator_posterior else None
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
