@@ -380,3 +380,27 @@ def test_fcs_on_a_teacher_based_guidance_fits_the_correction_on_the_teachers_vel
     assert gui.head.final.linear.weight.grad.abs().sum() > 0  # the zeroed output layer learns first
     with pytest.raises(ValueError, match="codebook"):
         fcs_loss(gui, q, cond, _g(3), base_log_probs=lp)
+
+
+def test_the_guidance_base_is_the_teacher_on_the_prefix_csd_gives_it(setup):
+    """guidance_step's base log-probs: the teacher on sg(q) or on its nearest codes as ``teacher_prefix`` says (so
+    that ψ's base and CSD's teacher are one function); none for the paper's guidance network."""
+    from types import SimpleNamespace
+
+    from dd2dist.method.steps import guidance_base_log_probs
+
+    teacher, _, _ = setup
+    cond = Cond(labels=torch.tensor([1, 3]))
+    q = torch.randn(2, teacher.num_tokens, teacher.embed_dim)
+    snapped = teacher.codebook()[teacher.quantize(q)]
+
+    def cfg(base, prefix):
+        return SimpleNamespace(stage2=SimpleNamespace(guidance_base=base, teacher_prefix=prefix),
+                               teacher=SimpleNamespace(sampling=SAMPLING))
+
+    assert guidance_base_log_probs(cfg("none", "snap"), teacher, teacher.codebook(), q, cond) is None
+    got = guidance_base_log_probs(cfg("teacher", "continuous"), teacher, teacher.codebook(), q, cond)
+    assert torch.equal(got, teacher.log_probs(q, cond, SAMPLING))
+    got = guidance_base_log_probs(cfg("teacher", "snap"), teacher, teacher.codebook(), q, cond)
+    assert torch.equal(got, teacher.log_probs(snapped, cond, SAMPLING))
+    assert not torch.equal(got, teacher.log_probs(q, cond, SAMPLING))

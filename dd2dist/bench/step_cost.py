@@ -23,6 +23,7 @@ def _loss_calls(cfg, teacher, batch: int, seed: int) -> dict:
     """One zero-argument call per loss, each building its graph from fixed inputs (no optimizer step: the cost of
     an option is its forward and backward)."""
     from dd2dist.method import csd_loss, fcs_loss, gts_loss
+    from dd2dist.method.steps import guidance_base_log_probs
     from dd2dist.nets import StudentNet
 
     if getattr(teacher, "is_text", False):
@@ -38,9 +39,7 @@ def _loss_calls(cfg, teacher, batch: int, seed: int) -> dict:
     def fcs():
         with torch.no_grad():
             q = generator.generate(eps, cond)
-            # a guidance network built on the teacher's velocity needs the teacher on the generator's samples
-            # (dd2dist.method.steps.guidance_step)
-            base = teacher.log_probs(q, cond, sampling) if s2.guidance_base == "teacher" else None
+        base = guidance_base_log_probs(cfg, teacher, codebook, q, cond)  # the training step's extra teacher pass
         return fcs_loss(guidance, q, cond, gen, num_samples=s2.fcs_samples, base_log_probs=base,
                         codebook=codebook)[0]
 

@@ -90,9 +90,9 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     for key in student.state_dict():
         if key in fresh:
             loaded[key] = fresh[key]
-        elif key.startswith("code_logits.") and f"{output_layer}.{key.removeprefix('code_logits.')}" in names:
+        elif key.startswith("code_logits.") and output_layer + key.removeprefix("code_logits") in names:
             # a posterior head's code logits start as the teacher's output layer
-            loaded[key] = state[f"{output_layer}.{key.removeprefix('code_logits.')}"]
+            loaded[key] = state[output_layer + key.removeprefix("code_logits")]
         elif key[len("backbone."):] in names:
             loaded[key] = state[key[len("backbone."):]]
         else:

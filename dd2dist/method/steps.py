@@ -63,6 +63,20 @@ def regression_step(ctx: StepContext) -> StepResult:
     return loss, m, eps.shape[0]
 
 
+def guidance_base_log_probs(cfg, teacher, codebook: Tensor, q: Tensor, cond,
+                            snapped: Tensor | None = None) -> Tensor | None:
+    """The teacher's log-probs a guidance network built on the teacher (``stage2.guidance_base="teacher"``) adds its
+    correction to, on the prefix CSD gives the teacher (``stage2.teacher_prefix``), so that ψ's base and CSD's
+    teacher are the same function; None for the paper's guidance network. ``snapped``: q's nearest codes if known."""
+    s2 = cfg.stage2
+    if s2.guidance_base != "teacher":
+        return None
+    if s2.teacher_prefix == "snap":
+        q = snap_to_codes(q, codebook, teacher.family) if snapped is None else snapped
+    with torch.no_grad():
+        return teacher.log_probs(q.float(), cond, cfg.teacher.sampling)
+
+
 def guidance_step(ctx: StepContext) -> StepResult:
     """FCS: the guidance net fits the generator's current samples (with ``stage2.guidance_base="teacher"``, as a
     correction to the teacher's closed-form velocity on the prefix CSD gives the teacher)."""
@@ -71,12 +85,8 @@ def guidance_step(ctx: StepContext) -> StepResult:
     eps, cond = ctx.batches.stage2(ctx.iteration, ctx.micro, "guidance")
     with torch.no_grad():
         q = generator.generate(eps, cond)
-        prefix = snap_to_codes(q, ctx.codebook, ctx.teacher.family) if s2.guidance_prefix == "snap" else None
-        base_lp = None
-        if s2.guidance_base == "teacher":
-            # the teacher on the prefix CSD gives it, so that ψ's base and CSD's teacher are the same function
-            seen = snap_to_codes(q, ctx.codebook, ctx.teacher.family) if s2.teacher_prefix == "snap" else q
-            base_lp = ctx.teacher.log_probs(seen.float(), cond, ctx.cfg.teacher.sampling)
+    prefix = snap_to_codes(q, ctx.codebook, ctx.teacher.family) if s2.guidance_prefix == "snap" else None
+    base_lp = guidance_base_log_probs(ctx.cfg, ctx.teacher, ctx.codebook, q, cond, snapped=prefix)
     loss, m = fcs_loss(guidance, q, cond, ctx.generator(f"fcs/{ctx.micro}"), num_samples=s2.fcs_samples,
                        t_min=s2.fcs_t_min, prefix=prefix, base_log_probs=base_lp, codebook=ctx.codebook)
     return loss, m, eps.shape[0]
