@@ -19,7 +19,8 @@ TINY = {"var": ROOT / "configs/experiments/smoke_var_torch.yaml",
 
 
 @pytest.mark.parametrize("family,noise_input,posterior_head", [
-    ("var", "none", False), ("var", "none", True), ("llamagen", "none", False), ("llamagen", "mlp", False),
+    ("var", "none", False), ("var", "none", True), ("var", "mlp", False), ("llamagen", "none", False),
+    ("llamagen", "mlp", False),
     ("llamagen", "mlp", True)])
 def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, noise_input, posterior_head, tmp_path):
     cfg = load_config(TINY[family], ["teacher.official=null", f"student.noise_input={noise_input}",

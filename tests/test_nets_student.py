@@ -315,6 +315,33 @@ def test_continuous_input_path_learns_within_cell_information():
     assert net.backbone.gpt.vector_input.net[2].weight.grad.abs().sum() > 0
 
 
+def test_var_continuous_input_path_starts_at_zero_and_feeds_each_scale_its_parents_raw_vector():
+    """VAR: a fresh path leaves the features as the teacher's; once it has moved, a token's features depend on the
+    raw vector of the token of the previous scale it lies in, and not on that of other tokens of that scale."""
+    teacher = _teacher("var")
+    cfg = StudentConfig(head_width=16, head_depth=1, time_embed_dim=8)
+    net = StudentNet(teacher, replace(cfg, noise_input="mlp"))
+    plain = StudentNet(teacher, cfg)
+    eps = torch.randn(3, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(6))
+    cond = Cond(labels=torch.arange(3))
+    with torch.no_grad():
+        assert torch.equal(net.features(eps, cond), plain.features(eps, cond))
+        net.backbone.vector_input.net[2].weight.normal_(0, 0.3)  # as training moves it away from zero
+        pn = teacher.patch_nums  # (1, 2, ...): scale 1 has 4 tokens on a 2x2 grid, scale 2 sits above them
+        s1, s2 = teacher.steps[1], teacher.steps[2]
+        moved = eps.clone()
+        moved[:, s1.start] += 0.5  # the top-left token of scale 1
+        only_path = net.backbone._parent_inputs(moved) - net.backbone._parent_inputs(eps)
+        rows = only_path[:, s2.start - teacher.steps[0].stop: s2.stop - teacher.steps[0].stop]  # scale 2's inputs
+        changed = rows.abs().amax(-1).reshape(3, pn[2], pn[2]) > 0
+        parent_row = torch.arange(pn[2]) * pn[1] // pn[2]  # the scale-1 row / column each scale-2 one lies in
+        above = (parent_row[:, None] == 0) & (parent_row[None, :] == 0)
+        assert torch.equal(changed, above.expand_as(changed))  # exactly the tokens above the moved one
+    out = net.features(eps, cond)
+    out[:, teacher.steps[1]].pow(2).sum().backward()
+    assert net.backbone.vector_input.net[2].weight.grad.abs().sum() > 0
+
+
 def test_noise_input_is_refused_by_name_for_an_unknown_value():
     from dd2dist.config import ConfigError, load_config
 

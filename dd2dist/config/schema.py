@@ -130,8 +130,9 @@ class StudentConfig:
     head_depth: int = _f(2, gt=0)  # AdaLN residual blocks (paper-scale proposal: 3-6)
     time_embed_dim: int = _f(64, gt=0)  # sinusoidal t-embedding size before its MLP
     generator_time: float = _f(1.0, gt=0.0, le=1.0)  # t fed to the generator's head (docs/method.md §5.4)
-    # LlamaGen students reading vectors through the soft rule: "mlp" adds a zero-initialised MLP of each raw input
-    # vector to its embedding (dd2dist/nets/vector_input.py), so the generator sees its noise, not just its code cell
+    # "mlp" adds a zero-initialised MLP of each raw input vector (dd2dist/nets/vector_input.py): LlamaGen students
+    # reading vectors through the soft rule add it to that vector's embedding, so the generator sees its noise, not
+    # just its code cell; VAR students add each scale's to the input embeddings of the next scale's tokens above it
     noise_input: Literal["none", "mlp"] = "none"
     # The head's velocity is the closed-form posterior of the student's own code logits (a trainable copy of the
     # teacher's output layer on the backbone features; VAR: on its class-modulated head_nm output) plus the MLP head

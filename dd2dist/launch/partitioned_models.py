@@ -77,10 +77,9 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     head = student.head
     # the student's own modules, freshly initialised in the order StudentNet builds them (same RNG draws)
     fresh: dict[str, Tensor] = {}
-    vector_input = getattr(getattr(student.backbone, "gpt", None), "vector_input", None)
-    if vector_input is not None:
-        fresh.update({f"backbone.gpt.vector_input.{k}": v for k, v in
-                      VectorInput(head.token_dim, head.cond_dim).state_dict().items()})
+    for name, module in student.named_modules():  # a continuous input path (LlamaGen: under gpt; VAR: top level)
+        if isinstance(module, VectorInput):
+            fresh.update({f"{name}.{k}": v for k, v in VectorInput(head.token_dim, head.cond_dim).state_dict().items()})
     fresh.update({f"head.{k}": v for k, v in MLPHead(
         token_dim=head.token_dim, cond_dim=head.cond_dim, width=student_cfg.head_width, depth=student_cfg.head_depth,
         time_embed_dim=student_cfg.time_embed_dim).state_dict().items()})

@@ -139,13 +139,17 @@ def _llamagen_backbone(teacher: ARTeacher, noise_input: str = "none") -> ARTeach
 
 def student_backbone(teacher: ARTeacher, noise_input: str = "none", posterior_head: bool = False) -> ARTeacher:
     """A pruned, trainable copy of the teacher that still implements ``features`` (see the module docstring);
-    ``noise_input`` is ``student.noise_input`` (LlamaGen soft-rule students only). A VAR copy for a posterior head
-    keeps the class-modulated ``head_nm`` and returns its output as the features."""
+    ``noise_input`` is ``student.noise_input``: ``mlp`` adds a zero-initialised continuous input path (LlamaGen: to
+    each input's soft-rule embedding; VAR: each scale's raw vectors to the next scale's input embedding). A VAR copy
+    for a posterior head keeps the class-modulated ``head_nm`` and returns its output as the features."""
     if noise_input not in NOISE_INPUTS:
         raise ValueError(f"student.noise_input must be one of {NOISE_INPUTS}, got {noise_input!r}")
     if teacher.family == "var":
         backbone = copy.deepcopy(teacher)
         _drop(backbone.transformer, "head")
+        if noise_input == "mlp":
+            backbone.vector_input = VectorInput(teacher.embed_dim, teacher.hidden_dim).to(
+                backbone.transformer.word_embed.weight.device)
         if posterior_head:
             backbone.features_after_head_norm = True
         else:

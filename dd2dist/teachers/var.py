@@ -201,8 +201,10 @@ class VARTransformer(nn.Module):
         """(B,) labels (num_classes = null) -> (B, C): the SOS token and the AdaLN condition."""
         return self.class_emb(labels)
 
-    def forward(self, x_in: Tensor | None, labels: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        """Teacher-forced block outputs (B, L, C) from the next-scale inputs x_in (B, L - first_l, Cvae).
+    def forward(self, x_in: Tensor | None, labels: Tensor,
+                extra: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced block outputs (B, L, C) from the next-scale inputs x_in (B, L - first_l, Cvae), plus
+        ``extra`` (B, L - first_l, C) added to their embeddings where given (a student's continuous input path).
 
         With ``x_in=None``, the sampler's start instead: (class vectors (B, C), first-scale input (B, first_l, C),
         per-token lvl+pos embeddings (L, C)). Both live here because they read this module's own parameters.
@@ -213,8 +215,10 @@ class VARTransformer(nn.Module):
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC[0]
         if x_in is None:
             return cond_BD, sos + lvl_pos[: self.first_l], lvl_pos
-        h = torch.cat([sos, self.word_embed(x_in.to(self.word_embed.weight.dtype))], dim=1)
-        h = h + lvl_pos
+        tokens = self.word_embed(x_in.to(self.word_embed.weight.dtype))
+        if extra is not None:
+            tokens = tokens + extra.to(tokens.dtype)
+        h = torch.cat([sos, tokens], dim=1) + lvl_pos
         for blk in self.blocks:
             h = blk(h, cond_BD, self.attn_mask)
         return h
@@ -238,6 +242,10 @@ class VARTeacher(ARTeacher):
         self.cfg = cfg
         self.transformer = VARTransformer(cfg)
         self.tokenizer = VARVQVAE(cfg.tokenizer, cfg.patch_nums)
+        # A student copy may add a continuous input path (dd2dist.nets.vector_input): a per-token MLP of each scale's
+        # raw vectors, upsampled onto the next scale's grid and added to that scale's input embedding. Teachers have
+        # none. (An instance attribute: a class attribute would shadow the submodule once one is assigned.)
+        self.vector_input: nn.Module | None = None
         self.vocab_size = cfg.tokenizer.vocab_size
         self.embed_dim = cfg.tokenizer.embed_dim
         self.num_tokens = self.transformer.num_tokens
@@ -284,12 +292,28 @@ class VARTeacher(ARTeacher):
 
     # ---- teacher-forced passes ------------------------------------------------------------------------
     def features(self, x: Tensor, cond: Cond) -> Tensor:
-        x_in = self.tokenizer.teacher_forced_inputs(self._vectors(x))
+        vectors = self._vectors(x)
+        x_in = self.tokenizer.teacher_forced_inputs(vectors)
         labels = self._labels(cond)
-        h = self.transformer(x_in, labels)
+        h = self.transformer(x_in, labels, None if self.vector_input is None else self._parent_inputs(vectors))
         if self.features_after_head_norm:
             return self.transformer.head_nm(h, self.transformer.class_vector(labels))
         return h
+
+    def _parent_inputs(self, vectors: Tensor) -> Tensor:
+        """The continuous input path's additions (B, N - first_l, C): ``vector_input`` of every vector of scale k,
+        nearest-upsampled onto the grid of scale k + 1 (each token of scale k + 1 gets the MLP features of the
+        token of scale k it lies in). VAR's own input path mixes the earlier scales linearly; this gives each token
+        a nonlinear view of its parent's raw vector, which for the generator is its noise."""
+        B = vectors.shape[0]
+        parts = []
+        for k in range(len(self.patch_nums) - 1):
+            pn, pn_next = self.patch_nums[k], self.patch_nums[k + 1]
+            feats = self.vector_input(vectors[:, self.steps[k]])  # (B, pn*pn, C)
+            grid = feats.transpose(1, 2).reshape(B, -1, pn, pn)
+            grid = F.interpolate(grid, size=(pn_next, pn_next), mode="nearest")
+            parts.append(grid.reshape(B, grid.shape[1], -1).transpose(1, 2))
+        return torch.cat(parts, dim=1)
 
     def head_logits(self, feats: Tensor, cond: Cond) -> Tensor:
         return self.transformer.logits(feats, self.transformer.class_vector(self._labels(cond)))
