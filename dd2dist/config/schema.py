@@ -143,6 +143,10 @@ class StudentConfig:
     # MLP alone; false keeps the mixture in the guidance network (and the stage-1 model's AR sampler) only and lets
     # the generator's output be eps - MLP, as with the plain head (docs/method.md §12.10)
     generator_posterior: bool = True
+    # The generator's soft-snap output layer (dd2dist/nets/output_snap.py): 0 = off (the paper's continuous outputs);
+    # s > 0 replaces each output by the codes' mean under softmax(-|q - c|² / (2 (s x median code spacing)²)), so that
+    # outputs sit on the codes except near the boundaries between them. The PF-ODE regression fits the map before it.
+    generator_snap: float = _f(0.0, ge=0.0)
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)

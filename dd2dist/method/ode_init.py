@@ -102,7 +102,9 @@ def teacher_ode_agreement(teacher: ARTeacher, eps: Tensor, cond: Cond, sampling:
 
 def regression_loss(generator, eps: Tensor, cond: Cond, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Generator regression onto PF-ODE pairs: squared error of ``generate(eps)`` against the target code vectors
-    (B, N, Ce), summed over channels and averaged over tokens (fp32)."""
-    q = generator.generate(eps, cond).float()
+    (B, N, Ce), summed over channels and averaged over tokens (fp32). It fits the map before a soft-snap output layer
+    (``student.generator_snap``): through the snap a token in the wrong code's cell has a saturated, near-zero
+    gradient."""
+    q = generator.generate(eps, cond, snap=False).float()
     loss = (q - target.float()).pow(2).sum(-1).mean()
     return loss, {"regression_loss": loss.detach()}

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from dd2dist.conditions import Cond
 from dd2dist.latent import posterior
 from dd2dist.nets.head import MLPHead
+from dd2dist.nets.output_snap import code_spacing, soft_snap
 from dd2dist.nets.vector_input import NOISE_INPUTS, VectorInput
 from dd2dist.teachers.base import ARTeacher
 
@@ -216,6 +217,11 @@ class StudentNet(nn.Module):
         # τ is a function of the codebook, which loading weights may replace (an exported student is loaded into a
         # randomly initialised build): recompute it after every load so training and sampling read alike
         self.register_load_state_dict_post_hook(lambda module, _incompatible: refresh_soft_tau(module.backbone))
+        # the soft-snap output layer (dd2dist/nets/output_snap.py): its length is a function of the codebook too,
+        # computed at first use and forgotten on every load for the same reason
+        self.generator_snap = float(getattr(student_cfg, "generator_snap", 0.0))
+        self._snap_length: float | None = None
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: setattr(module, "_snap_length", None))
         self.head = MLPHead(
             token_dim=teacher.embed_dim,
             cond_dim=teacher.hidden_dim,
@@ -261,13 +267,29 @@ class StudentNet(nn.Module):
             self.head.final.linear.weight.zero_()
             self.head.final.linear.bias.zero_()
 
-    def generate(self, eps: Tensor, cond: Cond) -> Tensor:
-        """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps))."""
+    def generate(self, eps: Tensor, cond: Cond, snap: bool = True) -> Tensor:
+        """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps)),
+        through the soft-snap output layer where ``student.generator_snap`` sets one (``snap=False`` skips it: the
+        PF-ODE regression fits the map before it, where a wrong code is not a saturated softmax)."""
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
         if not self.generator_posterior:  # the mixture is then the guidance network's only (generator_posterior)
-            return eps - self.head(eps, self.generator_time, feats).to(eps.dtype)
-        return eps - self.velocity(eps, self.generator_time, feats).to(eps.dtype)
+            q = eps - self.head(eps, self.generator_time, feats).to(eps.dtype)
+        else:
+            q = eps - self.velocity(eps, self.generator_time, feats).to(eps.dtype)
+        return self.snap_output(q) if snap else q
+
+    def snap_length(self) -> float:
+        """The soft snap's length scale: ``generator_snap`` x the codebook's median nearest-neighbour spacing."""
+        if self._snap_length is None:
+            self._snap_length = self.generator_snap * code_spacing(self.backbone.codebook())
+        return self._snap_length
+
+    def snap_output(self, q: Tensor) -> Tensor:
+        """The generator's output layer: ``q`` itself, or its soft snap onto the codebook (``generator_snap`` > 0)."""
+        if self.generator_snap == 0.0:
+            return q
+        return soft_snap(q, self.backbone.codebook(), self.snap_length()).to(q.dtype)
 
     def forward(self, eps: Tensor, cond: Cond) -> Tensor:
         """Same as :meth:`generate` (the generator is what gets exported and sampled)."""
@@ -302,6 +324,7 @@ class OneStepSampler(nn.Module):
         self.code_logits = net.code_logits if net.generator_posterior else None
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
+        self.snap_length = net.snap_length() if net.generator_snap > 0 else 0.0
 
     @torch.no_grad()
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
@@ -312,7 +335,8 @@ class OneStepSampler(nn.Module):
         if self.code_logits is not None:
             lp = code_log_probs(self.code_logits, feats)
             v = v + mixture_velocity(lp, self.backbone.codebook(), eps, self.time).to(v.dtype)
-        return eps - v.to(eps.dtype)
+        q = eps - v.to(eps.dtype)
+        return q if self.snap_length == 0.0 else soft_snap(q, self.backbone.codebook(), self.snap_length).to(q.dtype)
 
     def forward(self, eps: Tensor, cond: Cond) -> Tensor:
         return self.generate(eps, cond)

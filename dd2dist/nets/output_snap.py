@@ -1,0 +1,44 @@
+"""The generator's soft-snap output layer (``student.generator_snap``): continuous outputs pulled onto the codebook.
+
+The teacher's distribution lives on the codes; the one-step generator maps Gaussian noise to continuous vectors
+through a smooth network, so wherever its map moves from one code to the next it puts mass between them. Measured on
+the VAR digits demo generator (10,000 samples, 3x the recipe's CSD steps): its outputs lay 0.25 from their nearest
+code on average, against a median nearest-neighbour code spacing of 0.46, and CSD had moved them only from 0.275
+(after the PF-ODE regression) to 0.255, although the guidance network saw them off the codes (its x̂0 at t = 0.02
+was 0.05 from the output, the teacher's 0.25).
+
+``soft_snap`` replaces an output q by the mean of the codes under ``softmax(-|q - c_k|² / (2 s²))``: near a code it
+returns that code, between two codes it moves to one of them except within ~s of the boundary, and it stays
+differentiable there, which is where CSD moves mass from one code to another. s is ``generator_snap`` times the
+codebook's median nearest-neighbour spacing, so one setting means the same on any codebook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def code_spacing(codebook: Tensor, chunk: int = 1024) -> float:
+    """Median distance from each code to its nearest other code (exact duplicates ignored)."""
+    cb = codebook.detach().float()
+    V = cb.shape[0]
+    if V < 2:
+        return 1.0
+    nearest = torch.empty(V, device=cb.device)
+    for s in range(0, V, chunk):  # (chunk, V) distances at a time: LlamaGen's 16384 codes would need 1 GiB at once
+        d = torch.cdist(cb[s : s + chunk], cb)
+        d[d < 1e-6] = float("inf")
+        nearest[s : s + chunk] = d.min(-1).values
+    return float(nearest.median())
+
+
+def soft_snap(q: Tensor, codebook: Tensor, length: float) -> Tensor:
+    """``Σ_k softmax(-|q - c_k|² / (2 length²))_k c_k`` per vector, fp32 (q: (..., Ce), codebook (V, Ce))."""
+    if length <= 0:
+        raise ValueError(f"soft_snap: length must be > 0, got {length}")
+    with torch.autocast(device_type=q.device.type, enabled=False):  # a bf16 softmax over distances blurs close codes
+        qf, cb = q.float(), codebook.float()
+        sq = (qf * qf).sum(-1, keepdim=True) - 2.0 * qf @ cb.T + (cb * cb).sum(-1)
+        weights = torch.softmax(-sq / (2.0 * length * length), dim=-1)
+        return weights @ cb
