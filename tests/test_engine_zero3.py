@@ -23,7 +23,8 @@ STEPS = 4  # guidance, generator, guidance, generator
 LR = 2e-3
 ADAM_ATOL = 0.025 * LR  # see the comment in the test
 FAMILIES = {
-    "var": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16"],
+    "var": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16",
+            "student.noise_input=mlp"],  # its per-scale MLP is called inside features, on every scale but the last
     "llamagen": ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant", "student.head_width=32",
                  "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10",
                  "student.posterior_head=true"],  # FCS computes its code log-probs in a call of their own
@@ -153,6 +154,9 @@ def _student_and_teacher(overrides: list[str]):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a fresh head outputs v = 0 (zero-initialised): perturb it so every weight gets a gradient
         for p in net.head.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        vector_input = getattr(net.backbone, "vector_input", None)  # the same for a continuous input path
+        for p in () if vector_input is None else vector_input.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return cfg, teacher, net
 
