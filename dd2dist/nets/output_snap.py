@@ -11,6 +11,10 @@ was 0.05 from the output, the teacher's 0.25).
 returns that code, between two codes it moves to one of them except within ~s of the boundary, and it stays
 differentiable there, which is where CSD moves mass from one code to another. s is ``generator_snap`` times the
 codebook's median nearest-neighbour spacing, so one setting means the same on any codebook.
+
+Off by default, measured worse: with s = 0.25 the VAR digits outputs sat 0.049 from their codes, and dependence captured
+fell from 0.51 to -0.05. Inside a cell the layer's gradient vanishes, so CSD could move mass between codes only through
+the few outputs near a boundary (docs/method.md §12.12).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A continuous input path for LlamaGen students: what the soft input rule cannot pass on.
+"""A continuous input path for students: what the soft input rule (LlamaGen) or the linear next-scale input (VAR)
+cannot pass on.
 
 A LlamaGen student without a stage-0 ``mlp`` adapter reads every input vector through the teacher's soft rule,
 ``softmax(x·Cᵀ/τ) @ tok_embeddings`` at a sharp τ. On the generator's N(0, I) noise that weight vector is one-hot
@@ -10,6 +11,10 @@ between tokens the generator can express.
 :class:`VectorInput` adds a per-token MLP of the raw input vector to the embedding the soft rule gives. Its output
 layer starts at zero, so a fresh student computes exactly what the teacher does (the stage-1 start and every test
 that compares the two are unchanged), and training decides how much of the continuous input to use.
+
+VAR students (``VARTeacher._parent_inputs``) apply it to every vector of scale k and add the result to the input
+embeddings of the scale-(k + 1) tokens above it: VAR's own input path already carries the noise, but only linearly.
+There it measured no change (docs/method.md §12.8).
 """
 
 from __future__ import annotations
