@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dd2dist.latent import posterior
+
 
 def code_spacing(codebook: Tensor, chunk: int = 1024) -> float:
     """Median distance from each code to its nearest other code (exact duplicates ignored)."""
@@ -38,11 +40,16 @@ def code_spacing(codebook: Tensor, chunk: int = 1024) -> float:
 
 
 def soft_snap(q: Tensor, codebook: Tensor, length: float) -> Tensor:
-    """``Σ_k softmax(-|q - c_k|² / (2 length²))_k c_k`` per vector, fp32 (q: (..., Ce), codebook (V, Ce))."""
+    """``Σ_k softmax(-|q - c_k|² / (2 length²))_k c_k`` per vector, fp32 (q: (..., Ce), codebook (V, Ce)).
+
+    That is the closed-form posterior mean of a uniform mixture over the codes (:func:`dd2dist.latent.posterior`) at
+    ``t = length / (1 + length)`` and ``x_t = (1 - t) q``, since ``|(1 - t) q - (1 - t) c|² / t² = |q - c|² / length²``:
+    the same fp32, chunked and (under autograd) checkpointed computation, never a full (rows, V) graph at once."""
     if length <= 0:
         raise ValueError(f"soft_snap: length must be > 0, got {length}")
+    t = length / (1.0 + length)
+    rows = q.reshape(1, -1, q.shape[-1]).float()
+    uniform = rows.new_zeros(()).expand(1, rows.shape[1], codebook.shape[0])
     with torch.autocast(device_type=q.device.type, enabled=False):  # a bf16 softmax over distances blurs close codes
-        qf, cb = q.float(), codebook.float()
-        sq = (qf * qf).sum(-1, keepdim=True) - 2.0 * qf @ cb.T + (cb * cb).sum(-1)
-        weights = torch.softmax(-sq / (2.0 * length * length), dim=-1)
-        return weights @ cb
+        x0 = posterior(uniform, codebook.float(), (1.0 - t) * rows, t, t_min=0.0).x0
+    return x0.reshape(q.shape)

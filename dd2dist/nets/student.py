@@ -280,7 +280,10 @@ class StudentNet(nn.Module):
         return self.snap_output(q) if snap else q
 
     def snap_length(self) -> float:
-        """The soft snap's length scale: ``generator_snap`` x the codebook's median nearest-neighbour spacing."""
+        """The soft snap's length scale: ``generator_snap`` x the codebook's median nearest-neighbour spacing (0: no
+        snap)."""
+        if self.generator_snap == 0.0:
+            return 0.0
         if self._snap_length is None:
             self._snap_length = self.generator_snap * code_spacing(self.backbone.codebook())
         return self._snap_length
@@ -324,7 +327,7 @@ class OneStepSampler(nn.Module):
         self.code_logits = net.code_logits if net.generator_posterior else None
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
-        self.snap_length = net.snap_length() if net.generator_snap > 0 else 0.0
+        self.snap_length = net.snap_length()
 
     @torch.no_grad()
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:

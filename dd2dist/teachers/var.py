@@ -306,11 +306,11 @@ class VARTeacher(ARTeacher):
         token of scale k it lies in). VAR's own input path mixes the earlier scales linearly; this gives each token
         a nonlinear view of its parent's raw vector, which for the generator is its noise."""
         B = vectors.shape[0]
+        feats = self.vector_input(vectors[:, : self.steps[-1].start])  # every scale but the last, (B, ., C)
         parts = []
         for k in range(len(self.patch_nums) - 1):
             pn, pn_next = self.patch_nums[k], self.patch_nums[k + 1]
-            feats = self.vector_input(vectors[:, self.steps[k]])  # (B, pn*pn, C)
-            grid = feats.transpose(1, 2).reshape(B, -1, pn, pn)
+            grid = feats[:, self.steps[k]].transpose(1, 2).reshape(B, -1, pn, pn)
             grid = F.interpolate(grid, size=(pn_next, pn_next), mode="nearest")
             parts.append(grid.reshape(B, grid.shape[1], -1).transpose(1, 2))
         return torch.cat(parts, dim=1)
