@@ -62,6 +62,19 @@ def test_missing_checkpoint_names_the_file(tmp_path, capsys, monkeypatch):
     assert code == 2 and "teacher.checkpoint" in err and str(missing) in err
 
 
+def test_a_teacher_without_weights_is_refused_unless_random_weights_are_meant(capsys, monkeypatch):
+    # the demo recipe run by hand without the trained teacher's file: it would distil random weights for 10 minutes
+    demo = str(ROOT / "configs" / "demo" / "llamagen.yaml")
+    code, err = _run(["--config", demo], capsys, monkeypatch)
+    assert code == 2 and "teacher.checkpoint" in err and "not set" in err and "teacher.random_init=true" in err
+    with pytest.raises(ConfigError) as info:
+        validate_run(load_config(None))  # the schema's default teacher asks for weights too
+    assert info.value.key == "teacher.checkpoint"
+    # the tiny test teachers say that random weights are meant; any config can say so
+    assert load_config(TINY).teacher.random_init and not load_config(demo).teacher.random_init
+    validate_run(load_config(None, ["teacher.random_init=true"]))
+
+
 def test_teacher_shape_mismatch_names_key_and_file(tmp_path, capsys, monkeypatch):
     other = load_config(None, ["teacher.var.width=32", "teacher.var.num_heads=2"]).teacher
     path = tmp_path / "narrow_teacher.pt"

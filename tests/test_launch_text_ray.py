@@ -36,6 +36,7 @@ def _reduced_xl(tmp_path: Path, *extra: str):
     keeping the 120 caption slots of 2048 T5 features and the released sampling (CFG 7.5, top-k 1000)."""
     return load_config(REPO / "configs" / "experiments" / "llamagen_t2i_xl.yaml", [
         "name=t2i_xl_reduced", f"output_dir={tmp_path / 'run'}", "teacher.official=null", "teacher.dtype=float32",
+        "teacher.random_init=true",  # the wiring at true geometry, not the released weights
         # our own (reduced) architecture: its captions' encoder must be named (FLAN-T5-XL's 120 slots; not loaded)
         "teacher.text_encoder=t5:/weights/flan-t5-xl,slots=120",
         "teacher.llamagen.n_layer=1", "teacher.llamagen.n_head=2", "teacher.llamagen.dim=32",

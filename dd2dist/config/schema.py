@@ -47,6 +47,9 @@ class TeacherConfig:
     official: str | None = _f(None, choices=tuple(OFFICIAL_ARCHS))  # released arch; None = our own var/llamagen
     checkpoint: str | None = _f(None, path="file")  # official weights, or a dd2dist teacher state dict
     tokenizer_checkpoint: str | None = _f(None, path="file")  # official VQ weights (needed with `official`)
+    # Without a checkpoint the teacher has random weights. Only the tiny test teachers say that is meant; anywhere
+    # else a forgotten teacher.checkpoint would distil a random teacher for the whole run, so the launch refuses it.
+    random_init: bool = False
     var: VARConfig = _section(VARConfig)  # architecture when family=var and official is None
     llamagen: LlamaGenConfig = _section(LlamaGenConfig)  # architecture when family=llamagen and official is None
     # Target distribution of the distillation (docs/method.md §3.3, §13.5: CFG 2.0; paper top-k 900 for VAR, 8000 for

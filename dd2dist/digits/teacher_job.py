@@ -49,6 +49,7 @@ def cache_key(cfg: Any, recipe: TeacherRecipe) -> str:
     teacher = to_dict(replace(cfg.teacher, checkpoint=None, sampling=Sampling(), dtype="float32"))
     if teacher["text_encoder"] is None:
         del teacher["text_encoder"]  # the class-conditional keys predate the field: their cached teachers stay valid
+    del teacher["random_init"]  # what a missing checkpoint means at launch, not a property of trained weights
     training = {k: v for k, v in asdict(recipe).items() if k != "eval_per_class"}
     inputs = {"teacher": teacher, "recipe": training, "seed": cfg.seed, "split_seed": SPLIT_SEED,
               "version": CACHE_VERSION}

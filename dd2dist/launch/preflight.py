@@ -38,6 +38,13 @@ def validate_launch(cfg) -> None:
     if cfg.teacher.official and not (cfg.teacher.checkpoint and cfg.teacher.tokenizer_checkpoint):
         missing = "teacher.checkpoint" if not cfg.teacher.checkpoint else "teacher.tokenizer_checkpoint"
         raise ConfigError(missing, f"must be set (a local file) with teacher.official={cfg.teacher.official!r}")
+    if not cfg.teacher.checkpoint and not cfg.teacher.random_init:
+        raise ConfigError(
+            "teacher.checkpoint",
+            "not set: the run would distil a randomly initialised teacher. Set it to the teacher's weights "
+            "(e.g. runs/teachers/teacher-<key>.pt from jobs/train_teacher.py), or set teacher.random_init=true "
+            "for a smoke run on random weights",
+        )
 
 
 def _load_state(path: str) -> Mapping[str, torch.Tensor]:
