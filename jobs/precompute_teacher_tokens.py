@@ -21,7 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dd2dist.config import add_config_args, config_from_args
+    from dd2dist.config import ConfigError, add_config_args, parse_config_args
+    from dd2dist.launch.preflight import validate_teacher_weights
 
     parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--num-samples", type=int, required=True, help="total samples in the output (key s0..sN-1)")
@@ -34,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="caption shard directory (jobs/encode_captions.py) for a text-conditional teacher")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    args = parser.parse_args(argv)
+    args, cfg = parse_config_args(parser, argv)
+    try:
+        validate_teacher_weights(cfg.teacher, use="the shards would hold samples of")
+    except ConfigError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = config_from_args(args)
 
     from dd2dist.pipelines.teacher_tokens import precompute_teacher_tokens
 

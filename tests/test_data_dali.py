@@ -120,8 +120,12 @@ def test_tokenize_job_command_line(image_shards, tmp_path, capsys):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     out = tmp_path / "llamagen_tokens"
-    assert job.main(["--images", str(d / "jpg-*.tar"), "--output", str(out), "--device", "cpu", "--threads", "1",
-                     "--image-size", "16", "--set", "teacher.family=llamagen"]) == 0
+    argv = ["--images", str(d / "jpg-*.tar"), "--output", str(out), "--device", "cpu", "--threads", "1",
+            "--image-size", "16", "--set", "teacher.family=llamagen"]
+    with pytest.raises(SystemExit) as info:  # a tokenizer without its weights would write tokens of nothing
+        job.main(argv)
+    assert info.value.code == 2 and "teacher.checkpoint" in capsys.readouterr().err and not out.exists()
+    assert job.main([*argv, "--set", "teacher.random_init=true"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_samples"] == 5 and summary["teacher_id"].startswith("llamagen-own-")
     report = validate_dir(out)

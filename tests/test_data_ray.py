@@ -147,9 +147,14 @@ def test_precompute_job_command_line(ray_session, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("precompute_job", repo / "jobs/precompute_teacher_tokens.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    argv = ["--num-samples", "12", "--output", str(tmp_path), "--workers", "3", "--batch-size", "4",
+            "--set", "teacher.family=llamagen", "--set", "teacher.sampling.top_k=8"]
+    with pytest.raises(SystemExit) as info:  # shards of a teacher without its weights: refused before any actor
+        job.main(argv)
+    assert info.value.code == 2 and "teacher.checkpoint" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
     # 3 actors on the 2-CPU test Ray: the third waits for a finished one to be released.
-    assert job.main(["--num-samples", "12", "--output", str(tmp_path), "--workers", "3", "--batch-size", "4",
-                     "--set", "teacher.family=llamagen", "--set", "teacher.sampling.top_k=8"]) == 0
+    assert job.main([*argv, "--set", "teacher.random_init=true"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_samples"] == 12 and summary["settings"]["sampling"]["top_k"] == 8
     assert summary["teacher_id"].startswith("llamagen-own-")

@@ -107,7 +107,7 @@ def test_command_line_takes_captions(captions, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("precompute_job", repo / "jobs/precompute_teacher_tokens.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    sets = [a for o in TEXT_TEACHER for a in ("--set", o)]
+    sets = [a for o in (*TEXT_TEACHER, "teacher.random_init=true") for a in ("--set", o)]
     assert job.main(["--num-samples", "4", "--output", str(tmp_path), "--batch-size", "4",
                      "--captions", str(captions / "w16"), *sets]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -35,15 +35,22 @@ def validate_launch(cfg) -> None:
             )
     if eng.precision == "bf16" and not launch.use_gpu and eng.kind == "torch":
         raise ConfigError("engine.precision", "bf16 needs engine.kind=deepspeed (TorchEngine trains in fp32)")
-    if cfg.teacher.official and not (cfg.teacher.checkpoint and cfg.teacher.tokenizer_checkpoint):
-        missing = "teacher.checkpoint" if not cfg.teacher.checkpoint else "teacher.tokenizer_checkpoint"
-        raise ConfigError(missing, f"must be set (a local file) with teacher.official={cfg.teacher.official!r}")
-    if not cfg.teacher.checkpoint and not cfg.teacher.random_init:
+    validate_teacher_weights(cfg.teacher)
+
+
+def validate_teacher_weights(teacher_cfg, use: str = "the run would distil") -> None:
+    """The teacher must come with its weights: a released model with both files, any other with its checkpoint,
+    unless the config says random weights are meant (``teacher.random_init``, the tiny test teachers). ``use`` says
+    what a random teacher would spoil, for the message (the offline jobs call this too)."""
+    if teacher_cfg.official and not (teacher_cfg.checkpoint and teacher_cfg.tokenizer_checkpoint):
+        missing = "teacher.checkpoint" if not teacher_cfg.checkpoint else "teacher.tokenizer_checkpoint"
+        raise ConfigError(missing, f"must be set (a local file) with teacher.official={teacher_cfg.official!r}")
+    if not teacher_cfg.checkpoint and not teacher_cfg.random_init:
         raise ConfigError(
             "teacher.checkpoint",
-            "not set: the run would distil a randomly initialised teacher. Set it to the teacher's weights "
-            "(e.g. runs/teachers/teacher-<key>.pt from jobs/train_teacher.py), or set teacher.random_init=true "
-            "for a smoke run on random weights",
+            f"not set: {use} a randomly initialised teacher. Set it to the teacher's weights (e.g. "
+            "runs/teachers/teacher-<key>.pt from jobs/train_teacher.py), or set teacher.random_init=true for a "
+            "smoke run on random weights",
         )
 
 
