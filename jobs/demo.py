@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -74,6 +75,11 @@ def main(argv: list[str]) -> int:
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
         parser.error(f"--families: unknown {bad or list(families)}; choose from {', '.join(FAMILIES)}")
+    out = Path(args.out or "runs/demo")
+    untrained = [f for f in families if not (out / f / "config.yaml").is_file()]
+    if args.eval_only and untrained:
+        parser.error(f"--eval-only: no trained run of {', '.join(untrained)} under {out} (<family>/config.yaml is "
+                     "missing); run the demo there first, or name a finished demo's folder with --out")
     return run_demo(DemoArgs(quick=args.quick, families=families, out=args.out or "runs/demo", teachers=args.teachers,
                              overrides=tuple(args.overrides), eval_only=args.eval_only))
 

@@ -79,3 +79,18 @@ def test_eval_only_accepts_only_eval_overrides():
     assert demo.extra_eval_overrides(("eval.num_samples=100",)) == ["eval.num_samples=100"]
     with pytest.raises(ValueError, match="stage2.generator_steps"):
         demo.extra_eval_overrides(("eval.batch_size=10", "stage2.generator_steps=5"))
+
+
+def test_eval_only_without_a_trained_run_is_refused_before_any_work(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_job", REPO / "jobs" / "demo.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "config.yaml").write_text("name: x\n")  # var was trained there, llamagen was not
+    with pytest.raises(SystemExit) as info:
+        job.main(["--eval-only", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no trained run of llamagen" in err and str(tmp_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["var"]  # nothing written
