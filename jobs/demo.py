@@ -75,12 +75,12 @@ def main(argv: list[str]) -> int:
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
         parser.error(f"--families: unknown {bad or list(families)}; choose from {', '.join(FAMILIES)}")
-    out = Path(args.out or "runs/demo")
-    untrained = [f for f in families if not (out / f / "config.yaml").is_file()]
-    if args.eval_only and untrained:
+    out = args.out or "runs/demo"
+    untrained = [f for f in families if args.eval_only and not (Path(out) / f / "config.yaml").is_file()]
+    if untrained:
         parser.error(f"--eval-only: no trained run of {', '.join(untrained)} under {out} (<family>/config.yaml is "
                      "missing); run the demo there first, or name a finished demo's folder with --out")
-    return run_demo(DemoArgs(quick=args.quick, families=families, out=args.out or "runs/demo", teachers=args.teachers,
+    return run_demo(DemoArgs(quick=args.quick, families=families, out=out, teachers=args.teachers,
                              overrides=tuple(args.overrides), eval_only=args.eval_only))
 
 

@@ -21,7 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dd2dist.config import ConfigError, add_config_args, parse_config_args
+    from functools import partial
+
+    from dd2dist.config import add_config_args, parse_config_args
     from dd2dist.launch.preflight import validate_teacher_weights
 
     parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
@@ -35,11 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="caption shard directory (jobs/encode_captions.py) for a text-conditional teacher")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    args, cfg = parse_config_args(parser, argv)
-    try:
-        validate_teacher_weights(cfg.teacher, use="the shards would hold samples of")
-    except ConfigError as err:
-        parser.error(str(err))
+    needs_weights = partial(validate_teacher_weights, use="the shards would hold samples of")
+    args, cfg = parse_config_args(parser, argv, check=needs_weights)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from dd2dist.pipelines.teacher_tokens import precompute_teacher_tokens

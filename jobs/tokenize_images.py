@@ -19,7 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dd2dist.config import ConfigError, add_config_args, parse_config_args
+    from functools import partial
+
+    from dd2dist.config import add_config_args, parse_config_args
     from dd2dist.launch.preflight import validate_teacher_weights
 
     parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
@@ -30,11 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    args, cfg = parse_config_args(parser, argv)
-    try:
-        validate_teacher_weights(cfg.teacher, use="the shards would hold the tokens of")
-    except ConfigError as err:
-        parser.error(str(err))
+    needs_weights = partial(validate_teacher_weights, use="the shards would hold the tokens of")
+    args, cfg = parse_config_args(parser, argv, check=needs_weights)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from dd2dist.pipelines.tokenize_images import tokenize_images

@@ -24,18 +24,17 @@ from dd2dist.launch.local_ranks import run_ranks
 STEPS = 4  # guidance, generator, guidance, generator
 LR = 2e-3
 ADAM_ATOL = 0.025 * LR  # see the comment in the test
+SMALL_HEAD = ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16"]
 FAMILIES = {
-    "var": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16",
-            "student.noise_input=mlp"],  # its per-scale MLP is called inside features, on every scale but the last
-    "llamagen": ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant", "student.head_width=32",
-                 "student.head_depth=1", "student.time_embed_dim=16", "student.adapter_regress_steps=10",
+    # its per-scale MLP is called inside features, on every scale but the last
+    "var": [*SMALL_HEAD, "student.noise_input=mlp"],
+    "llamagen": ["teacher.family=llamagen", "teacher.sampling.guidance_schedule=constant", *SMALL_HEAD,
+                 "student.adapter_regress_steps=10",
                  "student.posterior_head=true"],  # FCS computes its code log-probs in a call of their own
     # VAR's posterior head runs the class-modulated head_nm inside features and its copied output layer on its own
-    "var_posterior": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16",
-                      "student.posterior_head=true"],
+    "var_posterior": [*SMALL_HEAD, "student.posterior_head=true"],
     # ψ built on the teacher: FCS and CSD call its correction alone, on top of the teacher's closed form
-    "var_teacher_guidance": ["student.head_width=32", "student.head_depth=1", "student.time_embed_dim=16",
-                             "stage2.guidance_base=teacher"],
+    "var_teacher_guidance": [*SMALL_HEAD, "stage2.guidance_base=teacher"],
 }
 # Steps per family where fewer than STEPS are meaningful. On the VAR posterior-head student the later steps measure
 # conditioning, not partitioning: on ZeRO-0 alone, a one-ulp change of every initial weight (x (1 + 1e-7 N(0, 1)))
@@ -47,10 +46,9 @@ STEPS_BY_FAMILY = {"var_posterior": 2}
 # moves the element by 5.9e-5 (2.9% of one update). A missing update is 100%.
 ADAM_ATOL_BY_FAMILY = {"var_posterior": 0.05 * LR}
 # parameters used as tensors rather than through a sub-module call (they must move, identically at ZeRO-0 and 3)
+VAR_DIRECT_READS = ["backbone.transformer.pos_1LC", "backbone.transformer.pos_start"]
 DIRECT_READS = {
-    "var": ["backbone.transformer.pos_1LC", "backbone.transformer.pos_start"],
-    "var_posterior": ["backbone.transformer.pos_1LC", "backbone.transformer.pos_start"],
-    "var_teacher_guidance": ["backbone.transformer.pos_1LC", "backbone.transformer.pos_start"],
+    "var": VAR_DIRECT_READS, "var_posterior": VAR_DIRECT_READS, "var_teacher_guidance": VAR_DIRECT_READS,
     "llamagen": ["backbone.gpt.tok_embeddings.weight", "backbone.gpt.cls_embedding.embedding_table.weight"],
 }
 

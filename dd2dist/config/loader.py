@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -285,15 +285,19 @@ def config_from_args(ns: argparse.Namespace, schema: type = ExperimentConfig, *,
 
 
 def parse_config_args(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, schema: type = ExperimentConfig
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, schema: type = ExperimentConfig,
+    check: Callable[[Any], None] | None = None,
 ) -> tuple[argparse.Namespace, Any]:
     """Parse a job's command line (``parser`` already has :func:`add_config_args`) and load its config.
 
     A bad config ends the job the argparse way (usage line, ``error: <dotted key>: <problem>``, exit status 2)
-    instead of a traceback.
+    instead of a traceback; so does a ConfigError raised by ``check``, a job's own test of the loaded config.
     """
     ns = parser.parse_args(argv)
     try:
-        return ns, config_from_args(ns, schema)
+        cfg = config_from_args(ns, schema)
+        if check is not None:
+            check(cfg)
+        return ns, cfg
     except ConfigError as err:
         parser.error(str(err))

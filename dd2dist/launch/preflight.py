@@ -35,13 +35,14 @@ def validate_launch(cfg) -> None:
             )
     if eng.precision == "bf16" and not launch.use_gpu and eng.kind == "torch":
         raise ConfigError("engine.precision", "bf16 needs engine.kind=deepspeed (TorchEngine trains in fp32)")
-    validate_teacher_weights(cfg.teacher)
+    validate_teacher_weights(cfg)
 
 
-def validate_teacher_weights(teacher_cfg, use: str = "the run would distil") -> None:
+def validate_teacher_weights(cfg, use: str = "the run would distil") -> None:
     """The teacher must come with its weights: a released model with both files, any other with its checkpoint,
     unless the config says random weights are meant (``teacher.random_init``, the tiny test teachers). ``use`` says
-    what a random teacher would spoil, for the message (the offline jobs call this too)."""
+    what a random teacher would spoil, for the message (the shard writers call this too)."""
+    teacher_cfg = cfg.teacher
     if teacher_cfg.official and not (teacher_cfg.checkpoint and teacher_cfg.tokenizer_checkpoint):
         missing = "teacher.checkpoint" if not teacher_cfg.checkpoint else "teacher.tokenizer_checkpoint"
         raise ConfigError(missing, f"must be set (a local file) with teacher.official={teacher_cfg.official!r}")
