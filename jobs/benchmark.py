@@ -6,13 +6,14 @@
     python jobs/benchmark.py speed --out runs/bench/speed.json                           # one-step vs AR sampler
     python jobs/benchmark.py fidelity --run runs/demo/var --out runs/bench/fidelity_var.json  # samplers vs teacher
     python jobs/benchmark.py probe --run runs/demo/llamagen                              # earlier noise seen?
+    python jobs/benchmark.py ceiling --run runs/demo/llamagen --out runs/bench/ceiling.json  # one-pass map's limit
     python jobs/benchmark.py odemap --run runs/demo/llamagen                             # PF-ODE map converged?
     python jobs/benchmark.py stepcost --run runs/demo/llamagen --variant student.posterior_head=false  # step cost
     python jobs/benchmark.py manifest --out runs/bench/manifest.json                     # checkpoint manifest cost
 
 Each subcommand takes its own flags (``python jobs/benchmark.py toy --help``); the measurements live in their
-subsystems (dd2dist/bench/, dd2dist/eval/speed.py, fidelity.py, noise_probe.py, ode_map.py), this file only parses
-and prints.
+subsystems (dd2dist/bench/, dd2dist/eval/speed.py, fidelity.py, noise_probe.py, one_pass_ceiling.py, ode_map.py),
+this file only parses and prints.
 Each subcommand imports its own stack when it runs, so that one benchmark does not load another's dependencies.
 """
 
@@ -313,6 +314,42 @@ def probe(argv: list[str]) -> int:
     return 0
 
 
+def ceiling(argv: list[str]) -> int:
+    """``benchmark.py ceiling --run DIR``: train the categorical one-pass generator on the run's teacher and score it
+    beside the teacher's second draw, the product of marginals and the run's one-step generator."""
+    from dd2dist.eval.fidelity import FidelityOptions, summary_lines
+    from dd2dist.eval.one_pass_ceiling import CeilingOptions, ceiling_benchmark
+
+    p = argparse.ArgumentParser(prog="benchmark.py ceiling", description=_summary("dd2dist.eval.one_pass_ceiling"))
+    p.add_argument("--run", required=True, help="a run directory (its config.yaml names the teacher)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=int, default=CeilingOptions.steps)
+    p.add_argument("--batch-size", type=int, default=CeilingOptions.batch_size)
+    p.add_argument("--lr", type=float, default=CeilingOptions.lr)
+    p.add_argument("--noise-input", default=CeilingOptions.noise_input, choices=("none", "mlp"))
+    p.add_argument("--extra-layers", type=int, default=CeilingOptions.extra_layers,
+                   help="LlamaGen: blocks added after the copied ones, starting as the identity")
+    p.add_argument("--seed", type=int, default=CeilingOptions.seed)
+    p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
+    args = p.parse_args(argv)
+    opts = CeilingOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, noise_input=args.noise_input,
+                          extra_layers=args.extra_layers, seed=args.seed)
+    fid = FidelityOptions(num_samples=args.samples, samplers=("teacher", "marginals", "one_step"))
+    try:
+        report = ceiling_benchmark(args.run, opts, fid)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"benchmark.py ceiling: {err}")
+        return 2
+    report.update(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
+                  cpus=os.cpu_count(), command="python jobs/benchmark.py ceiling " + " ".join(argv))
+    print("\n".join(summary_lines(report)))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def odemap(argv: list[str]) -> int:
     """``benchmark.py odemap --run DIR``: how many PF-ODE steps the run's teacher needs for converged pairs."""
     from dd2dist.eval.ode_map import ode_map_run
@@ -369,6 +406,7 @@ SUBCOMMANDS = {
     "speed": speed,
     "fidelity": fidelity,
     "probe": probe,
+    "ceiling": ceiling,
     "odemap": odemap,
     "stepcost": stepcost,
     "manifest": manifest,

@@ -122,6 +122,26 @@ def test_the_stage1_model_is_scored_as_an_ar_diffusion_sampler_on_request(quick_
         assert len(ar["nll_gap_by_position"]) == len(report["samplers"]["teacher"]["nll_gap_by_position"])
 
 
+def test_the_one_pass_ceiling_is_trained_on_the_run_teacher_and_scored_beside_its_samplers(quick_demo):
+    """``benchmark.py ceiling``: the categorical one-pass generator, trained a few steps on each family's teacher, is
+    scored as one more sampler with a draw of its own, and the report keeps its training curve."""
+    from dd2dist.eval.fidelity import FidelityOptions
+    from dd2dist.eval.one_pass_ceiling import CeilingOptions, ceiling_benchmark
+
+    out, _, _ = quick_demo
+    for family in ("var", "llamagen"):
+        report = ceiling_benchmark(out / family, CeilingOptions(steps=3, batch_size=8, log_every=1),
+                                   FidelityOptions(num_samples=40, batch_size=20,
+                                                   samplers=("teacher", "marginals", "one_step")),
+                                   log=lambda _: None)
+        rows = report["samplers"]
+        assert set(rows) == {"teacher", "marginals", "one_step", "one_pass_categorical"}
+        ceiling = rows["one_pass_categorical"]
+        assert math.isfinite(ceiling["fid_to_teacher"]) and ceiling["settings"]["tokens"].startswith("nearest codes")
+        assert len({r["settings"]["seed_base"] for r in rows.values()}) == 4
+        assert [p["step"] for p in report["ceiling_training"]["curve"]] == [1, 2, 3]
+
+
 def test_output_is_progress_not_ray_reports_or_dependency_warnings(quick_demo):
     _, _, printed = quick_demo
     assert printed.count("stage2 generator  step 3/3") == 2, printed[-6000:]  # rank 0 of each family's launch

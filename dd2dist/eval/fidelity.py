@@ -48,7 +48,7 @@ REGRESSION_EXPORT = "generator_regression.safetensors"  # the generator as the P
 # Seed offsets of the independent draws, far from evaluate_run's per-run range (seed * 1_000_003 + 7919 + i)
 DRAW_OFFSETS = {"reference": 100_000_000, "teacher": 200_000_000, "marginal_counts": 300_000_000,
                 "marginals": 400_000_000, "one_step": 500_000_000, "stage1": 600_000_000, "dd1": 700_000_000,
-                "stage1_ar": 800_000_000}
+                "stage1_ar": 800_000_000, "extra": 900_000_000}
 ALL_SAMPLERS = ("teacher", "marginals", "one_step", "one_step_snapped", "one_step_compact", "refined", "stage1",
                 "stage1_ar", "dd1", "dd1_snapped")
 # what the demo and the benchmark score unless asked: stage1_ar takes 16 x 32 head calls per sample (111 s for 10,000
@@ -311,8 +311,12 @@ def load_run_nets(cfg, teacher: ARTeacher, run_dir: Path, wanted: tuple[str, ...
 
 
 def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOptions(), space_kind: str = "auto",
-                       log: Callable[[str], None] = print) -> dict:
-    """Score every sampler of the run in ``run_dir`` against the teacher's own samples; returns the report."""
+                       log: Callable[[str], None] = print, extra_nets: dict[str, Any] | None = None) -> dict:
+    """Score every sampler of the run in ``run_dir`` against the teacher's own samples; returns the report.
+
+    ``extra_nets``: more one-step samplers to score under their own names, each with the sampling form's
+    ``generate(eps, cond)`` and ``num_tokens`` / ``embed_dim`` (e.g. a diagnostic generator trained outside the run),
+    on noise of their own seeds; their outputs are snapped to codes."""
     from dd2dist.eval.run_eval import teacher_feature_space
     from dd2dist.teachers import build_seeded_teacher
 
@@ -364,6 +368,9 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     if "stage1_ar" in nets:
         plan.append(("stage1_ar", base + DRAW_OFFSETS["stage1_ar"],
                      lambda seed: stage1_ar_draw(nets["stage1_ar"], teacher, labels, seed, batch), "ids"))
+    for i, (name, net) in enumerate((extra_nets or {}).items()):
+        plan.append((name, base + DRAW_OFFSETS["extra"] + i * 10_000_000,
+                     lambda seed, net=net: one_step_draw(net, labels, seed, batch), "snapped"))
     if "one_step_compact" in nets:  # on one_step's noise: the two differ by the head alone
         plan.append(("one_step_compact", base + DRAW_OFFSETS["one_step"],
                      lambda seed: one_step_draw(nets["one_step_compact"], labels, seed, batch), "continuous"))
@@ -463,10 +470,10 @@ def summary_lines(report: dict) -> list[str]:
     """A printed table: one row per sampler."""
     rows = [f"fidelity of {report['run_dir']} ({report['family']}, {report['num_samples']} samples per set, "
             f"against an independent teacher draw)",
-            f"  {'sampler':<18} {'FID':>8} {'prec':>6} {'rec':>6} {'dep.':>6} {'pairTV':>7} {'dep.':>6} "
+            f"  {'sampler':<22} {'FID':>8} {'prec':>6} {'rec':>6} {'dep.':>6} {'pairTV':>7} {'dep.':>6} "
             f"{'margTV':>7} {'NLLgap':>7}"]
     for name, r in report["samplers"].items():
-        rows.append(f"  {name:<18} {r['fid_to_teacher']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} "
+        rows.append(f"  {name:<22} {r['fid_to_teacher']:8.3f} {r['precision']:6.3f} {r['recall']:6.3f} "
                     f"{r.get('dependence_captured', math.nan):6.2f} {r['pair_tv']:7.4f} "
                     f"{r.get('dependence_captured_pair_tv', math.nan):6.2f} {r['token_marginal_tv']:7.4f} "
                     f"{r['nll_gap']:7.2f}")

@@ -1,0 +1,198 @@
+"""How much dependence a one-pass causal generator of the student's size can express: a ceiling for CSD.
+
+The DD2 generator makes token i in one forward pass from its own noise eps_i and backbone features of the noise of
+earlier AR steps. For its tokens to depend on each other as the teacher's do, the features at position i must
+reproduce what the generator itself decided at every earlier position, from their noise alone. When the one-step
+generator misses the teacher's joint, two causes are possible: CSD's training signal (a continuous generator, a
+learned guidance network, gradients that vanish once outputs sit on codes) or that map itself.
+
+This diagnostic removes the first cause. The :class:`CategoricalOnePass` generator has the student's backbone on
+the same shifted-noise input, but its head gives code logits, and token i is the code that the inverse CDF of
+``softmax(logits_i)`` picks at ``u_i = Phi(eps_i[0])``. Given the noise of earlier steps the token's distribution
+is then exactly ``softmax(logits_i)``, so the generator can be trained on its own samples with an exact, low-variance
+loss that needs no guidance network: at every position, the cross-entropy from the teacher's distillation target
+given the generator's own (discrete) prefix to ``softmax(logits_i)``. Its minimum is reached only when the logits
+at position i equal the teacher's conditional given the prefix the generator produced, i.e. when the backbone
+recovers the earlier tokens from the earlier noise; then the two joints are equal.
+
+So its dependence captured (:mod:`dd2dist.eval.fidelity`) is what the one-pass map of this size reaches, in the
+given number of steps, when the loss is not in the way. Well above the DD2 generator's: CSD's signal is what holds
+DD2 back. About the same or below: following the teacher's chain from the noise is itself the hard part. (It is not
+a strict upper bound for DD2: CSD only asks the generator's conditionals *given the prefix* to match, so a DD2
+generator may also use its noise as a latent shared by all positions, which this loss rules out.)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dd2dist.conditions import Cond
+from dd2dist.method.seeding import make_generator
+from dd2dist.nets.student import code_log_probs, student_backbone, teacher_output_layer
+from dd2dist.teachers.base import ARTeacher
+
+
+def inverse_cdf_pick(probs: Tensor, u: Tensor) -> Tensor:
+    """Code ids (...) picked by the inverse CDF of ``probs`` (..., V) at uniforms ``u`` (...): id k with
+    probability ``probs[..., k]`` when u ~ U(0, 1)."""
+    cdf = probs.double().cumsum(-1)
+    cdf = cdf / cdf[..., -1:].clamp_min(1e-300)
+    ids = torch.searchsorted(cdf.contiguous(), u.double().unsqueeze(-1).contiguous(), right=True)[..., 0]
+    return ids.clamp_max(probs.shape[-1] - 1)
+
+
+def noise_uniform(eps: Tensor) -> Tensor:
+    """The uniform each position's pick uses: ``Phi(eps[..., 0])`` (B, N)."""
+    return 0.5 * (1.0 + torch.erf(eps[..., 0].double() / math.sqrt(2.0)))
+
+
+class CategoricalOnePass(nn.Module):
+    """A one-pass causal generator with categorical outputs (see the module docstring).
+
+    Backbone: the student's copy of the teacher (``student.noise_input`` as given), fed the noise as the DD2
+    generator is; head: a trainable copy of the teacher's output layer. At the start the logits at position i are the
+    teacher's raw conditionals given the earlier noise read as tokens.
+
+    ``extra_layers`` (LlamaGen): that many more transformer blocks after the copied ones, each starting as the
+    identity (zero output projections). Position i can read what position i-1 computed at a layer only in the next
+    layer, so a chain of tokens each drawn from the conditional given the earlier ones can be followed exactly
+    through at most about as many positions as there are layers; extra layers test whether depth is the limit."""
+
+    def __init__(self, teacher: ARTeacher, noise_input: str = "mlp", extra_layers: int = 0):
+        super().__init__()
+        self.backbone = student_backbone(teacher, noise_input, posterior_head=True)
+        if extra_layers:
+            add_identity_layers(self.backbone, extra_layers)
+        self.code_logits = copy.deepcopy(teacher_output_layer(teacher)).requires_grad_(True)
+        self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
+
+    def log_probs(self, eps: Tensor, cond: Cond) -> Tensor:
+        """fp32 log-probs (B, N, V) of each position's token given the noise of earlier AR steps."""
+        return code_log_probs(self.code_logits, self.backbone.features(eps, cond))
+
+    def pick(self, eps: Tensor, log_probs: Tensor) -> Tensor:
+        """Token ids (B, N) of noise ``eps`` given its :meth:`log_probs`."""
+        return inverse_cdf_pick(log_probs.detach().exp(), noise_uniform(eps))
+
+    @torch.no_grad()
+    def generate(self, eps: Tensor, cond: Cond) -> Tensor:
+        """Noise (B, N, Ce) -> code vectors (B, N, Ce), so the fidelity benchmark's one-step draw takes it."""
+        ids = self.pick(eps, self.log_probs(eps, cond))
+        return self.backbone.codebook()[ids].to(eps.dtype)
+
+
+def add_identity_layers(backbone: ARTeacher, count: int) -> None:
+    """Append ``count`` fresh LlamaGen blocks that start as the identity (their attention and FFN output projections
+    are zero) to ``backbone``'s layers."""
+    if backbone.family != "llamagen":
+        raise ValueError(f"extra_layers: only LlamaGen backbones, not {backbone.family!r}")
+    from dd2dist.teachers.llamagen import TransformerBlock
+
+    gpt = backbone.gpt
+    device = gpt.norm.weight.device
+    for _ in range(count):
+        block = TransformerBlock(gpt.cfg).to(device)
+        for linear in (block.attention.wqkv, block.feed_forward.w1, block.feed_forward.w3):
+            nn.init.normal_(linear.weight, std=0.02)
+        for linear in (block.attention.wo, block.feed_forward.w2):
+            nn.init.zeros_(linear.weight)
+        gpt.layers.append(block)
+
+
+def target_cross_entropy(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """Per-position cross-entropy (B, N) from the teacher's target (codes it filters out: -inf, no mass) to
+    ``log_probs``; fp32."""
+    p = teacher_log_probs.float().exp()  # exp(-inf) = 0
+    return -(p * log_probs.float()).sum(-1)
+
+
+def target_entropy(teacher_log_probs: Tensor) -> Tensor:
+    """The target's own entropy per position (B, N): the cross-entropy's floor (KL = cross-entropy - this)."""
+    lp = teacher_log_probs.float()
+    p = lp.exp()
+    return -(p * lp.where(torch.isfinite(lp), torch.zeros_like(lp))).sum(-1)
+
+
+@dataclass
+class CeilingOptions:
+    """Training of the categorical one-pass generator."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    noise_input: str = "mlp"
+    extra_layers: int = 0
+    seed: int = 0
+    log_every: int = 100
+
+
+def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
+                  log: Callable[[str], None] = print) -> tuple[CategoricalOnePass, dict]:
+    """Train a :class:`CategoricalOnePass` on its own samples against the teacher's target ``sampling``.
+
+    Each step draws classes and noise from generators seeded by (seed, step), picks the tokens, asks the teacher
+    for its target given that prefix and takes one AdamW step on the mean per-position KL. Returns the net (eval
+    mode) and the curve: KL (nats per sequence) per logged step and per position over the last ``log_every``
+    steps."""
+    net = CategoricalOnePass(teacher, opts.noise_input, opts.extra_layers)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)))
+    C, N, Ce = int(teacher.num_classes), net.num_tokens, net.embed_dim
+    curve: list[dict] = []
+    window: list[Tensor] = []
+    t0 = time.perf_counter()
+    for step in range(opts.steps):
+        gen = make_generator(opts.seed, 0, step, "one_pass_ceiling")
+        labels = torch.randint(0, C, (opts.batch_size,), generator=gen)
+        eps = torch.randn((opts.batch_size, N, Ce), generator=gen)
+        cond = Cond(labels=labels)
+        lp = net.log_probs(eps, cond)
+        ids = net.pick(eps, lp)
+        with torch.no_grad():
+            target = teacher.log_probs(ids, cond, sampling)
+        kl = target_cross_entropy(target, lp) - target_entropy(target)  # (B, N)
+        loss = kl.sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        optimizer.step()
+        schedule.step()
+        window.append(kl.detach().mean(0))
+        if (step + 1) % opts.log_every == 0 or step + 1 == opts.steps:
+            by_position = torch.stack(window).mean(0)
+            window.clear()
+            curve.append({"step": step + 1, "kl": float(by_position.sum()),
+                          "kl_by_position": [round(float(v), 4) for v in by_position],
+                          "seconds": round(time.perf_counter() - t0, 1)})
+            log(f"  one-pass ceiling step {step + 1}: KL {curve[-1]['kl']:.3f} nats per sequence")
+    return net.eval().requires_grad_(False), {"curve": curve, "seconds": round(time.perf_counter() - t0, 1),
+                                               "options": asdict(opts)}
+
+
+def ceiling_benchmark(run_dir: str | Path, opts: CeilingOptions, fidelity_opts=None,
+                      log: Callable[[str], None] = print) -> dict:
+    """Train the categorical one-pass generator on a run's teacher and score it with the fidelity benchmark
+    beside the teacher's second draw and the product of marginals (and, where given in ``fidelity_opts``, the run's
+    own samplers): the report of :func:`dd2dist.eval.fidelity.fidelity_benchmark` plus ``ceiling_training``."""
+    from dd2dist.eval.fidelity import FidelityOptions, fidelity_benchmark, run_config
+    from dd2dist.teachers import build_seeded_teacher
+
+    cfg = run_config(run_dir)
+    teacher = build_seeded_teacher(cfg.teacher, cfg.seed).freeze()
+    torch.manual_seed(opts.seed)  # the copied backbone's fresh input path
+    net, training = train_ceiling(teacher, cfg.teacher.sampling, opts, log)
+    fidelity_opts = fidelity_opts or FidelityOptions(samplers=("teacher", "marginals", "one_step"))
+    report = fidelity_benchmark(run_dir, fidelity_opts, extra_nets={"one_pass_categorical": net}, log=log)
+    report["ceiling_training"] = training
+    return report
