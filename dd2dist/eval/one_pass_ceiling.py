@@ -1,4 +1,4 @@
-"""How much dependence a one-pass causal generator of the student's size can express: a ceiling for CSD.
+"""How much dependence a one-pass causal generator of the student's size reaches with an exact loss.
 
 The DD2 generator makes token i in one forward pass from its own noise eps_i and backbone features of the noise of
 earlier AR steps. For its tokens to depend on each other as the teacher's do, the features at position i must
@@ -16,10 +16,12 @@ at position i equal the teacher's conditional given the prefix the generator pro
 recovers the earlier tokens from the earlier noise; then the two joints are equal.
 
 So its dependence captured (:mod:`dd2dist.eval.fidelity`) is what the one-pass map of this size reaches, in the
-given number of steps, when the loss is not in the way. Well above the DD2 generator's: CSD's signal is what holds
-DD2 back. About the same or below: following the teacher's chain from the noise is itself the hard part. (It is not
-a strict upper bound for DD2: CSD only asks the generator's conditionals *given the prefix* to match, so a DD2
-generator may also use its noise as a latent shared by all positions, which this loss rules out.)
+given number of steps, when the loss is not in the way. Well above the DD2 generator's: DD2's training of the map
+(continuous outputs, CSD, a learned guidance network, all removed here together) is what holds it back; measured so
+on the VAR digits teacher (docs/results.md §3). About the same or below: following the teacher's chain from the
+noise is itself the hard part; measured so on the LlamaGen one. (It is not a strict upper bound for DD2: CSD only
+asks the generator's conditionals *given the prefix* to match, so a DD2 generator may also use its noise as a latent
+shared by all positions, which this loss rules out.)
 """
 
 from __future__ import annotations
