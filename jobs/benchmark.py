@@ -47,6 +47,22 @@ TOY_CONFIGS = {"var": "configs/experiments/exact_toy_var.yaml",
                "llamagen": "configs/experiments/exact_toy_llamagen.yaml"}
 
 
+def _write_report(out: str | Path | None, report: dict) -> None:
+    """Write a benchmark's report as JSON to ``out`` (parents created; nothing without ``out``)."""
+    if out is None:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print(f"wrote {out}")
+
+
+def _provenance() -> dict:
+    """Where a figure was measured: date, machine, processor, cores."""
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "processor": platform.processor(),
+            "cpus": os.cpu_count()}
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.replace(",", " ").split())
@@ -119,11 +135,7 @@ def toy(argv: list[str]) -> int:
     result = run_toy(spec, cfg, opts)
     result.training["config"] = config_path
     print(result.summary())
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(asdict(result), indent=1, default=float) + "\n")
-        print(f"wrote {out}")
+    _write_report(args.out, asdict(result))
     return 0
 
 
@@ -288,11 +300,7 @@ def fidelity(argv: list[str]) -> int:
         print(f"benchmark.py fidelity: {err}")
         return 2
     print("\n".join(summary_lines(report)))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {out}")
+    _write_report(args.out, report)
     return 0
 
 def probe(argv: list[str]) -> int:
@@ -308,9 +316,7 @@ def probe(argv: list[str]) -> int:
     for name, r in report["nets"].items():
         print(f"{report['family']} {name}: earlier-noise probe R^2 {r['mean']:.3f} "
               + " ".join(f"{k}:{v:.2f}" for k, v in list(r["by_pair"].items())[:8]))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    _write_report(args.out, report)
     return 0
 
 
@@ -319,6 +325,7 @@ def ceiling(argv: list[str]) -> int:
     beside the teacher's second draw, the product of marginals and the run's one-step generator."""
     from dd2dist.eval.fidelity import FidelityOptions, summary_lines
     from dd2dist.eval.one_pass_ceiling import CeilingOptions, ceiling_benchmark
+    from dd2dist.nets.vector_input import NOISE_INPUTS
 
     p = argparse.ArgumentParser(prog="benchmark.py ceiling", description=_summary("dd2dist.eval.one_pass_ceiling"))
     p.add_argument("--run", required=True, help="a run directory (its config.yaml names the teacher)")
@@ -326,7 +333,7 @@ def ceiling(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=CeilingOptions.steps)
     p.add_argument("--batch-size", type=int, default=CeilingOptions.batch_size)
     p.add_argument("--lr", type=float, default=CeilingOptions.lr)
-    p.add_argument("--noise-input", default=CeilingOptions.noise_input, choices=("none", "mlp"))
+    p.add_argument("--noise-input", default=CeilingOptions.noise_input, choices=NOISE_INPUTS)
     p.add_argument("--extra-layers", type=int, default=CeilingOptions.extra_layers,
                    help="LlamaGen: blocks added after the copied ones, starting as the identity")
     p.add_argument("--seed", type=int, default=CeilingOptions.seed)
@@ -340,13 +347,9 @@ def ceiling(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"benchmark.py ceiling: {err}")
         return 2
-    report.update(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
-                  cpus=os.cpu_count(), command="python jobs/benchmark.py ceiling " + " ".join(argv))
+    report.update(_provenance(), command="python jobs/benchmark.py ceiling " + " ".join(argv))
     print("\n".join(summary_lines(report)))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    _write_report(args.out, report)
     return 0
 
 
@@ -366,9 +369,7 @@ def odemap(argv: list[str]) -> int:
           f"with {report['reference_steps']} steps on {report['samples']} sequences:")
     for s, r in report["steps"].items():
         print(f"  {s:>4} steps: first AR step {r['first_step']:.3f}, all tokens {r['all_tokens']:.3f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    _write_report(args.out, report)
     return 0
 
 
@@ -388,14 +389,11 @@ def stepcost(argv: list[str]) -> int:
     args = p.parse_args(argv)
     variants = [tuple(x for x in v.split(",") if x) for v in (args.variant or [""])]
     report = step_cost(args.run, variants, args.repeats, args.iters, args.batch)
-    report.update(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
-                  cpus=os.cpu_count())
+    report.update(_provenance())
     for row in report["variants"]:
         print(f"{report['family']} {','.join(row['overrides']) or '(run config)'}: "
               + "  ".join(f"{k} {1000 * s:.1f} ms ({row['ratio'][k]:.3f}x)" for k, s in row["seconds"].items()))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    _write_report(args.out, report)
     return 0
 
 

@@ -10,8 +10,8 @@ This diagnostic removes the first cause. The :class:`CategoricalOnePass` generat
 the same shifted-noise input, but its head gives code logits, and token i is the code that the inverse CDF of
 ``softmax(logits_i)`` picks at ``u_i = Phi(eps_i[0])``. Given the noise of earlier steps the token's distribution
 is then exactly ``softmax(logits_i)``, so the generator can be trained on its own samples with an exact, low-variance
-loss that needs no guidance network: at every position, the cross-entropy from the teacher's distillation target
-given the generator's own (discrete) prefix to ``softmax(logits_i)``. Its minimum is reached only when the logits
+loss that needs no guidance network: at every position, the KL from the teacher's distillation target given the
+generator's own (discrete) prefix to ``softmax(logits_i)``. Its minimum is reached only when the logits
 at position i equal the teacher's conditional given the prefix the generator produced, i.e. when the backbone
 recovers the earlier tokens from the earlier noise; then the two joints are equal.
 
@@ -109,18 +109,13 @@ def add_identity_layers(backbone: ARTeacher, count: int) -> None:
         gpt.layers.append(block)
 
 
-def target_cross_entropy(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
-    """Per-position cross-entropy (B, N) from the teacher's target (codes it filters out: -inf, no mass) to
-    ``log_probs``; fp32."""
-    p = teacher_log_probs.float().exp()  # exp(-inf) = 0
-    return -(p * log_probs.float()).sum(-1)
-
-
-def target_entropy(teacher_log_probs: Tensor) -> Tensor:
-    """The target's own entropy per position (B, N): the cross-entropy's floor (KL = cross-entropy - this)."""
-    lp = teacher_log_probs.float()
-    p = lp.exp()
-    return -(p * lp.where(torch.isfinite(lp), torch.zeros_like(lp))).sum(-1)
+def target_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """Per-position KL (B, N), fp32, from the teacher's target (codes it filters out: -inf, no mass) to
+    ``log_probs``."""
+    target = teacher_log_probs.float()
+    p = target.exp()  # exp(-inf) = 0
+    gap = (target - log_probs.float()).where(p > 0, torch.zeros_like(target))  # no -inf - finite on filtered codes
+    return (p * gap).sum(-1)
 
 
 @dataclass
@@ -163,7 +158,7 @@ def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
         ids = net.pick(eps, lp)
         with torch.no_grad():
             target = teacher.log_probs(ids, cond, sampling)
-        kl = target_cross_entropy(target, lp) - target_entropy(target)  # (B, N)
+        kl = target_kl(target, lp)  # (B, N)
         loss = kl.sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
