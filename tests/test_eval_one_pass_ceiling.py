@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from dd2dist.conditions import Cond, Sampling
-from dd2dist.eval.one_pass_ceiling import (
-    CategoricalOnePass,
-    CeilingOptions,
-    inverse_cdf_pick,
-    noise_uniform,
-    target_kl,
-    train_ceiling,
-)
+from dd2dist.eval.one_pass_ceiling import CategoricalOnePass, CeilingOptions, train_ceiling
+from dd2dist.method.losses import target_kl
+from dd2dist.nets.categorical import inverse_cdf_pick, noise_uniform
 
 
 @pytest.fixture(scope="module")

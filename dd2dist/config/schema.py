@@ -150,6 +150,10 @@ class StudentConfig:
     # s > 0 replaces each output by the codes' mean under softmax(-|q - c|² / (2 (s x median code spacing)²)), so that
     # outputs sit on the codes except near the boundaries between them. The PF-ODE regression fits the map before it.
     generator_snap: float = _f(0.0, ge=0.0)
+    # "categorical": the generator outputs codes, each drawn from its posterior head's code distribution by the
+    # position's own noise (dd2dist/nets/categorical.py), and stage 2 trains it with the exact per-position KL to the
+    # teacher given its own prefix instead of CSD with a guidance network (dd2dist/method/losses.py)
+    generator_output: Literal["continuous", "categorical"] = "continuous"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
@@ -395,6 +399,8 @@ class ExperimentConfig:
             raise ConfigError("stages", f"must be in the order {', '.join(STAGE_ORDER)}; got {list(self.stages)}")
         if "alignment" in self.stages and not self.alignment.enabled:
             raise ConfigError("alignment.enabled", "must be true when stages include 'alignment'")
+        if self.student.generator_output == "categorical":
+            self._check_categorical_generator()
         # Derived defaults are resolved here, once, so that every worker and the dumped config agree on them.
         output_dir = os.path.abspath(os.path.expanduser(self.output_dir or os.path.join("runs", self.name)))
         object.__setattr__(self, "output_dir", output_dir)
@@ -403,6 +409,25 @@ class ExperimentConfig:
             storage = os.path.abspath(os.path.expanduser(storage))
         if storage != self.launch.storage_path:
             object.__setattr__(self, "launch", replace(self.launch, storage_path=storage))
+
+    def _check_categorical_generator(self) -> None:
+        """A categorical generator is trained by the exact KL alone: what only a continuous generator or a guidance
+        network uses is refused rather than silently ignored."""
+        why = "with student.generator_output: categorical"
+        if not self.student.posterior_head:
+            raise ConfigError("student.posterior_head", f"must be true {why} (its code logits give the outputs)")
+        if self.student.generator_snap != 0.0:
+            raise ConfigError("student.generator_snap", f"must be 0 {why} (the outputs are codes already)")
+        if self.stage2.ode_init_steps != 0:
+            raise ConfigError("stage2.ode_init_steps", f"must be 0 {why} (the PF-ODE regression fits continuous "
+                                                       "outputs; the exact KL needs no start)")
+        if self.stage2.regression_weight != 0.0:
+            raise ConfigError("stage2.regression_weight", f"must be 0 {why} (no PF-ODE anchor)")
+        if "alignment" in self.stages:
+            raise ConfigError("stages", f"cannot include 'alignment' {why} (there is no guidance network to align)")
+        if self.compact_head.enabled:
+            raise ConfigError("compact_head.enabled", f"must be false {why} (the generator samples without its MLP "
+                                                      "head, so there is no head to compact)")
 
     @property
     def text_conditional(self) -> bool:

@@ -27,7 +27,6 @@ shared by all positions, which this loss rules out.)
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,23 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from dd2dist.conditions import Cond
+from dd2dist.method.losses import target_kl
 from dd2dist.method.seeding import make_generator
+from dd2dist.nets.categorical import pick_codes
 from dd2dist.nets.student import code_log_probs, student_backbone, teacher_output_layer
 from dd2dist.teachers.base import ARTeacher
-
-
-def inverse_cdf_pick(probs: Tensor, u: Tensor) -> Tensor:
-    """Code ids (...) picked by the inverse CDF of ``probs`` (..., V) at uniforms ``u`` (...): id k with
-    probability ``probs[..., k]`` when u ~ U(0, 1)."""
-    cdf = probs.double().cumsum(-1)
-    cdf = cdf / cdf[..., -1:].clamp_min(1e-300)
-    ids = torch.searchsorted(cdf.contiguous(), u.double().unsqueeze(-1).contiguous(), right=True)[..., 0]
-    return ids.clamp_max(probs.shape[-1] - 1)
-
-
-def noise_uniform(eps: Tensor) -> Tensor:
-    """The uniform each position's pick uses: ``Phi(eps[..., 0])`` (B, N)."""
-    return 0.5 * (1.0 + torch.erf(eps[..., 0].double() / math.sqrt(2.0)))
 
 
 class CategoricalOnePass(nn.Module):
@@ -82,7 +69,7 @@ class CategoricalOnePass(nn.Module):
 
     def pick(self, eps: Tensor, log_probs: Tensor) -> Tensor:
         """Token ids (B, N) of noise ``eps`` given its :meth:`log_probs`."""
-        return inverse_cdf_pick(log_probs.detach().exp(), noise_uniform(eps))
+        return pick_codes(log_probs, eps)
 
     @torch.no_grad()
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
@@ -107,15 +94,6 @@ def add_identity_layers(backbone: ARTeacher, count: int) -> None:
         for linear in (block.attention.wo, block.feed_forward.w2):
             nn.init.zeros_(linear.weight)
         gpt.layers.append(block)
-
-
-def target_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
-    """Per-position KL (B, N), fp32, from the teacher's target (codes it filters out: -inf, no mass) to
-    ``log_probs``."""
-    target = teacher_log_probs.float()
-    p = target.exp()  # exp(-inf) = 0
-    gap = (target - log_probs.float()).where(p > 0, torch.zeros_like(target))  # no -inf - finite on filtered codes
-    return (p * gap).sum(-1)
 
 
 @dataclass

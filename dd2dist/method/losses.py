@@ -1,4 +1,5 @@
-"""The three DD2 losses as pure functions (docs/method.md §7-§9): GTS (stage 1), FCS (guidance), CSD (generator).
+"""The three DD2 losses as pure functions (docs/method.md §7-§9): GTS (stage 1), FCS (guidance), CSD (generator),
+and the exact KL that replaces CSD and FCS for a generator with categorical outputs.
 
 Conventions: tokens are codebook vectors (B, N, Ce); rectified flow ``x_t = (1 - t) x0 + t eps`` with one time per
 position (B, N); every net predicts velocity ``v = dx/dt`` and ``x0 = x_t - t v``. Random draws come from the
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from dd2dist.conditions import Cond, Sampling
 from dd2dist.latent import add_noise, nearest_code, posterior, velocity_to_x0
+from dd2dist.nets.categorical import pick_codes
 from dd2dist.teachers.base import ARTeacher
 
 
@@ -214,3 +216,40 @@ def csd_loss(
         "w": w.detach().mean(),
     }
     return loss, metrics
+
+
+def target_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """Per-position KL (B, N), fp32, from the teacher's target (codes it filters out: -inf, no mass) to
+    ``log_probs``."""
+    target = teacher_log_probs.float()
+    p = target.exp()  # exp(-inf) = 0
+    gap = (target - log_probs.float()).where(p > 0, torch.zeros_like(target))  # no -inf - finite on filtered codes
+    return (p * gap).sum(-1)
+
+
+def categorical_kl_loss(
+    generator,
+    teacher: ARTeacher,
+    eps: Tensor,
+    cond: Cond,
+    sampling: Sampling,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage 2 for a generator with categorical outputs (``student.generator_output: categorical``).
+
+    The generator picks its tokens from its own code log-probs at the noise's uniforms
+    (:mod:`dd2dist.nets.categorical`), so its conditional at every position given the earlier noise is known
+    exactly. The loss is, per sequence, the sum over positions of KL(teacher target given the generator's own
+    prefix || the generator's conditional), averaged over the batch: what CSD estimates through a learned guidance
+    network for a continuous generator is here exact, so no guidance network is needed. Zero only when every
+    position's conditional equals the teacher's given the prefix the generator produced, i.e. when the two joints are
+    equal. Gradients reach the log-probs only; the prefix the teacher reads is the picked codes, held fixed.
+    """
+    log_probs = generator.generator_log_probs(eps, cond)
+    ids = pick_codes(log_probs, eps)
+    with torch.no_grad():
+        target = teacher.log_probs(ids, cond, sampling)
+    kl = target_kl(target, log_probs)  # (B, N)
+    loss = kl.sum(-1).mean()
+    entropy = -(log_probs.exp() * log_probs).nansum(-1).mean()
+    return loss, {"kl": loss.detach(), "kl_first": kl[:, 0].mean().detach(), "kl_last": kl[:, -1].mean().detach(),
+                  "entropy": entropy.detach()}

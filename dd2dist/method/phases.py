@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from dd2dist.engine.optim import OptimSpec
 from dd2dist.method import optim_specs
 from dd2dist.method.schedule import Phase, Schedule, build_schedule
-from dd2dist.method.steps import StepContext, StepResult, generator_step, gts_step, guidance_step, regression_step
+from dd2dist.method.steps import (
+    StepContext,
+    StepResult,
+    categorical_generator_step,
+    generator_step,
+    gts_step,
+    guidance_step,
+    regression_step,
+)
 
 LossFn = Callable[[StepContext], StepResult]
 
@@ -99,6 +107,7 @@ _LOSSES: dict[tuple[str, str], LossFn] = {
     ("alternate", "guidance"): guidance_step,
     ("alternate", "generator"): generator_step,
     ("guidance_only", "guidance"): guidance_step,
+    ("categorical", "generator"): categorical_generator_step,
 }
 
 
@@ -126,11 +135,14 @@ class DD2Phases:
         regress = phase is not None and phase.kind == "regress"
         gen = optim_specs.regression_spec(cfg) if regress else optim_specs.generator_spec(cfg)
         s2 = cfg.stage2
-        return EngineGroup(
+        nets = (NetSpec("generator", gen),)
+        if cfg.student.generator_output != "categorical":  # a categorical generator's loss is exact: no guidance
             # a guidance network built on the teacher's velocity starts as exactly the teacher: its head is the
             # correction, zero until FCS has seen the generator
-            name, (NetSpec("generator", gen), NetSpec("guidance", optim_specs.guidance_spec(cfg),
-                                                      zero_head_output=s2.guidance_base == "teacher")),
+            nets += (NetSpec("guidance", optim_specs.guidance_spec(cfg),
+                             zero_head_output=s2.guidance_base == "teacher"),)
+        return EngineGroup(
+            name, nets,
             ema=EMASpec("generator", s2.ema_max, s2.ema_warmup, s2.ema_rampup, tuple(s2.ema_compare)),
             export_incoming=STAGE1_EXPORT_NAME,
             fresh_start_warning="stage 2 starts without a stage-1 model in this run: generator and guidance are the "

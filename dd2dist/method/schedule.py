@@ -7,6 +7,7 @@ phase?". One iteration = one optimizer step of one engine. The phases come from 
   stage1        GTS, the full student                                     role: student
   stage2_ode_init  optional: generator regression onto teacher PF-ODE pairs role: generator
   stage2        K guidance (FCS) steps, then 1 generator (CSD) step       roles: guidance, generator
+  stage2        (categorical generator outputs) exact-KL generator steps  role: generator
   align         performance alignment: EMA -> generator on entry, then guidance-only steps
   stage2_after  alternation again with the post-alignment K (paper: 2)
 
@@ -21,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-PhaseKind = Literal["gts_head", "gts", "regress", "alternate", "guidance_only"]
+PhaseKind = Literal["gts_head", "gts", "regress", "alternate", "guidance_only", "categorical"]
 Role = Literal["student_head", "student", "guidance", "generator"]
 
 
@@ -44,7 +45,7 @@ class Phase:
             return "student"
         if self.kind == "guidance_only":
             return "guidance"
-        if self.kind == "regress":
+        if self.kind in ("regress", "categorical"):
             return "generator"
         return "guidance" if i % (self.guidance_per_generator + 1) < self.guidance_per_generator else "generator"
 
@@ -52,7 +53,8 @@ class Phase:
     def roles(self) -> tuple[Role, ...]:
         """The engines this phase trains (the others are frozen in it)."""
         return {"gts_head": ("student_head",), "gts": ("student",), "guidance_only": ("guidance",),
-                "regress": ("generator",), "alternate": ("guidance", "generator")}[self.kind]
+                "regress": ("generator",), "categorical": ("generator",),
+                "alternate": ("guidance", "generator")}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,11 @@ def build_schedule(cfg) -> Schedule:
     if "stage2" in cfg.stages:
         if s2.ode_init_steps > 0:
             phases.append(Phase("stage2_ode_init", "stage2", "regress", s2.ode_init_steps))
-        K = s2.guidance_per_generator
-        phases.append(Phase("stage2", "stage2", "alternate", s2.generator_steps * (K + 1), K))
+        if cfg.student.generator_output == "categorical":
+            phases.append(Phase("stage2", "stage2", "categorical", s2.generator_steps))
+        else:
+            K = s2.guidance_per_generator
+            phases.append(Phase("stage2", "stage2", "alternate", s2.generator_steps * (K + 1), K))
     if "alignment" in cfg.stages:
         if al.after_generator_steps != s2.generator_steps:
             raise ValueError(

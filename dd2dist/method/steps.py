@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dd2dist.method.losses import csd_loss, fcs_loss, gts_loss, snap_to_codes
+from dd2dist.method.losses import categorical_kl_loss, csd_loss, fcs_loss, gts_loss, snap_to_codes
 from dd2dist.method.ode_init import regression_loss
 from dd2dist.method.schedule import Phase
 
@@ -112,4 +112,11 @@ def generator_step(ctx: StepContext) -> StepResult:
         reg = (q.float() - ctx.codebook[ids]).pow(2).sum(-1).mean()
         loss = loss + s2.regression_weight * reg
         m = {**m, "regression_loss": reg.detach()}
+    return loss, m, eps.shape[0]
+
+
+def categorical_generator_step(ctx: StepContext) -> StepResult:
+    """A categorical generator's stage-2 step: the exact per-position KL to the teacher given its own prefix."""
+    eps, cond = ctx.batches.stage2(ctx.iteration, ctx.micro, "generator")
+    loss, m = categorical_kl_loss(ctx.net("generator"), ctx.teacher, eps, cond, ctx.cfg.teacher.sampling)
     return loss, m, eps.shape[0]

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from dd2dist.conditions import Cond
 from dd2dist.latent import posterior
+from dd2dist.nets.categorical import pick_codes
 from dd2dist.nets.head import MLPHead
 from dd2dist.nets.output_snap import code_spacing, soft_snap
 from dd2dist.nets.vector_input import NOISE_INPUTS, VectorInput
@@ -200,7 +201,9 @@ def _check_noise(eps: Tensor, num_tokens: int, embed_dim: int) -> None:
 
 
 class StudentNet(nn.Module):
-    """Teacher backbone + MLP head, velocity-predicting; the guidance network and the generator share it.
+    """Teacher backbone + MLP head, velocity-predicting; the guidance network and the generator share it (a
+    generator with ``student.generator_output: categorical`` outputs the codes its posterior head's code logits pick
+    instead, see :mod:`dd2dist.nets.categorical`).
 
     Args:
         teacher: the (unpartitioned) teacher to copy; it is not modified.
@@ -235,6 +238,10 @@ class StudentNet(nn.Module):
         self.code_logits: nn.Linear | None = None
         if posterior_head:
             self.code_logits = copy.deepcopy(teacher_output_layer(teacher)).requires_grad_(True)
+        self.generator_output = getattr(student_cfg, "generator_output", "continuous")
+        if self.generator_output == "categorical" and self.code_logits is None:
+            raise ValueError("student.generator_output: categorical outputs need student.posterior_head (their code "
+                             "log-probs are the posterior head's code logits)")
 
     def features(self, seq: Tensor, cond: Cond) -> Tensor:
         """Backbone features (B, N, D) of a sequence (B, N, Ce); row i depends on earlier AR steps only."""
@@ -267,10 +274,23 @@ class StudentNet(nn.Module):
             self.head.final.linear.weight.zero_()
             self.head.final.linear.bias.zero_()
 
+    def generator_log_probs(self, eps: Tensor, cond: Cond) -> Tensor:
+        """A categorical generator's code log-probs (B, N, V), fp32: each position's distribution given the noise
+        of earlier AR steps (:mod:`dd2dist.nets.categorical`)."""
+        _check_noise(eps, self.num_tokens, self.embed_dim)
+        if self.code_logits is None:
+            raise ValueError("generator_log_probs needs a posterior head (student.posterior_head)")
+        return code_log_probs(self.code_logits, self.features(eps, cond))
+
     def generate(self, eps: Tensor, cond: Cond, snap: bool = True) -> Tensor:
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps)),
         through the soft-snap output layer where ``student.generator_snap`` sets one (``snap=False`` skips it: the
-        PF-ODE regression fits the map before it, where a wrong code is not a saturated softmax)."""
+        PF-ODE regression fits the map before it, where a wrong code is not a saturated softmax). A categorical
+        generator returns the code vectors it picks (no gradient: its loss reads :meth:`generator_log_probs`)."""
+        if self.generator_output == "categorical":
+            with torch.no_grad():
+                ids = pick_codes(self.generator_log_probs(eps, cond), eps)
+                return self.backbone.codebook()[ids].to(eps.dtype)
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
         if not self.generator_posterior:  # the mixture is then the guidance network's only (generator_posterior)
@@ -325,6 +345,9 @@ class OneStepSampler(nn.Module):
         self.head = net.head.at_time(net.generator_time) if head is None else head
         # shared, like the backbone; a posterior head's mixture part stays exact (none: the generator runs without it)
         self.code_logits = net.code_logits if net.generator_posterior else None
+        self.categorical = net.generator_output == "categorical"
+        if self.categorical:
+            self.code_logits = net.code_logits
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
         self.snap_length = net.snap_length()
@@ -334,6 +357,9 @@ class OneStepSampler(nn.Module):
         """Noise (B, N, Ce) -> continuous tokens q = eps - v(eps, head.time, features(eps))."""
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.backbone.features(eps, cond)
+        if self.categorical:  # the code each position's uniform picks (the head is not part of this generator)
+            ids = pick_codes(code_log_probs(self.code_logits, feats), eps)
+            return self.backbone.codebook()[ids].to(eps.dtype)
         v = self.head(eps, feats)
         if self.code_logits is not None:
             lp = code_log_probs(self.code_logits, feats)
