@@ -325,6 +325,7 @@ def ceiling(argv: list[str]) -> int:
     beside the teacher's second draw, the product of marginals and the run's one-step generator."""
     from dd2dist.eval.fidelity import FidelityOptions, summary_lines
     from dd2dist.eval.one_pass_ceiling import CeilingOptions, ceiling_benchmark
+    from dd2dist.nets.categorical import CODE_ORDERS
     from dd2dist.nets.vector_input import NOISE_INPUTS
 
     p = argparse.ArgumentParser(prog="benchmark.py ceiling", description=_summary("dd2dist.eval.one_pass_ceiling"))
@@ -336,11 +337,13 @@ def ceiling(argv: list[str]) -> int:
     p.add_argument("--noise-input", default=CeilingOptions.noise_input, choices=NOISE_INPUTS)
     p.add_argument("--extra-layers", type=int, default=CeilingOptions.extra_layers,
                    help="LlamaGen: blocks added after the copied ones, starting as the identity")
+    p.add_argument("--code-order", default=CeilingOptions.code_order, choices=CODE_ORDERS,
+                   help="the codes' order in the inverse CDF (dd2dist.nets.categorical)")
     p.add_argument("--seed", type=int, default=CeilingOptions.seed)
     p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
     args = p.parse_args(argv)
     opts = CeilingOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, noise_input=args.noise_input,
-                          extra_layers=args.extra_layers, seed=args.seed)
+                          extra_layers=args.extra_layers, code_order=args.code_order, seed=args.seed)
     fid = FidelityOptions(num_samples=args.samples, samplers=("teacher", "marginals", "one_step"))
     try:
         report = ceiling_benchmark(args.run, opts, fid)

@@ -13,7 +13,7 @@ from dd2dist.config.schema import CompactHeadConfig, ConfigError, Stage2Config, 
 from dd2dist.eval.sampling import load_generator
 from dd2dist.method.losses import categorical_kl_loss, target_kl
 from dd2dist.method.phases import DD2Phases
-from dd2dist.nets.categorical import pick_codes
+from dd2dist.nets.categorical import pick_codes, principal_order
 from dd2dist.nets.student import StudentNet
 from dd2dist.train import TrainerCallback
 
@@ -82,6 +82,39 @@ def test_the_loss_is_the_exact_kl_of_the_picked_prefix_and_trains_only_the_gener
     assert net.code_logits.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in net.head.parameters())  # the MLP head is not part of this generator
+
+
+def test_the_principal_order_keeps_each_codes_probability_and_makes_the_pick_monotone_along_the_axis():
+    codebook = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([3.0, 1.0, 0.5, 0.2])
+    order = principal_order(codebook)
+    assert sorted(order.tolist()) == list(range(16))
+    assert torch.equal(principal_order(codebook.clone()), order)  # deterministic
+    probs = torch.softmax(torch.randn(16, generator=torch.Generator().manual_seed(1)), -1)
+    eps = torch.randn(100_000, 1, 4, generator=torch.Generator().manual_seed(2))
+    ids = pick_codes(probs.log().expand(100_000, 1, 16), eps, order)[:, 0]
+    freq = torch.bincount(ids, minlength=16).double() / ids.numel()
+    assert torch.allclose(freq, probs.double(), atol=0.006)
+    # increasing noise picks codes in increasing place along the axis
+    ramp = torch.zeros(200, 1, 4)
+    ramp[:, 0, 0] = torch.linspace(-3, 3, 200)
+    place = torch.empty(16, dtype=torch.long)
+    place[order] = torch.arange(16)
+    picked = place[pick_codes(probs.log().expand(200, 1, 16), ramp, order)[:, 0]]
+    assert bool((picked.diff() >= 0).all())
+
+
+def test_a_principal_order_generator_samples_as_it_trains():
+    teacher = _teacher().freeze()
+    cfg = StudentConfig(head_width=16, head_depth=1, time_embed_dim=8, posterior_head=True,
+                        generator_output="categorical", categorical_order="principal")
+    net = StudentNet(teacher, cfg).eval()
+    eps = torch.randn(32, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(3))
+    cond = Cond(labels=torch.arange(32) % teacher.num_classes)
+    with torch.no_grad():
+        ids = pick_codes(net.generator_log_probs(eps, cond), eps, principal_order(net.backbone.codebook()))
+    assert torch.equal(net.generate(eps, cond), net.backbone.codebook()[ids])
+    assert torch.equal(net.for_sampling().generate(eps, cond), net.generate(eps, cond))
+    assert not torch.equal(ids, pick_codes(net.generator_log_probs(eps, cond), eps))  # the order matters
 
 
 @pytest.fixture(scope="module")

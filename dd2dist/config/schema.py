@@ -154,6 +154,9 @@ class StudentConfig:
     # position's own noise (dd2dist/nets/categorical.py), and stage 2 trains it with the exact per-position KL to the
     # teacher given its own prefix instead of CSD with a guidance network (dd2dist/method/losses.py)
     generator_output: Literal["continuous", "categorical"] = "continuous"
+    # The order a categorical generator's inverse CDF runs over the codes: their index, or their place along the
+    # codebook's first principal axis, so that neighbouring noise picks neighbouring codes (dd2dist/nets/categorical.py)
+    categorical_order: Literal["index", "principal"] = "index"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from dd2dist.conditions import Cond
 from dd2dist.method.losses import target_kl
 from dd2dist.method.seeding import make_generator
-from dd2dist.nets.categorical import pick_codes
+from dd2dist.nets.categorical import CODE_ORDERS, pick_codes, principal_order
 from dd2dist.nets.student import code_log_probs, student_backbone, teacher_output_layer
 from dd2dist.teachers.base import ARTeacher
 
@@ -55,13 +55,18 @@ class CategoricalOnePass(nn.Module):
     layer, so a chain of tokens each drawn from the conditional given the earlier ones can be followed exactly
     through at most about as many positions as there are layers; extra layers test whether depth is the limit."""
 
-    def __init__(self, teacher: ARTeacher, noise_input: str = "mlp", extra_layers: int = 0):
+    def __init__(self, teacher: ARTeacher, noise_input: str = "mlp", extra_layers: int = 0,
+                 code_order: str = "index"):
         super().__init__()
+        if code_order not in CODE_ORDERS:
+            raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
         self.backbone = student_backbone(teacher, noise_input, posterior_head=True)
         if extra_layers:
             add_identity_layers(self.backbone, extra_layers)
         self.code_logits = copy.deepcopy(teacher_output_layer(teacher)).requires_grad_(True)
         self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
+        order = principal_order(self.backbone.codebook()) if code_order == "principal" else None
+        self.register_buffer("code_order", order, persistent=False)
 
     def log_probs(self, eps: Tensor, cond: Cond) -> Tensor:
         """fp32 log-probs (B, N, V) of each position's token given the noise of earlier AR steps."""
@@ -69,7 +74,7 @@ class CategoricalOnePass(nn.Module):
 
     def pick(self, eps: Tensor, log_probs: Tensor) -> Tensor:
         """Token ids (B, N) of noise ``eps`` given its :meth:`log_probs`."""
-        return pick_codes(log_probs, eps)
+        return pick_codes(log_probs, eps, self.code_order)
 
     @torch.no_grad()
     def generate(self, eps: Tensor, cond: Cond) -> Tensor:
@@ -107,6 +112,7 @@ class CeilingOptions:
     grad_clip: float = 1.0
     noise_input: str = "mlp"
     extra_layers: int = 0
+    code_order: str = "index"
     seed: int = 0
     log_every: int = 100
 
@@ -119,7 +125,7 @@ def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
     for its target given that prefix and takes one AdamW step on the mean per-position KL. Returns the net (eval
     mode) and the curve: KL (nats per sequence) per logged step and per position over the last ``log_every``
     steps."""
-    net = CategoricalOnePass(teacher, opts.noise_input, opts.extra_layers)
+    net = CategoricalOnePass(teacher, opts.noise_input, opts.extra_layers, opts.code_order)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)))

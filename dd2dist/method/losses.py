@@ -245,7 +245,7 @@ def categorical_kl_loss(
     equal. Gradients reach the log-probs only; the prefix the teacher reads is the picked codes, held fixed.
     """
     log_probs = generator.generator_log_probs(eps, cond)
-    ids = pick_codes(log_probs, eps)
+    ids = pick_codes(log_probs, eps, generator.code_order())
     with torch.no_grad():
         target = teacher.log_probs(ids, cond, sampling)
     kl = target_kl(target, log_probs)  # (B, N)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from dd2dist.conditions import Cond
 from dd2dist.latent import posterior
-from dd2dist.nets.categorical import pick_codes
+from dd2dist.nets.categorical import pick_codes, principal_order
 from dd2dist.nets.head import MLPHead
 from dd2dist.nets.output_snap import code_spacing, soft_snap
 from dd2dist.nets.vector_input import NOISE_INPUTS, VectorInput
@@ -239,6 +239,7 @@ class StudentNet(nn.Module):
         if posterior_head:
             self.code_logits = copy.deepcopy(teacher_output_layer(teacher)).requires_grad_(True)
         self.generator_output = getattr(student_cfg, "generator_output", "continuous")
+        self.categorical_order = getattr(student_cfg, "categorical_order", "index")
         if self.generator_output == "categorical" and self.code_logits is None:
             raise ValueError("student.generator_output: categorical outputs need student.posterior_head (their code "
                              "log-probs are the posterior head's code logits)")
@@ -282,6 +283,10 @@ class StudentNet(nn.Module):
             raise ValueError("generator_log_probs needs a posterior head (student.posterior_head)")
         return code_log_probs(self.code_logits, self.features(eps, cond))
 
+    def code_order(self) -> Tensor | None:
+        """The order a categorical generator's CDF runs over the codes (``student.categorical_order``; None: index)."""
+        return principal_order(self.backbone.codebook()) if self.categorical_order == "principal" else None
+
     def generate(self, eps: Tensor, cond: Cond, snap: bool = True) -> Tensor:
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps)),
         through the soft-snap output layer where ``student.generator_snap`` sets one (``snap=False`` skips it: the
@@ -289,7 +294,7 @@ class StudentNet(nn.Module):
         generator returns the code vectors it picks (no gradient: its loss reads :meth:`generator_log_probs`)."""
         if self.generator_output == "categorical":
             with torch.no_grad():
-                ids = pick_codes(self.generator_log_probs(eps, cond), eps)
+                ids = pick_codes(self.generator_log_probs(eps, cond), eps, self.code_order())
                 return self.backbone.codebook()[ids].to(eps.dtype)
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
@@ -348,6 +353,7 @@ class OneStepSampler(nn.Module):
         self.categorical = net.generator_output == "categorical"
         if self.categorical:
             self.code_logits = net.code_logits
+        self.register_buffer("code_order", net.code_order() if self.categorical else None, persistent=False)
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
         self.snap_length = net.snap_length()
@@ -358,7 +364,7 @@ class OneStepSampler(nn.Module):
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.backbone.features(eps, cond)
         if self.categorical:  # the code each position's uniform picks (the head is not part of this generator)
-            ids = pick_codes(code_log_probs(self.code_logits, feats), eps)
+            ids = pick_codes(code_log_probs(self.code_logits, feats), eps, self.code_order)
             return self.backbone.codebook()[ids].to(eps.dtype)
         v = self.head(eps, feats)
         if self.code_logits is not None:
