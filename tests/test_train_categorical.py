@@ -77,7 +77,7 @@ def test_the_loss_is_the_exact_kl_of_the_picked_prefix_and_trains_only_the_gener
     with torch.no_grad():
         lp = net.generator_log_probs(eps, cond)
         expect = target_kl(teacher.log_probs(pick_codes(lp, eps), cond, sampling), lp).sum(-1).mean()
-    assert torch.allclose(loss, expect) and float(loss.detach()) > 0 and float(metrics["kl"]) == float(loss.detach())
+    assert torch.allclose(loss, expect) and float(loss.detach()) > 0 and float(metrics["loss"]) == float(loss.detach())
     loss.backward()
     assert net.code_logits.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
@@ -127,7 +127,7 @@ def categorical_run():
 
 def test_a_categorical_run_trains_resumes_exactly_and_exports_a_code_sampler(tmp_path, categorical_run):
     tr, end = categorical_run
-    assert math.isfinite(tr.last_metrics["generator/kl"])
+    assert math.isfinite(tr.last_metrics["generator/loss"])
     first = _trainer(_categorical_cfg())
     first.fit(checkpoint_dir=tmp_path / "ck", checkpoint_every=1000, max_iterations=6 + 3)  # inside stage 2
     second = _trainer(_categorical_cfg())
@@ -151,8 +151,8 @@ def test_categorical_stage2_lowers_the_kl_to_the_teacher():
 
     class Record(TrainerCallback):
         def on_log(self, trainer, metrics, step):
-            if "generator/kl" in metrics:
-                kl.append(metrics["generator/kl"])
+            if "generator/loss" in metrics:
+                kl.append(metrics["generator/loss"])
 
     _trainer(cfg, callbacks=[Record()]).fit()
     first, last = sum(kl[:10]) / 10, sum(kl[-10:]) / 10
@@ -179,7 +179,7 @@ def _zero_worker(rank: int, world: int, tmp: str) -> dict:
         torch.manual_seed(cfg.seed)
         tr = Trainer(cfg, build_teacher(cfg.teacher), DeepSpeedEngineFactory(cfg.engine), rank=rank, world_size=world)
         tr.fit()
-        out[zero] = {"generator": tr.generator_state_dict(use_ema=False), "kl": tr.last_metrics["generator/kl"],
+        out[zero] = {"generator": tr.generator_state_dict(use_ema=False), "kl": tr.last_metrics["generator/loss"],
                      "engines": sorted(tr.engines), "iteration": tr.state.iteration}
     return out
 

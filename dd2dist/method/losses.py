@@ -251,5 +251,5 @@ def categorical_kl_loss(
     kl = target_kl(target, log_probs)  # (B, N)
     loss = kl.sum(-1).mean()
     entropy = -(log_probs.exp() * log_probs).nansum(-1).mean()
-    return loss, {"kl": loss.detach(), "kl_first": kl[:, 0].mean().detach(), "kl_last": kl[:, -1].mean().detach(),
+    return loss, {"loss": loss.detach(), "kl_first": kl[:, 0].mean().detach(), "kl_last": kl[:, -1].mean().detach(),
                   "entropy": entropy.detach()}
