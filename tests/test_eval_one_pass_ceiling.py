@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dd2dist.conditions import Cond, Sampling
-from dd2dist.eval.one_pass_ceiling import CategoricalOnePass, CeilingOptions, train_ceiling
+from dd2dist.eval.one_pass_ceiling import CeilingOptions, categorical_one_pass, train_ceiling
 from dd2dist.method.losses import target_kl
-from dd2dist.nets.categorical import inverse_cdf_pick, noise_uniform
+from dd2dist.nets.categorical import inverse_cdf_pick, noise_uniform, pick_codes
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,13 @@ def test_inverse_cdf_pick_draws_each_code_with_its_probability():
 def test_tokens_follow_the_logits_and_ignore_later_noise(toy_teacher):
     teacher, _ = toy_teacher
     torch.manual_seed(1)
-    net = CategoricalOnePass(teacher).eval()
+    net = categorical_one_pass(teacher).eval()
     gen = torch.Generator().manual_seed(2)
     eps = torch.randn((4000, net.num_tokens, net.embed_dim), generator=gen)
     cond = Cond(labels=torch.arange(4000) % 2)
     with torch.no_grad():
-        lp = net.log_probs(eps, cond)
-        ids = net.pick(eps, lp)
+        lp = net.generator_log_probs(eps, cond)
+        ids = pick_codes(lp, eps)
         vectors = net.generate(eps, cond)
     assert torch.equal(teacher.quantize(vectors), ids)  # outputs are the picked codes themselves
     # the first token depends on its class only: its frequencies are the class's softmax
@@ -50,7 +50,7 @@ def test_tokens_follow_the_logits_and_ignore_later_noise(toy_teacher):
     later = eps.clone()
     later[:, -1] = torch.randn((4000, net.embed_dim), generator=gen)
     with torch.no_grad():
-        moved = net.pick(later, net.log_probs(later, cond))
+        moved = pick_codes(net.generator_log_probs(later, cond), later)
     assert torch.equal(moved[:, :-1], ids[:, :-1]) and not torch.equal(moved[:, -1], ids[:, -1])
 
 
@@ -77,7 +77,7 @@ def test_training_on_its_own_samples_moves_the_joint_towards_the_teacher(toy_tea
     cond = Cond(labels=labels)
     eps = torch.randn((2000, net.num_tokens, net.embed_dim), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
-    untrained = CategoricalOnePass(teacher).eval()
+    untrained = categorical_one_pass(teacher).eval()
     with torch.no_grad():
         trained_ids = teacher.quantize(net.generate(eps, cond))
         untrained_ids = teacher.quantize(untrained.generate(eps, cond))
@@ -92,12 +92,12 @@ def test_extra_layers_start_as_the_identity_and_train(toy_teacher):
     eps = torch.randn((8, teacher.num_tokens, teacher.embed_dim), generator=torch.Generator().manual_seed(3))
     cond = Cond(labels=torch.arange(8) % 2)
     torch.manual_seed(4)
-    plain = CategoricalOnePass(teacher)
+    plain = categorical_one_pass(teacher)
     torch.manual_seed(4)
-    deeper = CategoricalOnePass(teacher, extra_layers=2)
+    deeper = categorical_one_pass(teacher, extra_layers=2)
     assert len(deeper.backbone.gpt.layers) == len(plain.backbone.gpt.layers) + 2
-    assert torch.allclose(deeper.log_probs(eps, cond), plain.log_probs(eps, cond), atol=1e-6)
-    deeper.log_probs(eps, cond)[..., 0].sum().backward()  # the zeroed projections still get gradients
+    assert torch.allclose(deeper.generator_log_probs(eps, cond), plain.generator_log_probs(eps, cond), atol=1e-6)
+    deeper.generator_log_probs(eps, cond)[..., 0].sum().backward()  # the zeroed projections still get gradients
     last = deeper.backbone.gpt.layers[-1]
     assert float(last.feed_forward.w2.weight.grad.abs().sum()) > 0
     assert float(last.attention.wo.weight.grad.abs().sum()) > 0
@@ -105,4 +105,4 @@ def test_extra_layers_start_as_the_identity_and_train(toy_teacher):
         from dd2dist.bench.toy_teacher import ToyTeacherSpec, build_toy_teacher
 
         var, _ = build_toy_teacher(ToyTeacherSpec(family="var", fit_steps=0))
-        CategoricalOnePass(var, extra_layers=1)
+        categorical_one_pass(var, extra_layers=1)

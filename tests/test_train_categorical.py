@@ -115,6 +115,15 @@ def test_a_principal_order_generator_samples_as_it_trains():
     assert torch.equal(net.generate(eps, cond), net.backbone.codebook()[ids])
     assert torch.equal(net.for_sampling().generate(eps, cond), net.generate(eps, cond))
     assert not torch.equal(ids, pick_codes(net.generator_log_probs(eps, cond), eps))  # the order matters
+    # the order is kept, not recomputed per call, and follows a loaded codebook
+    codebook = net.backbone.codebook()
+    assert torch.equal(net.code_order(), principal_order(codebook))
+    state = net.state_dict()
+    (key,) = [k for k, v in state.items() if v.shape == codebook.shape and torch.equal(v, codebook)]
+    state[key] = torch.randn(codebook.shape, generator=torch.Generator().manual_seed(4))
+    net.load_state_dict(state)
+    assert torch.equal(net.code_order(), principal_order(state[key]))
+    assert not torch.equal(net.code_order(), principal_order(codebook))
 
 
 @pytest.fixture(scope="module")

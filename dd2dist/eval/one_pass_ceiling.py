@@ -6,8 +6,9 @@ reproduce what the generator itself decided at every earlier position, from thei
 generator misses the teacher's joint, two causes are possible: CSD's training signal (a continuous generator, a
 learned guidance network, gradients that vanish once outputs sit on codes) or that map itself.
 
-This diagnostic removes the first cause. The :class:`CategoricalOnePass` generator has the student's backbone on
-the same shifted-noise input, but its head gives code logits, and token i is the code that the inverse CDF of
+This diagnostic removes the first cause. Its generator (:func:`categorical_one_pass`) has the student's backbone on
+the same shifted-noise input, but categorical outputs (stage 2's ``student.generator_output: categorical``, here
+trained from the teacher's copy in one process): token i is the code that the inverse CDF of its code logits'
 ``softmax(logits_i)`` picks at ``u_i = Phi(eps_i[0])``. Given the noise of earlier steps the token's distribution
 is then exactly ``softmax(logits_i)``, so the generator can be trained on its own samples with an exact, low-variance
 loss that needs no guidance network: at every position, the KL from the teacher's distillation target given the
@@ -26,7 +27,6 @@ shared by all positions, which this loss rules out.)
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,51 +36,32 @@ import torch
 from torch import Tensor, nn
 
 from dd2dist.conditions import Cond
-from dd2dist.method.losses import target_kl
+from dd2dist.config.schema import StudentConfig
+from dd2dist.method.losses import categorical_kl
 from dd2dist.method.seeding import make_generator
-from dd2dist.nets.categorical import CODE_ORDERS, pick_codes, principal_order
-from dd2dist.nets.student import code_log_probs, student_backbone, teacher_output_layer
+from dd2dist.nets.categorical import CODE_ORDERS
+from dd2dist.nets.student import StudentNet
 from dd2dist.teachers.base import ARTeacher
 
 
-class CategoricalOnePass(nn.Module):
-    """A one-pass causal generator with categorical outputs (see the module docstring).
-
-    Backbone: the student's copy of the teacher (``student.noise_input`` as given), fed the noise as the DD2
-    generator is; head: a trainable copy of the teacher's output layer. At the start the logits at position i are the
+def categorical_one_pass(teacher: ARTeacher, noise_input: str = "mlp", extra_layers: int = 0,
+                         code_order: str = "index") -> StudentNet:
+    """The diagnostic's generator: a fresh student of ``teacher`` with categorical outputs
+    (``student.generator_output: categorical``, :mod:`dd2dist.nets.categorical`), the continuous input path as
+    ``noise_input`` says and the codes in ``code_order`` in the CDF. At the start the logits at position i are the
     teacher's raw conditionals given the earlier noise read as tokens.
 
     ``extra_layers`` (LlamaGen): that many more transformer blocks after the copied ones, each starting as the
     identity (zero output projections). Position i can read what position i-1 computed at a layer only in the next
     layer, so a chain of tokens each drawn from the conditional given the earlier ones can be followed exactly
     through at most about as many positions as there are layers; extra layers test whether depth is the limit."""
-
-    def __init__(self, teacher: ARTeacher, noise_input: str = "mlp", extra_layers: int = 0,
-                 code_order: str = "index"):
-        super().__init__()
-        if code_order not in CODE_ORDERS:
-            raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
-        self.backbone = student_backbone(teacher, noise_input, posterior_head=True)
-        if extra_layers:
-            add_identity_layers(self.backbone, extra_layers)
-        self.code_logits = copy.deepcopy(teacher_output_layer(teacher)).requires_grad_(True)
-        self.num_tokens, self.embed_dim = teacher.num_tokens, teacher.embed_dim
-        order = principal_order(self.backbone.codebook()) if code_order == "principal" else None
-        self.register_buffer("code_order", order, persistent=False)
-
-    def log_probs(self, eps: Tensor, cond: Cond) -> Tensor:
-        """fp32 log-probs (B, N, V) of each position's token given the noise of earlier AR steps."""
-        return code_log_probs(self.code_logits, self.backbone.features(eps, cond))
-
-    def pick(self, eps: Tensor, log_probs: Tensor) -> Tensor:
-        """Token ids (B, N) of noise ``eps`` given its :meth:`log_probs`."""
-        return pick_codes(log_probs, eps, self.code_order)
-
-    @torch.no_grad()
-    def generate(self, eps: Tensor, cond: Cond) -> Tensor:
-        """Noise (B, N, Ce) -> code vectors (B, N, Ce), so the fidelity benchmark's one-step draw takes it."""
-        ids = self.pick(eps, self.log_probs(eps, cond))
-        return self.backbone.codebook()[ids].to(eps.dtype)
+    if code_order not in CODE_ORDERS:
+        raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
+    net = StudentNet(teacher, StudentConfig(noise_input=noise_input, posterior_head=True,
+                                            generator_output="categorical", categorical_order=code_order))
+    if extra_layers:
+        add_identity_layers(net.backbone, extra_layers)
+    return net
 
 
 def add_identity_layers(backbone: ARTeacher, count: int) -> None:
@@ -118,15 +99,15 @@ class CeilingOptions:
 
 
 def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
-                  log: Callable[[str], None] = print) -> tuple[CategoricalOnePass, dict]:
-    """Train a :class:`CategoricalOnePass` on its own samples against the teacher's target ``sampling``.
+                  log: Callable[[str], None] = print) -> tuple[StudentNet, dict]:
+    """Train a :func:`categorical_one_pass` generator on its own samples against the teacher's target ``sampling``.
 
     Each step draws classes and noise from generators seeded by (seed, step), picks the tokens, asks the teacher
     for its target given that prefix and takes one AdamW step on the mean per-position KL. Returns the net (eval
     mode) and the curve: KL (nats per sequence) per logged step and per position over the last ``log_every``
     steps."""
-    net = CategoricalOnePass(teacher, opts.noise_input, opts.extra_layers, opts.code_order)
-    params = [p for p in net.parameters() if p.requires_grad]
+    net = categorical_one_pass(teacher, opts.noise_input, opts.extra_layers, opts.code_order)
+    params = [p for p in net.parameters() if p.requires_grad]  # the unused MLP head gets no gradient: AdamW skips it
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)))
     C, N, Ce = int(teacher.num_classes), net.num_tokens, net.embed_dim
@@ -138,11 +119,7 @@ def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
         labels = torch.randint(0, C, (opts.batch_size,), generator=gen)
         eps = torch.randn((opts.batch_size, N, Ce), generator=gen)
         cond = Cond(labels=labels)
-        lp = net.log_probs(eps, cond)
-        ids = net.pick(eps, lp)
-        with torch.no_grad():
-            target = teacher.log_probs(ids, cond, sampling)
-        kl = target_kl(target, lp)  # (B, N)
+        kl, _ = categorical_kl(net, teacher, eps, cond, sampling)  # (B, N): categorical_kl_loss, per position
         loss = kl.sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -227,6 +227,16 @@ def target_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
     return (p * gap).sum(-1)
 
 
+def categorical_kl(generator, teacher: ARTeacher, eps: Tensor, cond: Cond, sampling: Sampling) -> tuple[Tensor, Tensor]:
+    """A categorical generator's per-position KL (B, N), fp32, from the teacher's target given the tokens it picks
+    from ``eps`` to its own conditional, and its code log-probs (B, N, V) (see :func:`categorical_kl_loss`)."""
+    log_probs = generator.generator_log_probs(eps, cond)
+    ids = pick_codes(log_probs, eps, generator.code_order())
+    with torch.no_grad():
+        target = teacher.log_probs(ids, cond, sampling)
+    return target_kl(target, log_probs), log_probs
+
+
 def categorical_kl_loss(
     generator,
     teacher: ARTeacher,
@@ -244,12 +254,8 @@ def categorical_kl_loss(
     position's conditional equals the teacher's given the prefix the generator produced, i.e. when the two joints are
     equal. Gradients reach the log-probs only; the prefix the teacher reads is the picked codes, held fixed.
     """
-    log_probs = generator.generator_log_probs(eps, cond)
-    ids = pick_codes(log_probs, eps, generator.code_order())
-    with torch.no_grad():
-        target = teacher.log_probs(ids, cond, sampling)
-    kl = target_kl(target, log_probs)  # (B, N)
+    kl, log_probs = categorical_kl(generator, teacher, eps, cond, sampling)  # (B, N), (B, N, V)
     loss = kl.sum(-1).mean()
-    entropy = -(log_probs.exp() * log_probs).nansum(-1).mean()
+    entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
     return loss, {"loss": loss.detach(), "kl_first": kl[:, 0].mean().detach(), "kl_last": kl[:, -1].mean().detach(),
                   "entropy": entropy.detach()}

@@ -243,6 +243,16 @@ class StudentNet(nn.Module):
         if self.generator_output == "categorical" and self.code_logits is None:
             raise ValueError("student.generator_output: categorical outputs need student.posterior_head (their code "
                              "log-probs are the posterior head's code logits)")
+        # the principal code order is a function of the (frozen) codebook: computed once here, again after every load
+        # (which may replace the codebook), not on every step; a buffer, so that it moves with the net
+        self.register_buffer("principal_codes", None, persistent=False)
+        self._refresh_code_order()
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module._refresh_code_order())
+
+    def _refresh_code_order(self) -> None:
+        codebook = self.backbone.codebook()
+        if self.categorical_order == "principal" and not codebook.is_meta:
+            self.principal_codes = principal_order(codebook)
 
     def features(self, seq: Tensor, cond: Cond) -> Tensor:
         """Backbone features (B, N, D) of a sequence (B, N, Ce); row i depends on earlier AR steps only."""
@@ -285,7 +295,7 @@ class StudentNet(nn.Module):
 
     def code_order(self) -> Tensor | None:
         """The order a categorical generator's CDF runs over the codes (``student.categorical_order``; None: index)."""
-        return principal_order(self.backbone.codebook()) if self.categorical_order == "principal" else None
+        return self.principal_codes
 
     def generate(self, eps: Tensor, cond: Cond, snap: bool = True) -> Tensor:
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps)),
@@ -348,12 +358,11 @@ class OneStepSampler(nn.Module):
             raise ValueError(f"OneStepSampler: the head runs at t = {head.time}, the generator at "
                              f"t = {net.generator_time}")
         self.head = net.head.at_time(net.generator_time) if head is None else head
-        # shared, like the backbone; a posterior head's mixture part stays exact (none: the generator runs without it)
-        self.code_logits = net.code_logits if net.generator_posterior else None
+        # shared, like the backbone; a posterior head's mixture part stays exact (none: the generator runs without it),
+        # and a categorical generator's outputs are its picks
         self.categorical = net.generator_output == "categorical"
-        if self.categorical:
-            self.code_logits = net.code_logits
-        self.register_buffer("code_order", net.code_order() if self.categorical else None, persistent=False)
+        self.code_logits = net.code_logits if net.generator_posterior or self.categorical else None
+        self.register_buffer("code_order", net.code_order(), persistent=False)
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
         self.snap_length = net.snap_length()
