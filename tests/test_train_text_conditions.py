@@ -12,7 +12,7 @@ from text_run_helpers import SLOTS, WIDTH, caption, text_config, text_teacher, w
 from dd2dist.conditions import Cond
 from dd2dist.engine.factory import TorchEngineFactory
 from dd2dist.latent import guidance_weights, process_logits
-from dd2dist.method.losses import gts_loss
+from dd2dist.method.losses import categorical_kl, gts_loss
 from dd2dist.nets.student import StudentNet
 from dd2dist.train import Trainer
 from dd2dist.train.condition_source import CaptionBank, CaptionDraws
@@ -62,6 +62,57 @@ def test_the_generator_follows_its_captions_row_by_row(setup):
         padded = Cond(text=cond.text.clone(), text_mask=cond.text_mask)
         padded.text[0, 0] = 5.0  # row 0 has one valid slot: slot 0 is padding, which the mask hides
         torch.testing.assert_close(net.generate(eps, padded), q, rtol=1e-5, atol=1e-6)
+
+
+CATEGORICAL = ["student.generator_output=categorical", "student.categorical_order=principal",
+               "student.posterior_head=true", "student.noise_input=mlp", "stage2.ode_init_steps=0",
+               "compact_head.enabled=false"]
+
+
+def test_a_categorical_generator_and_its_loss_follow_the_captions_row_by_row(setup, tmp_path):
+    _, teacher = setup
+    cfg = text_config(tmp_path, *CATEGORICAL)
+    net = StudentNet(teacher, cfg.student).eval()
+    cond = _captions([0, 3, 5, 6])
+    eps = torch.randn(4, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(1))
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        lp = net.generator_log_probs(eps, cond)
+        torch.testing.assert_close(net.generator_log_probs(eps[perm], cond.select(perm)), lp[perm],
+                                   rtol=1e-5, atol=1e-5)
+        same_noise = net.generator_log_probs(eps[:1].expand(4, -1, -1), cond)
+        assert all(not torch.allclose(same_noise[0], same_noise[i]) for i in range(1, 4))  # captions matter
+        kl, _ = categorical_kl(net, teacher, eps, cond, cfg.teacher.sampling)
+        kl_perm, _ = categorical_kl(net, teacher, eps[perm], cond.select(perm), cfg.teacher.sampling)
+        torch.testing.assert_close(kl_perm, kl[perm], rtol=1e-4, atol=1e-5)  # the teacher's target: the row's caption
+        wrong, _ = categorical_kl(net, teacher, eps, cond.select(perm), cfg.teacher.sampling)
+        assert not torch.allclose(wrong, kl)
+        torch.testing.assert_close(net.for_sampling().generate(eps, cond), net.generate(eps, cond))
+
+
+def test_a_categorical_text_run_resumes_exactly_inside_stage2(tmp_path, setup):
+    _, teacher = setup
+    shards = write_text_shards(tmp_path / "s", setup[0], [list(range(20))])
+    cfg = text_config(tmp_path, *CATEGORICAL, "stage2.generator_steps=4", f"data.captions={shards}",
+                      "data.caption_bank_size=6")
+
+    def trainer() -> Trainer:
+        torch.manual_seed(cfg.seed)
+        return Trainer(cfg, teacher, TorchEngineFactory())
+
+    whole = trainer()
+    whole.fit()
+    assert whole.done and "guidance" not in whole.engines
+    first = trainer()
+    first.fit(checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1000, max_iterations=cfg.stage1.steps + 2)
+    assert whole.state.iteration == cfg.stage1.steps + 4 and first.state.iteration == cfg.stage1.steps + 2
+    second = trainer()
+    assert second.resume_latest(tmp_path / "ckpt") is not None
+    second.fit()
+    a, b = _snapshot(whole), _snapshot(second)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 def test_the_guidance_features_follow_the_captions(setup):
