@@ -326,6 +326,7 @@ def ceiling(argv: list[str]) -> int:
     from dd2dist.eval.fidelity import FidelityOptions, summary_lines
     from dd2dist.eval.one_pass_ceiling import CeilingOptions, ceiling_benchmark
     from dd2dist.nets.categorical import CODE_ORDERS
+    from dd2dist.nets.neighbour_picks import NEIGHBOUR_PICKS
     from dd2dist.nets.vector_input import NOISE_INPUTS
 
     p = argparse.ArgumentParser(prog="benchmark.py ceiling", description=_summary("dd2dist.eval.one_pass_ceiling"))
@@ -339,11 +340,14 @@ def ceiling(argv: list[str]) -> int:
                    help="LlamaGen: blocks added after the copied ones, starting as the identity")
     p.add_argument("--code-order", default=CeilingOptions.code_order, choices=CODE_ORDERS,
                    help="the codes' order in the inverse CDF (dd2dist.nets.categorical)")
+    p.add_argument("--neighbour-picks", default=CeilingOptions.neighbour_picks, choices=NEIGHBOUR_PICKS,
+                   help="LlamaGen: the head reads its own picks there (dd2dist.nets.neighbour_picks)")
     p.add_argument("--seed", type=int, default=CeilingOptions.seed)
     p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
     args = p.parse_args(argv)
     opts = CeilingOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, noise_input=args.noise_input,
-                          extra_layers=args.extra_layers, code_order=args.code_order, seed=args.seed)
+                          extra_layers=args.extra_layers, code_order=args.code_order,
+                          neighbour_picks=args.neighbour_picks, seed=args.seed)
     fid = FidelityOptions(num_samples=args.samples, samplers=("teacher", "marginals", "one_step"))
     try:
         report = ceiling_benchmark(args.run, opts, fid)

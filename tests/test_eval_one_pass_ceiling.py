@@ -106,3 +106,11 @@ def test_extra_layers_start_as_the_identity_and_train(toy_teacher):
 
         var, _ = build_toy_teacher(ToyTeacherSpec(family="var", fit_steps=0))
         categorical_one_pass(var, extra_layers=1)
+
+
+def test_the_ceiling_can_read_its_neighbours_picks(toy_teacher):
+    teacher, sampling = toy_teacher
+    net, report = train_ceiling(teacher, sampling, CeilingOptions(steps=4, batch_size=8, neighbour_picks="left_up",
+                                                                  code_order="principal", log_every=2))
+    assert net.neighbour_picks is not None and report["options"]["neighbour_picks"] == "left_up"
+    assert float(net.neighbour_picks.mlp[2].weight.abs().sum()) > 0  # trained away from its zero start

@@ -69,9 +69,10 @@ CATEGORICAL = ["student.generator_output=categorical", "student.categorical_orde
                "compact_head.enabled=false"]
 
 
-def test_a_categorical_generator_and_its_loss_follow_the_captions_row_by_row(setup, tmp_path):
+@pytest.mark.parametrize("neighbour_picks", ["none", "left_up"])
+def test_a_categorical_generator_and_its_loss_follow_the_captions_row_by_row(setup, tmp_path, neighbour_picks):
     _, teacher = setup
-    cfg = text_config(tmp_path, *CATEGORICAL)
+    cfg = text_config(tmp_path, *CATEGORICAL, f"student.neighbour_picks={neighbour_picks}")
     net = StudentNet(teacher, cfg.student).eval()
     cond = _captions([0, 3, 5, 6])
     eps = torch.randn(4, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(1))
@@ -90,11 +91,12 @@ def test_a_categorical_generator_and_its_loss_follow_the_captions_row_by_row(set
         torch.testing.assert_close(net.for_sampling().generate(eps, cond), net.generate(eps, cond))
 
 
-def test_a_categorical_text_run_resumes_exactly_inside_stage2(tmp_path, setup):
+@pytest.mark.parametrize("neighbour_picks", ["none", "left_up"])
+def test_a_categorical_text_run_resumes_exactly_inside_stage2(tmp_path, setup, neighbour_picks):
     _, teacher = setup
     shards = write_text_shards(tmp_path / "s", setup[0], [list(range(20))])
     cfg = text_config(tmp_path, *CATEGORICAL, "stage2.generator_steps=4", f"data.captions={shards}",
-                      "data.caption_bank_size=6")
+                      "data.caption_bank_size=6", f"student.neighbour_picks={neighbour_picks}")
 
     def trainer() -> Trainer:
         torch.manual_seed(cfg.seed)

@@ -157,6 +157,10 @@ class StudentConfig:
     # The order a categorical generator's inverse CDF runs over the codes: their index, or their place along the
     # codebook's first principal axis, so that neighbouring noise picks neighbouring codes (dd2dist/nets/categorical.py)
     categorical_order: Literal["index", "principal"] = "index"
+    # A categorical LlamaGen generator's head reads the codes it picked at each position's left and upper neighbours
+    # (a loop over positions of a small MLP after the one backbone pass, dd2dist/nets/neighbour_picks.py), so that
+    # the backbone need not rebuild those tokens from their noise
+    neighbour_picks: Literal["none", "left", "left_up"] = "none"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
@@ -404,6 +408,7 @@ class ExperimentConfig:
             raise ConfigError("alignment.enabled", "must be true when stages include 'alignment'")
         if self.student.generator_output == "categorical":
             self._check_categorical_generator()
+        self._check_neighbour_picks()
         # Derived defaults are resolved here, once, so that every worker and the dumped config agree on them.
         output_dir = os.path.abspath(os.path.expanduser(self.output_dir or os.path.join("runs", self.name)))
         object.__setattr__(self, "output_dir", output_dir)
@@ -431,6 +436,17 @@ class ExperimentConfig:
         if self.compact_head.enabled:
             raise ConfigError("compact_head.enabled", f"must be false {why} (the generator samples without its MLP "
                                                       "head, so there is no head to compact)")
+
+    def _check_neighbour_picks(self) -> None:
+        if self.student.neighbour_picks == "none":
+            return
+        if self.student.generator_output != "categorical":
+            raise ConfigError("student.neighbour_picks", "needs student.generator_output: categorical (a continuous "
+                                                         "generator picks no codes to read)")
+        if self.teacher.family != "llamagen":
+            raise ConfigError("student.neighbour_picks", f"is for raster (LlamaGen) teachers, not "
+                                                         f"{self.teacher.family!r}: a VAR scale's tokens are drawn "
+                                                         "together")
 
     @property
     def text_conditional(self) -> bool:

@@ -45,7 +45,7 @@ from dd2dist.teachers.base import ARTeacher
 
 
 def categorical_one_pass(teacher: ARTeacher, noise_input: str = "mlp", extra_layers: int = 0,
-                         code_order: str = "index") -> StudentNet:
+                         code_order: str = "index", neighbour_picks: str = "none") -> StudentNet:
     """The diagnostic's generator: a fresh student of ``teacher`` with categorical outputs
     (``student.generator_output: categorical``, :mod:`dd2dist.nets.categorical`), the continuous input path as
     ``noise_input`` says and the codes in ``code_order`` in the CDF. At the start the logits at position i are the
@@ -54,11 +54,15 @@ def categorical_one_pass(teacher: ARTeacher, noise_input: str = "mlp", extra_lay
     ``extra_layers`` (LlamaGen): that many more transformer blocks after the copied ones, each starting as the
     identity (zero output projections). Position i can read what position i-1 computed at a layer only in the next
     layer, so a chain of tokens each drawn from the conditional given the earlier ones can be followed exactly
-    through at most about as many positions as there are layers; extra layers test whether depth is the limit."""
+    through at most about as many positions as there are layers; extra layers test whether depth is the limit.
+
+    ``neighbour_picks`` (LlamaGen): the head also reads the codes picked at each position's left / upper neighbours
+    (``student.neighbour_picks``, :mod:`dd2dist.nets.neighbour_picks`)."""
     if code_order not in CODE_ORDERS:
         raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
     net = StudentNet(teacher, StudentConfig(noise_input=noise_input, posterior_head=True,
-                                            generator_output="categorical", categorical_order=code_order))
+                                            generator_output="categorical", categorical_order=code_order,
+                                            neighbour_picks=neighbour_picks))
     if extra_layers:
         add_identity_layers(net.backbone, extra_layers)
     return net
@@ -94,6 +98,7 @@ class CeilingOptions:
     noise_input: str = "mlp"
     extra_layers: int = 0
     code_order: str = "index"
+    neighbour_picks: str = "none"
     seed: int = 0
     log_every: int = 100
 
@@ -106,7 +111,7 @@ def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
     for its target given that prefix and takes one AdamW step on the mean per-position KL. Returns the net (eval
     mode) and the curve: KL (nats per sequence) per logged step and per position over the last ``log_every``
     steps."""
-    net = categorical_one_pass(teacher, opts.noise_input, opts.extra_layers, opts.code_order)
+    net = categorical_one_pass(teacher, opts.noise_input, opts.extra_layers, opts.code_order, opts.neighbour_picks)
     params = [p for p in net.parameters() if p.requires_grad]  # the unused MLP head gets no gradient: AdamW skips it
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)))

@@ -55,6 +55,7 @@ from dd2dist.conditions import Cond
 from dd2dist.latent import posterior
 from dd2dist.nets.categorical import pick_codes, principal_order
 from dd2dist.nets.head import MLPHead
+from dd2dist.nets.neighbour_picks import NeighbourPicks
 from dd2dist.nets.output_snap import code_spacing, soft_snap
 from dd2dist.nets.vector_input import NOISE_INPUTS, VectorInput
 from dd2dist.teachers.base import ARTeacher
@@ -187,6 +188,16 @@ def code_log_probs(code_logits: nn.Linear, feats: Tensor) -> Tensor:
     return torch.log_softmax(code_logits(feats).float(), dim=-1)
 
 
+def categorical_log_probs(code_logits: nn.Linear, neighbour_picks: NeighbourPicks | None, feats: Tensor, eps: Tensor,
+                          order: Tensor | None) -> Tensor:
+    """A categorical generator's code log-probs (B, N, V), fp32, from its backbone features of the noise ``eps``:
+    the posterior head's, read row by row beside the neighbours' picks where the generator has
+    :class:`~dd2dist.nets.neighbour_picks.NeighbourPicks`."""
+    if neighbour_picks is None:
+        return code_log_probs(code_logits, feats)
+    return neighbour_picks(feats, eps, lambda row: code_log_probs(code_logits, row), order)
+
+
 def mixture_velocity(log_probs: Tensor, codebook: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
     """The posterior head's mixture part, fp32 (B, N, Ce): the closed-form velocity at (x_t, t) of the mixture over
     ``codebook`` with ``log_probs`` (the teacher's own formula, :mod:`dd2dist.latent`).
@@ -243,6 +254,13 @@ class StudentNet(nn.Module):
         if self.generator_output == "categorical" and self.code_logits is None:
             raise ValueError("student.generator_output: categorical outputs need student.posterior_head (their code "
                              "log-probs are the posterior head's code logits)")
+        self.neighbour_picks: NeighbourPicks | None = None
+        which = getattr(student_cfg, "neighbour_picks", "none")
+        if which != "none":
+            if self.generator_output != "categorical" or teacher.family != "llamagen":
+                raise ValueError("student.neighbour_picks needs a categorical generator of a LlamaGen teacher")
+            self.neighbour_picks = NeighbourPicks(teacher.vocab_size, teacher.hidden_dim, teacher.cfg.grid,
+                                                  which).to(self.code_logits.weight.device)
         # the principal code order is a function of the (frozen) codebook: computed once here, again after every load
         # (which may replace the codebook), not on every step; a buffer, so that it moves with the net
         self.register_buffer("principal_codes", None, persistent=False)
@@ -291,7 +309,8 @@ class StudentNet(nn.Module):
         _check_noise(eps, self.num_tokens, self.embed_dim)
         if self.code_logits is None:
             raise ValueError("generator_log_probs needs a posterior head (student.posterior_head)")
-        return code_log_probs(self.code_logits, self.features(eps, cond))
+        return categorical_log_probs(self.code_logits, self.neighbour_picks, self.features(eps, cond), eps,
+                                     self.code_order())
 
     def code_order(self) -> Tensor | None:
         """The order a categorical generator's CDF runs over the codes (``student.categorical_order``; None: index)."""
@@ -362,6 +381,7 @@ class OneStepSampler(nn.Module):
         # and a categorical generator's outputs are its picks
         self.categorical = net.generator_output == "categorical"
         self.code_logits = net.code_logits if net.generator_posterior or self.categorical else None
+        self.neighbour_picks = net.neighbour_picks
         self.register_buffer("code_order", net.code_order(), persistent=False)
         self.time = net.generator_time
         self.num_tokens, self.embed_dim = net.num_tokens, net.embed_dim
@@ -373,7 +393,8 @@ class OneStepSampler(nn.Module):
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.backbone.features(eps, cond)
         if self.categorical:  # the code each position's uniform picks (the head is not part of this generator)
-            ids = pick_codes(code_log_probs(self.code_logits, feats), eps, self.code_order)
+            log_probs = categorical_log_probs(self.code_logits, self.neighbour_picks, feats, eps, self.code_order)
+            ids = pick_codes(log_probs, eps, self.code_order)
             return self.backbone.codebook()[ids].to(eps.dtype)
         v = self.head(eps, feats)
         if self.code_logits is not None:
