@@ -18,13 +18,20 @@ TINY = {"var": ROOT / "configs/experiments/smoke_var_torch.yaml",
         "llamagen": ROOT / "configs/experiments/smoke_llamagen_torch.yaml"}
 
 
-@pytest.mark.parametrize("family,noise_input,posterior_head", [
-    ("var", "none", False), ("var", "none", True), ("var", "mlp", False), ("llamagen", "none", False),
-    ("llamagen", "mlp", False),
-    ("llamagen", "mlp", True)])
-def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, noise_input, posterior_head, tmp_path):
+NEIGHBOUR_PICKS = ("student.generator_output=categorical", "student.neighbour_picks=left_up",
+                   "stage2.ode_init_steps=0", "compact_head.enabled=false")
+
+
+@pytest.mark.parametrize("family,noise_input,posterior_head,extra", [
+    ("var", "none", False, ()), ("var", "none", True, ()), ("var", "mlp", False, ()), ("llamagen", "none", False, ()),
+    ("llamagen", "mlp", False, ()),
+    ("llamagen", "mlp", True, ()),
+    ("llamagen", "mlp", True, NEIGHBOUR_PICKS)])
+def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, noise_input, posterior_head, extra,
+                                                                      tmp_path):
     cfg = load_config(TINY[family], ["teacher.official=null", f"student.noise_input={noise_input}",
-                                     f"student.posterior_head={str(posterior_head).lower()}"], check_paths=False)
+                                     f"student.posterior_head={str(posterior_head).lower()}", *extra],
+                      check_paths=False)
     torch.manual_seed(3)
     teacher = build_teacher(cfg.teacher)
     path = tmp_path / "teacher.pt"
@@ -45,6 +52,7 @@ def test_student_from_teacher_file_equals_the_copy_of_a_whole_teacher(family, no
     assert not built.head.final.linear.weight.any() and not built.head.final.linear.bias.any()
     assert any(".vector_input." in key for key in built_state) == (noise_input == "mlp")
     assert ("code_logits.weight" in built_state) == posterior_head
+    assert any(key.startswith("neighbour_picks.") for key in built_state) == bool(extra)
     seq = torch.randn(2, teacher.num_tokens, teacher.embed_dim, generator=torch.Generator().manual_seed(0))
     cond = Cond(labels=torch.tensor([0, 1]))
     with torch.no_grad():  # non-persistent buffers (masks, RoPE tables) were rebuilt

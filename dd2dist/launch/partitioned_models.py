@@ -65,6 +65,7 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     """
     from dd2dist.nets import StudentNet
     from dd2dist.nets.head import MLPHead
+    from dd2dist.nets.neighbour_picks import NeighbourPicks
     from dd2dist.nets.student import OUTPUT_LAYER
     from dd2dist.nets.vector_input import VectorInput
     from dd2dist.teachers import build_family
@@ -83,6 +84,10 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     fresh.update({f"head.{k}": v for k, v in MLPHead(
         token_dim=head.token_dim, cond_dim=head.cond_dim, width=student_cfg.head_width, depth=student_cfg.head_depth,
         time_embed_dim=student_cfg.time_embed_dim).state_dict().items()})
+    if student.neighbour_picks is not None:
+        picks = student.neighbour_picks
+        fresh.update({f"neighbour_picks.{k}": v for k, v in NeighbourPicks(
+            picks.vocab_size, head.cond_dim, picks.grid, picks.which).state_dict().items()})
     loaded: dict[str, Tensor] = {}
     names = set(state)
     output_layer = OUTPUT_LAYER[teacher_cfg.family]

@@ -43,7 +43,7 @@ class NeighbourPicks(nn.Module):
         super().__init__()
         if which not in NEIGHBOUR_PICKS or which == "none":
             raise ValueError(f"student.neighbour_picks must be one of {NEIGHBOUR_PICKS[1:]}, got {which!r}")
-        self.vocab_size = vocab_size
+        self.vocab_size, self.grid, self.which = vocab_size, grid, which
         self.offsets = (1,) if which == "left" else (1, grid)
         self.embed = nn.ModuleList(nn.Embedding(vocab_size + 1, model_dim) for _ in self.offsets)
         for table in self.embed:
