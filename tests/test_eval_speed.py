@@ -118,22 +118,25 @@ def test_training_head_form_is_timed_on_request():
         benchmark_model("digits_var", [1], 0, 1, torch.device("cpu"), torch.float32, head_form="folded")
 
 
-def test_compact_head_of_the_demo_recipes_is_timed_against_its_own_teacher_forced_passes():
+def test_a_compact_head_is_timed_against_its_own_teacher_forced_passes():
     import torch
 
     from dd2dist.config import load_config
+    from dd2dist.config.schema import StudentConfig
     from dd2dist.eval.speed import benchmark_model, compact_head_spec
     from dd2dist.nets.compact_head import CompactHeadSpec
 
-    # the VAR recipe's categorical generator samples without a head, so it fits none; the LlamaGen recipe fits one,
-    # so the benchmark times it
-    assert not load_config(REPO / "configs" / "demo" / "var.yaml", check_paths=False).compact_head.enabled
-    assert compact_head_spec("digits_var") is None
-    c = load_config(REPO / "configs" / "demo" / "llamagen.yaml", check_paths=False).compact_head
-    assert c.enabled and compact_head_spec("digits_llamagen") == CompactHeadSpec(c.width, c.depth, c.rank)
+    # both demo recipes' categorical generators sample without a head, so they fit none; a continuous generator
+    # given a compact head gets it timed
+    for family in ("var", "llamagen"):
+        assert not load_config(REPO / "configs" / "demo" / f"{family}.yaml", check_paths=False).compact_head.enabled
+        assert compact_head_spec(f"digits_{family}") is None
     assert compact_head_spec("var_d16") is None  # true-size geometries: no recipe, no compact head
-    (row,) = benchmark_model("digits_llamagen", [2], 0, 2, torch.device("cpu"), torch.float32, log=lambda _: None)
-    assert row["compact_head"] == {"width": c.width, "depth": c.depth, "rank": c.rank}
+    spec = CompactHeadSpec(64, 0, 0)
+    continuous = StudentConfig(head_width=128, head_depth=2, time_embed_dim=64, noise_input="mlp", posterior_head=True)
+    (row,) = benchmark_model("digits_llamagen", [2], 0, 2, torch.device("cpu"), torch.float32, log=lambda _: None,
+                             student_cfg=continuous, compact_spec=spec)
+    assert row["compact_head"] == {"width": 64, "depth": 0, "rank": 0}
     assert row["timings"]["one_step_compact"]["interleaved"] and row["timings"]["one_step_compact"]["repeats"] == 2
     assert row["one_step_compact_over_teacher_forced"] > 0
     assert row["s_per_image"]["one_step_compact"] == pytest.approx(row["timings"]["one_step_compact"]["median_s"] / 2)

@@ -171,8 +171,10 @@ def _timed_calls(
 def benchmark_model(
     model: str, batch_sizes: list[int], warmup: int, repeats: int, device: torch.device, dtype: torch.dtype,
     log: Callable[[str], None] = print, head_width: int = 0, head_depth: int = 0, head_form: str = "sampling",
+    student_cfg: StudentConfig | None = None, compact_spec: CompactHeadSpec | None = None,
 ) -> list[dict]:
-    """All timings of one model at each batch size (see the module docstring)."""
+    """All timings of one model at each batch size (see the module docstring). ``student_cfg`` / ``compact_spec``
+    replace the demo recipe's generator and compact head (None: the recipe's)."""
     from dd2dist.nets.student import StudentNet
 
     # "sampling": what evaluation samples with (the head folded at t = 1, StudentNet.for_sampling); "training": the
@@ -180,7 +182,7 @@ def benchmark_model(
     if head_form not in ("sampling", "training"):
         raise ValueError(f"head_form must be 'sampling' or 'training', got {head_form!r}")
     teacher, sampling = build_benchmark_teacher(model)
-    head = generator_head(model)
+    head = student_cfg or generator_head(model)
     if head_width or head_depth:
         head = replace(head, head_width=head_width or head.head_width, head_depth=head_depth or head.head_depth)
     student = StudentNet(teacher, head, init_adapter=False).eval().requires_grad_(False)
@@ -188,7 +190,7 @@ def benchmark_model(
     n_teacher = sum(p.numel() for n, p in teacher.named_parameters() if not n.startswith("tokenizer."))
     n_generator = sum(p.numel() for p in student.parameters())
     generator = student.for_sampling() if head_form == "sampling" else student
-    spec = compact_head_spec(model)
+    spec = compact_spec or compact_head_spec(model)
     compact = None
     if spec is not None:
         with torch.random.fork_rng(devices=[]):  # random weights: speed does not depend on them
