@@ -97,24 +97,9 @@ def test_a_categorical_text_run_resumes_exactly_inside_stage2(tmp_path, setup, n
     shards = write_text_shards(tmp_path / "s", setup[0], [list(range(20))])
     cfg = text_config(tmp_path, *CATEGORICAL, "stage2.generator_steps=4", f"data.captions={shards}",
                       "data.caption_bank_size=6", f"student.neighbour_picks={neighbour_picks}")
-
-    def trainer() -> Trainer:
-        torch.manual_seed(cfg.seed)
-        return Trainer(cfg, teacher, TorchEngineFactory())
-
-    whole = trainer()
-    whole.fit()
-    assert whole.done and "guidance" not in whole.engines
-    first = trainer()
-    first.fit(checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1000, max_iterations=cfg.stage1.steps + 2)
+    whole, first = _resumed_equals_whole(cfg, teacher, tmp_path, cfg.stage1.steps + 2)
+    assert "guidance" not in whole.engines
     assert whole.state.iteration == cfg.stage1.steps + 4 and first.state.iteration == cfg.stage1.steps + 2
-    second = trainer()
-    assert second.resume_latest(tmp_path / "ckpt") is not None
-    second.fit()
-    a, b = _snapshot(whole), _snapshot(second)
-    assert set(a) == set(b)
-    for key in a:
-        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 def test_the_guidance_features_follow_the_captions(setup):
@@ -186,12 +171,9 @@ def _snapshot(tr: Trainer) -> dict:
     return out
 
 
-@pytest.mark.parametrize("stop_at", [1, 4])  # inside stage 1 (online text sampling); inside a regression block
-def test_a_text_run_resumes_exactly(tmp_path, setup, stop_at):
-    _, teacher = setup
-    shards = write_text_shards(tmp_path / "s", setup[0], [list(range(20))])
-    cfg = text_config(tmp_path, "stage2.ode_init_steps=2", "stage2.ode_pairs_per_call=2", "stage2.ode_steps=2",
-                      "stage2.regression_weight=0.5", f"data.captions={shards}", "data.caption_bank_size=6")
+def _resumed_equals_whole(cfg, teacher, tmp_path, stop_at: int) -> tuple[Trainer, Trainer]:
+    """Train ``cfg`` whole, and again stopped after ``stop_at`` iterations and resumed from that checkpoint: the two
+    end bit for bit alike. Returns the whole run and the stopped one."""
 
     def trainer() -> Trainer:
         torch.manual_seed(cfg.seed)  # the fresh student head is drawn from the global RNG, as in a worker
@@ -209,6 +191,16 @@ def test_a_text_run_resumes_exactly(tmp_path, setup, stop_at):
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    return whole, first
+
+
+@pytest.mark.parametrize("stop_at", [1, 4])  # inside stage 1 (online text sampling); inside a regression block
+def test_a_text_run_resumes_exactly(tmp_path, setup, stop_at):
+    _, teacher = setup
+    shards = write_text_shards(tmp_path / "s", setup[0], [list(range(20))])
+    cfg = text_config(tmp_path, "stage2.ode_init_steps=2", "stage2.ode_pairs_per_call=2", "stage2.ode_steps=2",
+                      "stage2.regression_weight=0.5", f"data.captions={shards}", "data.caption_bank_size=6")
+    _resumed_equals_whole(cfg, teacher, tmp_path, stop_at)
 
 
 def test_sample_grids_of_a_text_run_show_the_first_captions_of_the_bank(setup, tmp_path):
