@@ -75,8 +75,9 @@ def test_each_position_reads_exactly_the_codes_picked_at_its_neighbours(teacher)
     grid = teacher.cfg.grid
     head = net.neighbour_picks
     with torch.no_grad():
-        lp = net.generator_log_probs(eps, cond)
+        lp, picked = net.generator_outputs(eps, cond)
         ids = pick_codes(lp, eps, net.code_order())
+        assert torch.equal(picked, ids)  # the loop's own picks are the ones its log-probs give
         feats = net.features(eps, cond)
         none = torch.full((eps.shape[0],), teacher.vocab_size)
         for i in range(teacher.num_tokens):

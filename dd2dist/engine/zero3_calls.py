@@ -36,7 +36,8 @@ from typing import Any
 from torch import Tensor, nn
 
 # The student's API (dd2dist.nets.student.StudentNet); method code calls only these on a trainable net.
-STUDENT_API_METHODS = ("features", "code_log_probs", "velocity", "correction", "generate", "generator_log_probs")
+STUDENT_API_METHODS = ("features", "code_log_probs", "velocity", "correction", "generate", "generator_log_probs",
+                       "generator_outputs")
 CALL_KEYWORD = "_dd2_call"  # the forward keyword that selects the API method
 
 

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from dd2dist.conditions import Cond, Sampling
 from dd2dist.latent import add_noise, nearest_code, posterior, velocity_to_x0
-from dd2dist.nets.categorical import pick_codes
 from dd2dist.teachers.base import ARTeacher
 
 
@@ -230,8 +229,7 @@ def target_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
 def categorical_kl(generator, teacher: ARTeacher, eps: Tensor, cond: Cond, sampling: Sampling) -> tuple[Tensor, Tensor]:
     """A categorical generator's per-position KL (B, N), fp32, from the teacher's target given the tokens it picks
     from ``eps`` to its own conditional, and its code log-probs (B, N, V) (see :func:`categorical_kl_loss`)."""
-    log_probs = generator.generator_log_probs(eps, cond)
-    ids = pick_codes(log_probs, eps, generator.code_order())
+    log_probs, ids = generator.generator_outputs(eps, cond)
     with torch.no_grad():
         target = teacher.log_probs(ids, cond, sampling)
     return target_kl(target, log_probs), log_probs

@@ -3,8 +3,7 @@
 A one-pass generator makes token i from features of the noise of earlier positions, so to follow the teacher's raster
 chain its backbone must rebuild every earlier token from that noise. On the LlamaGen digits teacher that read-back is
 what limits it: in the one-pass ceiling (:mod:`dd2dist.eval.one_pass_ceiling`) the per-position KL grows along the
-sequence, extra layers do not help, and a finer reading of each position's own uniform does not either
-(docs/results.md, "neighbour picks").
+sequence and extra layers do not help (docs/method.md §12.15).
 
 :class:`NeighbourPicks` gives the head the exact codes instead, for the neighbours that matter most in a raster: the
 token just before (``left``) and the one a row above (``up``). After the single backbone pass it walks the positions
@@ -52,10 +51,11 @@ class NeighbourPicks(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, feats: Tensor, eps: Tensor, code_log_probs, order: Tensor | None) -> Tensor:
+    def forward(self, feats: Tensor, eps: Tensor, code_log_probs, order: Tensor | None) -> tuple[Tensor, Tensor]:
         """Code log-probs (B, N, V), fp32, of backbone features ``feats`` (B, N, D) with each position reading the
-        codes picked before it at its neighbours; ``code_log_probs(feats_row)`` is the posterior head's log-softmax
-        and ``order`` the CDF's code order. The picks themselves are :func:`pick_codes` of the result."""
+        codes picked before it at its neighbours, and those picks (B, N): :func:`pick_codes` of the log-probs at the
+        uniforms of ``eps``. ``code_log_probs(feats_row)`` is the posterior head's log-softmax and ``order`` the
+        CDF's code order."""
         B, N, _ = feats.shape
         none = torch.full((B,), self.vocab_size, dtype=torch.long, device=feats.device)
         picks: list[Tensor] = []  # a list, not a tensor written in place: autograd keeps the indices it embedded
@@ -67,4 +67,4 @@ class NeighbourPicks(nn.Module):
             log_probs = code_log_probs(feats[:, i] + self.mlp(mixed).to(feats.dtype))
             picks.append(pick_codes(log_probs[:, None], eps[:, i : i + 1], order)[:, 0])
             rows.append(log_probs)
-        return torch.stack(rows, 1)
+        return torch.stack(rows, 1), torch.stack(picks, 1)

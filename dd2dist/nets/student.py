@@ -188,13 +188,15 @@ def code_log_probs(code_logits: nn.Linear, feats: Tensor) -> Tensor:
     return torch.log_softmax(code_logits(feats).float(), dim=-1)
 
 
-def categorical_log_probs(code_logits: nn.Linear, neighbour_picks: NeighbourPicks | None, feats: Tensor, eps: Tensor,
-                          order: Tensor | None) -> Tensor:
-    """A categorical generator's code log-probs (B, N, V), fp32, from its backbone features of the noise ``eps``:
-    the posterior head's, read row by row beside the neighbours' picks where the generator has
-    :class:`~dd2dist.nets.neighbour_picks.NeighbourPicks`."""
+def categorical_outputs(code_logits: nn.Linear, neighbour_picks: NeighbourPicks | None, feats: Tensor, eps: Tensor,
+                        order: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A categorical generator's code log-probs (B, N, V), fp32, from its backbone features of the noise ``eps``,
+    and the token ids (B, N) they pick at the noise's uniforms: the posterior head's, or, where the generator has
+    :class:`~dd2dist.nets.neighbour_picks.NeighbourPicks`, read row by row beside the neighbours' picks (which that
+    loop makes anyway: they are not picked twice)."""
     if neighbour_picks is None:
-        return code_log_probs(code_logits, feats)
+        log_probs = code_log_probs(code_logits, feats)
+        return log_probs, pick_codes(log_probs, eps, order)
     return neighbour_picks(feats, eps, lambda row: code_log_probs(code_logits, row), order)
 
 
@@ -303,14 +305,18 @@ class StudentNet(nn.Module):
             self.head.final.linear.weight.zero_()
             self.head.final.linear.bias.zero_()
 
-    def generator_log_probs(self, eps: Tensor, cond: Cond) -> Tensor:
-        """A categorical generator's code log-probs (B, N, V), fp32: each position's distribution given the noise
-        of earlier AR steps (:mod:`dd2dist.nets.categorical`)."""
+    def generator_outputs(self, eps: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """A categorical generator's code log-probs (B, N, V), fp32, each position's distribution given the noise of
+        earlier AR steps, and the token ids (B, N) its noise picks from them (:mod:`dd2dist.nets.categorical`)."""
         _check_noise(eps, self.num_tokens, self.embed_dim)
         if self.code_logits is None:
-            raise ValueError("generator_log_probs needs a posterior head (student.posterior_head)")
-        return categorical_log_probs(self.code_logits, self.neighbour_picks, self.features(eps, cond), eps,
-                                     self.code_order())
+            raise ValueError("generator_outputs needs a posterior head (student.posterior_head)")
+        return categorical_outputs(self.code_logits, self.neighbour_picks, self.features(eps, cond), eps,
+                                   self.code_order())
+
+    def generator_log_probs(self, eps: Tensor, cond: Cond) -> Tensor:
+        """The code log-probs of :meth:`generator_outputs`."""
+        return self.generator_outputs(eps, cond)[0]
 
     def code_order(self) -> Tensor | None:
         """The order a categorical generator's CDF runs over the codes (``student.categorical_order``; None: index)."""
@@ -320,10 +326,10 @@ class StudentNet(nn.Module):
         """Generator role: noise (B, N, Ce) -> continuous tokens q = eps - v(eps, generator_time, features(eps)),
         through the soft-snap output layer where ``student.generator_snap`` sets one (``snap=False`` skips it: the
         PF-ODE regression fits the map before it, where a wrong code is not a saturated softmax). A categorical
-        generator returns the code vectors it picks (no gradient: its loss reads :meth:`generator_log_probs`)."""
+        generator returns the code vectors it picks (no gradient: its loss reads :meth:`generator_outputs`)."""
         if self.generator_output == "categorical":
             with torch.no_grad():
-                ids = pick_codes(self.generator_log_probs(eps, cond), eps, self.code_order())
+                _, ids = self.generator_outputs(eps, cond)
                 return self.backbone.codebook()[ids].to(eps.dtype)
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.features(eps, cond)
@@ -393,8 +399,7 @@ class OneStepSampler(nn.Module):
         _check_noise(eps, self.num_tokens, self.embed_dim)
         feats = self.backbone.features(eps, cond)
         if self.categorical:  # the code each position's uniform picks (the head is not part of this generator)
-            log_probs = categorical_log_probs(self.code_logits, self.neighbour_picks, feats, eps, self.code_order)
-            ids = pick_codes(log_probs, eps, self.code_order)
+            _, ids = categorical_outputs(self.code_logits, self.neighbour_picks, feats, eps, self.code_order)
             return self.backbone.codebook()[ids].to(eps.dtype)
         v = self.head(eps, feats)
         if self.code_logits is not None:
