@@ -325,6 +325,7 @@ def ceiling(argv: list[str]) -> int:
     beside the teacher's second draw, the product of marginals and the run's one-step generator."""
     from dd2dist.eval.fidelity import FidelityOptions, summary_lines
     from dd2dist.eval.one_pass_ceiling import CeilingOptions, ceiling_benchmark
+    from dd2dist.method.losses import CATEGORICAL_DIVERGENCES
     from dd2dist.nets.categorical import CODE_ORDERS
     from dd2dist.nets.neighbour_picks import NEIGHBOUR_PICKS
     from dd2dist.nets.vector_input import NOISE_INPUTS
@@ -342,12 +343,18 @@ def ceiling(argv: list[str]) -> int:
                    help="the codes' order in the inverse CDF (dd2dist.nets.categorical)")
     p.add_argument("--neighbour-picks", default=CeilingOptions.neighbour_picks, choices=NEIGHBOUR_PICKS,
                    help="LlamaGen: the head reads its own picks there (dd2dist.nets.neighbour_picks)")
+    p.add_argument("--neighbour-picks-lr-scale", type=float, default=CeilingOptions.neighbour_picks_lr_scale,
+                   help="that head's LR as a multiple of --lr (stage2.neighbour_picks_lr_scale)")
+    p.add_argument("--divergence", default=CeilingOptions.divergence, choices=CATEGORICAL_DIVERGENCES,
+                   help="the per-position loss (stage2.categorical_divergence)")
     p.add_argument("--seed", type=int, default=CeilingOptions.seed)
     p.add_argument("--samples", type=int, default=FidelityOptions.num_samples, help="samples per set")
     args = p.parse_args(argv)
     opts = CeilingOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, noise_input=args.noise_input,
                           extra_layers=args.extra_layers, code_order=args.code_order,
-                          neighbour_picks=args.neighbour_picks, seed=args.seed)
+                          neighbour_picks=args.neighbour_picks,
+                          neighbour_picks_lr_scale=args.neighbour_picks_lr_scale, divergence=args.divergence,
+                          seed=args.seed)
     fid = FidelityOptions(num_samples=args.samples, samplers=("teacher", "marginals", "one_step"))
     try:
         report = ceiling_benchmark(args.run, opts, fid)

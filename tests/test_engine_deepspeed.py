@@ -1,5 +1,6 @@
 """DeepSpeed engines on 2 gloo ranks (spawned processes, no Ray): trainable ZeRO 0/1/2 against a plain-torch
-reference of data-parallel AdamW, save/load, and the ZeRO-3 frozen teacher (memory share, equal outputs)."""
+reference of data-parallel AdamW (with a parameter group at a multiple of the LR), save/load, and the ZeRO-3 frozen
+teacher (memory share, equal outputs)."""
 
 from __future__ import annotations
 
@@ -32,14 +33,19 @@ def _loss(model, x, y):
 def _spec():
     from dd2dist.engine.optim import OptimSpec
 
-    return OptimSpec(lr=1e-2, lr_start=1e-3, warmup_steps=3, grad_clip=0.05, weight_decay=0.01, betas=(0.9, 0.95))
+    # the output layer ("2.") steps at 10x the scheduled LR, in a parameter group of its own
+    return OptimSpec(lr=1e-2, lr_start=1e-3, warmup_steps=3, grad_clip=0.05, weight_decay=0.01, betas=(0.9, 0.95),
+                     lr_scales=(("2.", 10.0),))
 
 
 def _reference(world: int, steps: int):
-    """Data-parallel AdamW by hand: gradient = mean over ranks, clipped by the global norm, LR warm-up."""
+    """Data-parallel AdamW by hand: gradient = mean over ranks, clipped by the global norm, LR warm-up, the output
+    layer at 10x the LR."""
     spec = _spec()
     model = _mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr_at(0), betas=spec.betas, weight_decay=spec.weight_decay,
+    groups = [{"params": list(model[0].parameters()), "scale": 1.0},
+              {"params": list(model[2].parameters()), "scale": 10.0}]
+    opt = torch.optim.AdamW(groups, lr=spec.lr_at(0), betas=spec.betas, weight_decay=spec.weight_decay,
                             foreach=False)
     norms = []
     for step in range(steps):
@@ -48,7 +54,7 @@ def _reference(world: int, steps: int):
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)))
         for group in opt.param_groups:
-            group["lr"] = spec.lr_at(step)
+            group["lr"] = spec.lr_at(step) * group["scale"]
         opt.step()
     return model, norms
 

@@ -186,10 +186,13 @@ def _batch(teacher, rank: int, step: int):
     return eps, Cond(labels=torch.randint(0, teacher.num_classes, (3,), generator=g)), g
 
 
-def _spec():
+def _spec(lr_scales=()):
     from dd2dist.engine.optim import OptimSpec
 
-    return OptimSpec(lr=LR, lr_start=LR / 2, warmup_steps=2, grad_clip=1.0, weight_decay=0.01)
+    return OptimSpec(lr=LR, lr_start=LR / 2, warmup_steps=2, grad_clip=1.0, weight_decay=0.01, lr_scales=lr_scales)
+
+
+HEAD_FASTER = (("head.", 4.0),)  # the student's MLP head in a parameter group at 4x the LR (partitioned at ZeRO-3)
 
 
 def _full_grads(engine) -> dict[str, torch.Tensor]:
@@ -245,7 +248,7 @@ def _run(rank: int, family: str, stage: int, tmp: str) -> dict:
 
     cfg, teacher, net = _student_and_teacher(FAMILIES[family])
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    gen = DeepSpeedEngine("generator", copy.deepcopy(net), _spec(), zero_stage=stage)
+    gen = DeepSpeedEngine("generator", copy.deepcopy(net), _spec(HEAD_FASTER), zero_stage=stage)
     gui = DeepSpeedEngine("guidance", copy.deepcopy(net), _spec(), zero_stage=stage)
     ema = EMA(gen.local_param_tensors(), ema_max=0.9)
     out = {"init": init, "norms": [], "grads": [], "ratio_start": (param_bytes_ratio(gen), param_bytes_ratio(gui))}

@@ -111,6 +111,9 @@ def test_extra_layers_start_as_the_identity_and_train(toy_teacher):
 def test_the_ceiling_can_read_its_neighbours_picks(toy_teacher):
     teacher, sampling = toy_teacher
     net, report = train_ceiling(teacher, sampling, CeilingOptions(steps=4, batch_size=8, neighbour_picks="left_up",
-                                                                  code_order="principal", log_every=2))
+                                                                  code_order="principal", log_every=2,
+                                                                  neighbour_picks_lr_scale=10.0,
+                                                                  divergence="symmetric"))
     assert net.neighbour_picks is not None and report["options"]["neighbour_picks"] == "left_up"
+    assert (report["options"]["divergence"], report["options"]["neighbour_picks_lr_scale"]) == ("symmetric", 10.0)
     assert float(net.neighbour_picks.mlp[2].weight.abs().sum()) > 0  # trained away from its zero start

@@ -91,14 +91,22 @@ def test_a_categorical_generator_and_its_loss_follow_the_captions_row_by_row(set
         torch.testing.assert_close(net.for_sampling().generate(eps, cond), net.generate(eps, cond))
 
 
-@pytest.mark.parametrize("neighbour_picks", ["none", "left_up"])
-def test_a_categorical_text_run_resumes_exactly_inside_stage2(tmp_path, setup, neighbour_picks):
+@pytest.mark.parametrize("extra", [
+    ("student.neighbour_picks=none",),
+    ("student.neighbour_picks=left_up",),
+    # the demo recipes' stage 2: the symmetric divergence, the neighbour-picks head in a faster parameter group
+    ("student.neighbour_picks=left_up", "stage2.categorical_divergence=symmetric",
+     "stage2.neighbour_picks_lr_scale=10"),
+], ids=["plain", "neighbour_picks", "symmetric_faster_head"])
+def test_a_categorical_text_run_resumes_exactly_inside_stage2(tmp_path, setup, extra):
     _, teacher = setup
     shards = write_text_shards(tmp_path / "s", setup[0], [list(range(20))])
     cfg = text_config(tmp_path, *CATEGORICAL, "stage2.generator_steps=4", f"data.captions={shards}",
-                      "data.caption_bank_size=6", f"student.neighbour_picks={neighbour_picks}")
+                      "data.caption_bank_size=6", *extra)
     whole, first = _resumed_equals_whole(cfg, teacher, tmp_path, cfg.stage1.steps + 2)
     assert "guidance" not in whole.engines
+    groups = whole.engines["generator"].optimizer.param_groups
+    assert [g["lr_scale"] for g in groups] == ([1.0, 10.0] if "stage2.neighbour_picks_lr_scale=10" in extra else [1.0])
     assert whole.state.iteration == cfg.stage1.steps + 4 and first.state.iteration == cfg.stage1.steps + 2
 
 

@@ -274,6 +274,14 @@ class Stage2Config:
     # exactly zero CSD gradient instead of ψ's own fitting error
     guidance_base: Literal["none", "teacher"] = "none"
     fcs_t_min: float = _f(0.02, gt=0.0, lt=1.0)  # FCS t ~ U(fcs_t_min, 1)
+    # A categorical generator's stage-2 loss per position (dd2dist.method.losses.categorical_divergence): the KL from
+    # the teacher's target to the generator's conditional, or the mean of both KL directions, which keeps a generator
+    # that cannot yet reach the teacher from spreading its mass over codes the teacher finds unlikely
+    categorical_divergence: Literal["forward", "symmetric"] = "forward"
+    # The LR of the generator's neighbour-picks head (student.neighbour_picks) as a multiple of generator_lr: it
+    # starts from fresh weights beside a backbone copied from the teacher, and at the backbone's LR it is still far
+    # from trained when stage 2 ends (docs/method.md §12.16)
+    neighbour_picks_lr_scale: float = _f(1.0, gt=0.0)
     ema_max: float = _f(0.9999, ge=0.0, le=1.0)  # generator EMA decay cap
     ema_warmup: Literal["progressive", "none"] = "progressive"  # progressive: min(ema_max, (n+1)/(n+ema_rampup))
     ema_rampup: float = _f(10.0, gt=1.0)  # progressive: (n+1)/(n+ema_rampup); paper 10; smaller = longer horizon
@@ -408,6 +416,9 @@ class ExperimentConfig:
             raise ConfigError("alignment.enabled", "must be true when stages include 'alignment'")
         if self.student.generator_output == "categorical":
             self._check_categorical_generator()
+        elif self.stage2.categorical_divergence != "forward":
+            raise ConfigError("stage2.categorical_divergence", "needs student.generator_output: categorical (a "
+                                                               "continuous generator is trained by CSD)")
         self._check_neighbour_picks()
         # Derived defaults are resolved here, once, so that every worker and the dumped config agree on them.
         output_dir = os.path.abspath(os.path.expanduser(self.output_dir or os.path.join("runs", self.name)))
@@ -439,6 +450,9 @@ class ExperimentConfig:
 
     def _check_neighbour_picks(self) -> None:
         if self.student.neighbour_picks == "none":
+            if self.stage2.neighbour_picks_lr_scale != 1.0:
+                raise ConfigError("stage2.neighbour_picks_lr_scale", "needs student.neighbour_picks (the generator "
+                                                                      "has no neighbour-picks head)")
             return
         if self.student.generator_output != "categorical":
             raise ConfigError("student.neighbour_picks", "needs student.generator_output: categorical (a continuous "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dd2dist.engine.base import Engine, StepStats
 from dd2dist.engine.ds_config import trainable_ds_config
-from dd2dist.engine.optim import OptimSpec
+from dd2dist.engine.optim import OptimSpec, param_groups
 from dd2dist.engine.param_bytes import local_param_bytes
 from dd2dist.engine.process_group import ensure_distributed, worker_device
 from dd2dist.engine.state_loading import load_state_module_by_module
@@ -82,7 +82,7 @@ class DeepSpeedEngine(Engine):
             optim, zero_stage=zero_stage, precision=precision, grad_accum=self.grad_accum
         )
         optimizer = torch.optim.AdamW(
-            [p for p in module.parameters()],
+            param_groups(module, optim),
             **optim.adamw_kwargs(),
             foreach=False,  # same update order as TorchEngine
         )
@@ -172,11 +172,14 @@ class DeepSpeedEngine(Engine):
 
     def _set_lr(self, lr: float) -> None:
         for group in self._optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
 
     def reset_optimizer(self, lr_schedule: OptimSpec | None = None) -> None:
         """Fresh AdamW moments and a restarted LR clock (e.g. performance alignment); weights are kept."""
         if lr_schedule is not None:
+            if lr_schedule.lr_scales != self.optim_spec.lr_scales:  # the parameter groups were built from these
+                raise ValueError(f"{self.name}: reset_optimizer cannot change lr_scales "
+                                 f"({self.optim_spec.lr_scales} -> {lr_schedule.lr_scales})")
             self.optim_spec = lr_schedule
         inner = getattr(self._optimizer, "optimizer", self._optimizer)
         inner.state.clear()

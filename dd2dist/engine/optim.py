@@ -27,6 +27,9 @@ class OptimSpec:
     warmup_steps: int = 0
     grad_accum: int = 1
     eps: float = 1e-8
+    # (parameter-name prefix, multiple): parameters whose name starts with the prefix step at that multiple of the
+    # scheduled LR, e.g. a part of the network that starts from fresh weights beside one copied from the teacher
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.lr_start < 0:
@@ -36,6 +39,10 @@ class OptimSpec:
                 f"OptimSpec: grad_accum >= 1, warmup_steps >= 0, grad_clip >= 0 required; got {self.grad_accum}, "
                 f"{self.warmup_steps}, {self.grad_clip}"
             )
+
+        for prefix, scale in self.lr_scales:
+            if not prefix or scale <= 0:
+                raise ValueError(f"OptimSpec: lr_scales needs a name prefix and a multiple > 0, got {(prefix, scale)}")
 
     def lr_at(self, n: int) -> float:
         if self.warmup_steps <= 0:
@@ -53,3 +60,20 @@ class OptimSpec:
             "weight_decay": float(self.weight_decay),
             "eps": float(self.eps),
         }
+
+
+def param_groups(module, spec: OptimSpec) -> list[dict[str, Any]]:
+    """``module``'s parameters as AdamW parameter groups, each with its ``lr_scale`` (engines set a group's LR to
+    ``lr_scale`` x the scheduled LR): one group without ``spec.lr_scales``, else the unscaled parameters first, then
+    one group per prefix (in ``spec.lr_scales`` order) that names any parameter. Refuses a prefix that names none."""
+    named = list(module.named_parameters())
+    groups = []
+    taken: set[str] = set()
+    for prefix, scale in spec.lr_scales:
+        params = [(n, p) for n, p in named if n.startswith(prefix) and n not in taken]
+        if not params:
+            raise ValueError(f"OptimSpec.lr_scales: no parameter name starts with {prefix!r}")
+        taken.update(n for n, _ in params)
+        groups.append({"params": [p for _, p in params], "lr_scale": float(scale)})
+    rest = [p for n, p in named if n not in taken]
+    return [{"params": rest, "lr_scale": 1.0}] + groups

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dd2dist.engine.base import Engine, StepStats
-from dd2dist.engine.optim import OptimSpec
+from dd2dist.engine.optim import OptimSpec, param_groups
 
 
 class TorchEngine(Engine):
@@ -32,7 +32,7 @@ class TorchEngine(Engine):
 
     def _new_optimizer(self, optim: OptimSpec) -> torch.optim.Optimizer:
         # foreach=False keeps the update order-independent of tensor grouping: bit-exact resume across runs
-        return torch.optim.AdamW(self._params, **optim.adamw_kwargs(), foreach=False)
+        return torch.optim.AdamW(param_groups(self.module, optim), **optim.adamw_kwargs(), foreach=False)
 
     # ---- mode -----------------------------------------------------------------------------------------
     @property
@@ -68,7 +68,7 @@ class TorchEngine(Engine):
             return self.skip_step()
         lr = self.optim.lr_at(self._steps)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         opt.step()
         opt.zero_grad(set_to_none=True)
         self._steps += 1

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from dd2dist.conditions import Cond
 from dd2dist.config.schema import StudentConfig
+from dd2dist.engine.optim import OptimSpec, param_groups
 from dd2dist.method.losses import categorical_kl
 from dd2dist.method.seeding import make_generator
 from dd2dist.nets.categorical import CODE_ORDERS
@@ -99,6 +100,8 @@ class CeilingOptions:
     extra_layers: int = 0
     code_order: str = "index"
     neighbour_picks: str = "none"
+    neighbour_picks_lr_scale: float = 1.0  # the neighbour-picks head's LR as a multiple of lr (stage2's setting)
+    divergence: str = "forward"  # stage2.categorical_divergence
     seed: int = 0
     log_every: int = 100
 
@@ -113,7 +116,11 @@ def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
     steps."""
     net = categorical_one_pass(teacher, opts.noise_input, opts.extra_layers, opts.code_order, opts.neighbour_picks)
     params = [p for p in net.parameters() if p.requires_grad]  # the unused MLP head gets no gradient: AdamW skips it
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    scales = (("neighbour_picks.", opts.neighbour_picks_lr_scale),) if net.neighbour_picks is not None else ()
+    groups = param_groups(net, OptimSpec(lr=opts.lr, lr_scales=scales))
+    for group in groups:
+        group["lr"] = opts.lr * group["lr_scale"]  # LambdaLR scales each group's own base LR
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)))
     C, N, Ce = int(teacher.num_classes), net.num_tokens, net.embed_dim
     curve: list[dict] = []
@@ -124,7 +131,7 @@ def train_ceiling(teacher: ARTeacher, sampling, opts: CeilingOptions,
         labels = torch.randint(0, C, (opts.batch_size,), generator=gen)
         eps = torch.randn((opts.batch_size, N, Ce), generator=gen)
         cond = Cond(labels=labels)
-        kl, _ = categorical_kl(net, teacher, eps, cond, sampling)  # (B, N): categorical_kl_loss, per position
+        kl, _ = categorical_kl(net, teacher, eps, cond, sampling, opts.divergence)  # (B, N): per position
         loss = kl.sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

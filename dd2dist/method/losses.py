@@ -13,6 +13,7 @@ functions only decide where ``no_grad`` and ``detach`` go.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -226,13 +227,44 @@ def target_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
     return (p * gap).sum(-1)
 
 
-def categorical_kl(generator, teacher: ARTeacher, eps: Tensor, cond: Cond, sampling: Sampling) -> tuple[Tensor, Tensor]:
-    """A categorical generator's per-position KL (B, N), fp32, from the teacher's target given the tokens it picks
-    from ``eps`` to its own conditional, and its code log-probs (B, N, V) (see :func:`categorical_kl_loss`)."""
+# The log-prob a code the teacher filters out (top-k / top-p: -inf) counts as in the reverse KL: the smallest normal
+# fp32 number's, so that mass put there costs a large but finite amount (and a finite gradient)
+FILTERED_LOG_PROB = math.log(torch.finfo(torch.float32).tiny)
+CATEGORICAL_DIVERGENCES = ("forward", "symmetric")  # stage2.categorical_divergence
+
+
+def reverse_kl(teacher_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """Per-position KL (B, N), fp32, from ``log_probs`` to the teacher's target: the mode-seeking direction, which
+    charges the generator for every code it draws more often than the teacher would."""
+    q = log_probs.float()
+    return (q.exp() * (q - teacher_log_probs.float().clamp_min(FILTERED_LOG_PROB))).sum(-1)
+
+
+def categorical_divergence(teacher_log_probs: Tensor, log_probs: Tensor, kind: str = "forward") -> Tensor:
+    """Per-position divergence (B, N), fp32, of the generator's ``log_probs`` from the teacher's target: ``forward``
+    KL(target || generator), or ``symmetric``, the mean of both KL directions (half Jeffreys' divergence).
+
+    Both are zero exactly when the two conditionals are equal; they differ in how fast a generator gets there. The
+    forward KL's gradient on a code is only the generator's excess mass on it, so mass left on the many codes the
+    teacher almost never draws drains slowly, and within a budget of steps the generator keeps drawing tokens the
+    teacher finds unlikely. The reverse KL charges that mass by its log-ratio to the teacher's; alone it drops codes
+    the teacher draws. docs/method.md §12.16 measures the three."""
+    if kind == "forward":
+        return target_kl(teacher_log_probs, log_probs)
+    if kind == "symmetric":
+        return 0.5 * (target_kl(teacher_log_probs, log_probs) + reverse_kl(teacher_log_probs, log_probs))
+    raise ValueError(f"categorical divergence must be one of {CATEGORICAL_DIVERGENCES}, got {kind!r}")
+
+
+def categorical_kl(generator, teacher: ARTeacher, eps: Tensor, cond: Cond, sampling: Sampling,
+                   divergence: str = "forward") -> tuple[Tensor, Tensor]:
+    """A categorical generator's per-position divergence (B, N), fp32, from the teacher's target given the tokens it
+    picks from ``eps`` to its own conditional (:func:`categorical_divergence`), and its code log-probs (B, N, V) (see
+    :func:`categorical_kl_loss`)."""
     log_probs, ids = generator.generator_outputs(eps, cond)
     with torch.no_grad():
         target = teacher.log_probs(ids, cond, sampling)
-    return target_kl(target, log_probs), log_probs
+    return categorical_divergence(target, log_probs, divergence), log_probs
 
 
 def categorical_kl_loss(
@@ -241,6 +273,7 @@ def categorical_kl_loss(
     eps: Tensor,
     cond: Cond,
     sampling: Sampling,
+    divergence: str = "forward",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Stage 2 for a generator with categorical outputs (``student.generator_output: categorical``).
 
@@ -251,8 +284,10 @@ def categorical_kl_loss(
     network for a continuous generator is here exact, so no guidance network is needed. Zero only when every
     position's conditional equals the teacher's given the prefix the generator produced, i.e. when the two joints are
     equal. Gradients reach the log-probs only; the prefix the teacher reads is the picked codes, held fixed.
+    ``divergence`` (``stage2.categorical_divergence``): that KL, or the mean of it and the reverse KL
+    (:func:`categorical_divergence`).
     """
-    kl, log_probs = categorical_kl(generator, teacher, eps, cond, sampling)  # (B, N), (B, N, V)
+    kl, log_probs = categorical_kl(generator, teacher, eps, cond, sampling, divergence)  # (B, N), (B, N, V)
     loss = kl.sum(-1).mean()
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
     return loss, {"loss": loss.detach(), "kl_first": kl[:, 0].mean().detach(), "kl_last": kl[:, -1].mean().detach(),

@@ -20,11 +20,19 @@ def _stage2_common(cfg) -> dict:
                 lr_start=s2.lr_start, grad_accum=cfg.engine.grad_accum)
 
 
+def _generator_lr_scales(cfg) -> tuple[tuple[str, float], ...]:
+    """The generator's parameters that step at a multiple of its LR: the neighbour-picks head (fresh weights)."""
+    scale = cfg.stage2.neighbour_picks_lr_scale
+    return (("neighbour_picks.", scale),) if cfg.student.neighbour_picks != "none" and scale != 1.0 else ()
+
+
 def generator_spec(cfg) -> OptimSpec:
-    """The generator under CSD; its warm-up is given in guidance iterations (Tab.11) and converted with K."""
+    """The generator under CSD (or the exact KL); its warm-up is given in guidance iterations (Tab.11) and converted
+    with K."""
     s2 = cfg.stage2
     return OptimSpec(lr=s2.generator_lr, warmup_steps=generator_warmup_steps(
-        s2.warmup_guidance_steps, s2.guidance_per_generator), **_stage2_common(cfg))
+        s2.warmup_guidance_steps, s2.guidance_per_generator), lr_scales=_generator_lr_scales(cfg),
+        **_stage2_common(cfg))
 
 
 def guidance_spec(cfg) -> OptimSpec:
@@ -37,4 +45,5 @@ def guidance_spec(cfg) -> OptimSpec:
 def regression_spec(cfg) -> OptimSpec:
     """The generator during the PF-ODE regression phase: its own LR and warm-up."""
     s2 = cfg.stage2
-    return OptimSpec(lr=s2.ode_init_lr, warmup_steps=s2.ode_init_warmup_steps, **_stage2_common(cfg))
+    return OptimSpec(lr=s2.ode_init_lr, warmup_steps=s2.ode_init_warmup_steps, lr_scales=_generator_lr_scales(cfg),
+                     **_stage2_common(cfg))

@@ -118,5 +118,6 @@ def generator_step(ctx: StepContext) -> StepResult:
 def categorical_generator_step(ctx: StepContext) -> StepResult:
     """A categorical generator's stage-2 step: the exact per-position KL to the teacher given its own prefix."""
     eps, cond = ctx.batches.stage2(ctx.iteration, ctx.micro, "generator")
-    loss, m = categorical_kl_loss(ctx.net("generator"), ctx.teacher, eps, cond, ctx.cfg.teacher.sampling)
+    loss, m = categorical_kl_loss(ctx.net("generator"), ctx.teacher, eps, cond, ctx.cfg.teacher.sampling,
+                                  ctx.cfg.stage2.categorical_divergence)
     return loss, m, eps.shape[0]
