@@ -285,7 +285,7 @@ def categorical_kl_loss(
     position's conditional equals the teacher's given the prefix the generator produced, i.e. when the two joints are
     equal. Gradients reach the log-probs only; the prefix the teacher reads is the picked codes, held fixed.
     ``divergence`` (``stage2.categorical_divergence``): that KL, or the mean of it and the reverse KL
-    (:func:`categorical_divergence`).
+    (:func:`categorical_divergence`); the loss and the logged ``kl_first`` / ``kl_last`` are then that divergence.
     """
     kl, log_probs = categorical_kl(generator, teacher, eps, cond, sampling, divergence)  # (B, N), (B, N, V)
     loss = kl.sum(-1).mean()
