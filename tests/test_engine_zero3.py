@@ -192,7 +192,7 @@ def _spec(lr_scales=()):
     return OptimSpec(lr=LR, lr_start=LR / 2, warmup_steps=2, grad_clip=1.0, weight_decay=0.01, lr_scales=lr_scales)
 
 
-HEAD_FASTER = (("head.", 4.0),)  # the student's MLP head in a parameter group at 4x the LR (partitioned at ZeRO-3)
+OUT_FASTER = (("out.", 4.0),)  # the output layer in an AdamW parameter group of its own, at 4x the LR
 
 
 def _full_grads(engine) -> dict[str, torch.Tensor]:
@@ -248,7 +248,7 @@ def _run(rank: int, family: str, stage: int, tmp: str) -> dict:
 
     cfg, teacher, net = _student_and_teacher(FAMILIES[family])
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    gen = DeepSpeedEngine("generator", copy.deepcopy(net), _spec(HEAD_FASTER), zero_stage=stage)
+    gen = DeepSpeedEngine("generator", copy.deepcopy(net), _spec(), zero_stage=stage)
     gui = DeepSpeedEngine("guidance", copy.deepcopy(net), _spec(), zero_stage=stage)
     ema = EMA(gen.local_param_tensors(), ema_max=0.9)
     out = {"init": init, "norms": [], "grads": [], "ratio_start": (param_bytes_ratio(gen), param_bytes_ratio(gui))}
@@ -320,18 +320,23 @@ def _run_direct_reads(rank: int, stage: int) -> dict:
     return out
 
 
-def _fresh_load(rank: int, stage: int, tmp: str) -> tuple[bool, int]:
-    """Save while trainable, load into a freshly built engine (frozen, as the trainer's resume builds them)."""
+def _fresh_load(rank: int, stage: int, tmp: str) -> tuple[bool, int, list[float], list[float]]:
+    """Save while trainable, load into a freshly built engine (frozen, as the trainer's resume builds them). The
+    generator has a parameter group at 4x the LR: returned are each group's LR over the schedule's, after the step
+    and after the load."""
     from dd2dist.engine.deepspeed_trainable import DeepSpeedEngine
 
-    engines = [DeepSpeedEngine(name, DirectReadNet(), _spec(), zero_stage=stage) for name in ("generator", "guidance")]
+    engines = [DeepSpeedEngine(name, DirectReadNet(), _spec(OUT_FASTER if name == "generator" else ()),
+                               zero_stage=stage) for name in ("generator", "guidance")]
     _direct_read_step(rank, 1, *engines, [])
+    stepped = [g["lr"] / engines[0].lr for g in engines[0]._optimizer.param_groups]
     saved = engines[0].full_state_dict()
     engines[0].save(f"{tmp}/fresh{stage}")
-    fresh = DeepSpeedEngine("generator", DirectReadNet(), _spec(), zero_stage=stage)
+    fresh = DeepSpeedEngine("generator", DirectReadNet(), _spec(OUT_FASTER), zero_stage=stage)
     fresh.load(f"{tmp}/fresh{stage}")
     fresh.assert_mode(False)  # loading left the mode alone
-    return _equal(fresh.full_state_dict(), saved), fresh.optimizer_steps
+    loaded = [g["lr"] / fresh.lr for g in fresh._optimizer.param_groups]
+    return _equal(fresh.full_state_dict(), saved), fresh.optimizer_steps, stepped, loaded
 
 
 def _worker(rank: int, world: int, tmp: str) -> dict:
@@ -401,7 +406,10 @@ def test_zero3_generator_and_guidance_equal_zero0(tmp_path):
             for ratio in (*z3.get("ratio_start", ()), *z3["ratio_end"]) if stage == 3 else ():
                 assert ratio <= 0.55 and math.isclose(ratio, 0.5, abs_tol=0.01), (family, ratio)
     for results in per_rank:
-        assert results["fresh_load"] == {2: (True, 1), 3: (True, 1)}
+        for stage in (2, 3):
+            equal, steps, stepped, loaded = results["fresh_load"][stage]
+            assert (equal, steps) == (True, 1)
+            assert stepped == pytest.approx([1.0, 4.0]) and loaded == pytest.approx([1.0, 4.0]), stage
         z3 = results[("var", 3)]
         assert z3["zero_to_fp32_equal"] and z3["restored"] == (True, STEPS // 2) and z3["replayed"]
         assert z3["loaded_full"]
