@@ -3,9 +3,13 @@
     python jobs/demo.py                                   # full demo (both families), writes runs/demo/
     python jobs/demo.py --quick --out /tmp/demo_quick     # the same path at smoke-test size (tests)
     python jobs/demo.py --families var --out runs/demo_var --set stage2.generator_steps=600   # any recipe key
+    python jobs/demo.py --case unconditional              # the harder case: teachers without class labels,
+                                                          # writes runs/demo_unconditional/ (--quick works too)
     python jobs/demo.py --t2i                             # text-to-image: captions -> one-step, writes runs/demo_t2i/
 
-Per family (``var``, ``llamagen``), with the recipe ``configs/demo/[smoke_]<family>.yaml``:
+Per family (``var``, ``llamagen``), with the recipe ``configs/demo/[smoke_]<family>.yaml`` (``--case unconditional``:
+``configs/demo/[smoke_]<family>_unconditional.yaml``, whose teachers are trained with one label for every digit, so
+that the tokens of a sample must agree among themselves on which digit they draw):
 
 1. teacher: train (or reuse, cached by config hash) the small VQ tokenizer + AR teacher on the digits train split
    (``dd2dist.digits.teacher_job``: PNG shards -> DALI -> token shards -> AR training);
@@ -50,11 +54,15 @@ def main(argv: list[str]) -> int:
     from dd2dist.launch.quiet import quiet_driver
 
     quiet_driver()  # before anything imports Ray
-    from dd2dist.demo.pipeline import FAMILIES, DemoArgs, run_demo
+    from dd2dist.demo.pipeline import CASES, FAMILIES, DemoArgs, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke-test size (configs/demo/smoke_*.yaml)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: var,llamagen")
+    parser.add_argument("--case", default="conditional", choices=list(CASES),
+                        help="the digits teachers: conditioned on the class, or unconditional (one label for every "
+                             "digit, so a sample's tokens must agree on their digit; default --out "
+                             "runs/demo_unconditional)")
     parser.add_argument("--t2i", action="store_true", help="the text-to-image demo (default --out runs/demo_t2i)")
     parser.add_argument("--out", default=None,
                         help="demo directory (results.json, one folder per family); runs/demo, or runs/demo_t2i")
@@ -66,8 +74,8 @@ def main(argv: list[str]) -> int:
                         help="evaluate the students an earlier demo run trained under --out (no training)")
     args = parser.parse_args(argv)
     if args.t2i:
-        if args.eval_only:
-            parser.error("--eval-only is not available with --t2i")
+        if args.eval_only or args.case != "conditional":
+            parser.error("--eval-only and --case are not available with --t2i")
         from dd2dist.demo.t2i import run_t2i_demo
 
         return run_t2i_demo(args.quick, args.out or "runs/demo_t2i", args.teachers, tuple(args.overrides))
@@ -75,13 +83,13 @@ def main(argv: list[str]) -> int:
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
         parser.error(f"--families: unknown {bad or list(families)}; choose from {', '.join(FAMILIES)}")
-    out = args.out or "runs/demo"
+    out = args.out or ("runs/demo" if args.case == "conditional" else f"runs/demo_{args.case}")
     untrained = [f for f in families if args.eval_only and not (Path(out) / f / "config.yaml").is_file()]
     if untrained:
         parser.error(f"--eval-only: no trained run of {', '.join(untrained)} under {out} (<family>/config.yaml is "
                      "missing); run the demo there first, or name a finished demo's folder with --out")
     return run_demo(DemoArgs(quick=args.quick, families=families, out=out, teachers=args.teachers,
-                             overrides=tuple(args.overrides), eval_only=args.eval_only))
+                             overrides=tuple(args.overrides), eval_only=args.eval_only, case=args.case))
 
 
 if __name__ == "__main__":

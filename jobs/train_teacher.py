@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: report.get(k) for k in ("family", "checkpoint", "config", "reused", "seconds")}
     if "quality" in report:
         q = report["quality"]
-        summary.update(fid_teacher=q["teacher"]["fid"], class_consistency_teacher=q["teacher"]["class_consistency"])
+        summary.update(fid_teacher=q["teacher"]["fid"], class_consistency_teacher=q["teacher"].get("class_consistency"),
+                       class_mix_tv_teacher=q["teacher"].get("class_mix_tv"))  # the second for unconditional ones
         if "reference_train_vs_heldout" in q:  # class teachers
             summary["fid_train_vs_heldout"] = q["reference_train_vs_heldout"]["fid"]
         summary["fid_reconstructions"] = q["reference_reconstructions"]["fid"]

@@ -19,16 +19,43 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_quick")
+def _run_quick_demo(out: Path, *extra: str) -> tuple[Path, dict, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ""}
     env.pop("RAY_ADDRESS", None)  # the demo must start its own embedded Ray
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), "--quick", "--out", str(out), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     results = json.loads((out / "results.json").read_text())
     return out, results, proc.stdout + proc.stderr  # what a user of the demo reads
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    return _run_quick_demo(tmp_path_factory.mktemp("demo_quick"))
+
+
+def test_the_unconditional_case_runs_both_families_on_teachers_without_labels(tmp_path):
+    """``--case unconditional``: teachers trained with one label for every digit, the same demo path, and the
+    samplers judged by the mix of digits they draw instead of class consistency."""
+    from dd2dist.config import load_config
+    from dd2dist.demo.report import CONDITIONAL_KEYS, FAMILIES, REQUIRED_KEYS
+
+    out, results, printed = _run_quick_demo(tmp_path / "demo", "--case", "unconditional")
+    assert results["settings"]["case"] == "unconditional"
+    for family in FAMILIES:
+        r = results[family]
+        assert results["settings"]["recipes"][family] == f"configs/demo/smoke_{family}_unconditional.yaml"
+        cfg = load_config(out / family / "config.yaml", check_paths=False)
+        assert cfg.teacher.arch.num_classes == 1 and cfg.teacher.checkpoint == r["teacher"]["checkpoint"]
+        assert all(_finite(r[key]) for key in REQUIRED_KEYS), family
+        assert not any(key in r for key in (*CONDITIONAL_KEYS, "class_consistency_gap")), family
+        m = r["metrics"]
+        assert set(m) >= {"teacher", "marginals", "stage1", "one_step", "refined_2"}, sorted(m)
+        for name, res in m.items():
+            assert 0.0 <= res["class_mix_tv"] <= 1.0 and sum(res["class_mix"]) == pytest.approx(1.0), name
+        manifest = json.loads((Path(r["token_shards"]["dir"]) / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["num_samples"] > 0
+        assert "digit mix TV to the teacher" in printed
 
 
 def _finite(x) -> bool:

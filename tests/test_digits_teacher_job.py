@@ -106,8 +106,23 @@ def test_refuses_official_and_wrong_class_count(tmp_path):
     from dd2dist.digits.teacher_job import train_digits_teacher
 
     cfg = load_config(REPO / "configs/teachers/digits_var.yaml", ["teacher.var.num_classes=5"])
-    with pytest.raises(ValueError, match="num_classes must be 10"):
+    with pytest.raises(ValueError, match=r"num_classes must be 10 for the digits \(class-conditional\) or 1"):
         train_digits_teacher(cfg, tmp_path, QUICK)
     official = load_config(None, ["teacher.official=var_d16"], check_paths=False)
     with pytest.raises(ValueError, match="official"):
         train_digits_teacher(official, tmp_path, QUICK)
+
+
+def test_an_unconditional_teacher_trains_on_one_label_and_reports_its_mix_of_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("DD2DIST_CACHE_DIR", str(tmp_path / "cache"))
+    job = _job()
+    config = REPO / "configs/teachers/digits_llamagen_unconditional.yaml"
+    assert job.main(["--config", str(config), "--out", str(tmp_path), "--quick"]) == 0
+    (report_path,) = tmp_path.glob("teacher-*.json")
+    report = json.loads(report_path.read_text())
+    teacher = build_teacher(load_config(report["config"]).teacher)
+    assert teacher.num_classes == 1  # the digit labels 0-9 would not index its class table: they were all set to 0
+    q = report["quality"]["teacher"]
+    assert "class_consistency" not in q and q["num_generated"] == 10 * QUICK.eval_per_class
+    assert len(q["class_mix"]) == 10 and sum(q["class_mix"]) == pytest.approx(1.0)
+    assert 0.0 <= q["class_mix_tv"] <= 1.0 and q["sampling"]["guidance_scale"] == 1.0

@@ -155,3 +155,15 @@ def test_class_consistency_against_known_predictions(space, held):
     assert all(v is None for i, v in enumerate(part["per_class"]) if i != 3)
     with pytest.raises(ValueError, match="requested"):
         class_consistency(imgs[:3], labels[:4], model)
+
+
+def test_class_mix_counts_predictions_and_its_tv_is_half_the_l1_distance():
+    from dd2dist.eval.metrics import class_mix_tv, predicted_class_mix
+
+    mix = predicted_class_mix(torch.tensor([0, 0, 3, 9]), 10)
+    assert mix.tolist() == [0.5, 0, 0, 0.25, 0, 0, 0, 0, 0, 0.25]
+    uniform = torch.full((10,), 0.1, dtype=torch.float64)
+    assert class_mix_tv(mix, mix) == 0.0 and class_mix_tv(uniform, uniform) == 0.0
+    assert class_mix_tv(mix, uniform) == pytest.approx(0.5 * (0.4 + 0.15 + 0.15 + 7 * 0.1))
+    only0, only1 = predicted_class_mix(torch.zeros(5, dtype=torch.long)), predicted_class_mix(torch.ones(5).long())
+    assert class_mix_tv(only0, only1) == pytest.approx(1.0)  # disjoint mixes

@@ -23,6 +23,10 @@ from typing import Any
 from dd2dist.demo.report import FAMILIES, family_summary, markdown_tables, verdict_lines
 
 REPO = Path(__file__).resolve().parents[2]
+# The digits cases: the teachers conditioned on the digit's class, or trained with one label for every digit
+# (unconditional), where each sample's tokens must agree among themselves on which digit they draw. The suffix of
+# their configs: configs/teachers/digits_<family><suffix>.yaml, configs/demo/[smoke_]<family><suffix>.yaml
+CASES = {"conditional": "", "unconditional": "_unconditional"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class DemoArgs:
     teachers: str | None = None  # teacher cache; None: runs/teachers, or <out>/teachers with ``quick``
     overrides: tuple[str, ...] = ()  # ``--set`` of every family's recipe
     eval_only: bool = False  # evaluate the students an earlier run trained under ``out``
+    case: str = "conditional"  # a key of CASES: which digits teachers
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,12 @@ def log(msg: str) -> None:
 # ---- configs -------------------------------------------------------------------------------------------------
 
 
-def recipe_path(family: str, quick: bool) -> Path:
-    return REPO / "configs" / "demo" / f"{'smoke_' if quick else ''}{family}.yaml"
+def recipe_path(family: str, quick: bool, case: str = "conditional") -> Path:
+    return REPO / "configs" / "demo" / f"{'smoke_' if quick else ''}{family}{CASES[case]}.yaml"
 
 
 def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: Path, check_paths: bool = True,
-                  extra: tuple[str, ...] = ()):
+                  extra: tuple[str, ...] = (), case: str = "conditional"):
     """The distillation config of one family with the demo's paths filled in (``extra``: ``--set`` overrides)."""
     from dd2dist.config import load_config
 
@@ -76,19 +81,20 @@ def family_config(family: str, quick: bool, teacher_ckpt: str | None, run_dir: P
         overrides.append(f"teacher.checkpoint={teacher_ckpt}")
     # stage 1 streams the teacher-token shards this demo precomputes (the recipes default to online sampling)
     overrides += ["data.source=shards", f"data.shards={run_dir / 'tokens'}"]
-    cfg = load_config(recipe_path(family, quick), overrides, check_paths=check_paths)
+    path = recipe_path(family, quick, case)
+    cfg = load_config(path, overrides, check_paths=check_paths)
     if cfg.teacher.family != family:
-        raise ValueError(f"{recipe_path(family, quick)}: teacher.family is {cfg.teacher.family!r}, expected {family!r}")
+        raise ValueError(f"{path}: teacher.family is {cfg.teacher.family!r}, expected {family!r}")
     if cfg.eval.num_samples % cfg.teacher.arch.num_classes:
-        raise ValueError(f"{recipe_path(family, quick)}: eval.num_samples ({cfg.eval.num_samples}) must be a multiple "
+        raise ValueError(f"{path}: eval.num_samples ({cfg.eval.num_samples}) must be a multiple "
                          f"of the {cfg.teacher.arch.num_classes} classes (class-balanced evaluation)")
     return cfg
 
 
-def teacher_config(family: str):
+def teacher_config(family: str, case: str = "conditional"):
     from dd2dist.config import load_config
 
-    return load_config(REPO / "configs" / "teachers" / f"digits_{family}.yaml")
+    return load_config(REPO / "configs" / "teachers" / f"digits_{family}{CASES[case]}.yaml")
 
 
 def stage1_iterations(cfg) -> int:
@@ -212,7 +218,7 @@ def trained_students(cfg, run_dir: Path) -> dict:
 # ---- driver --------------------------------------------------------------------------------------------------
 
 
-def _train_teacher_task(family: str, teachers_dir: str, recipe, evaluate: bool) -> dict:
+def _train_teacher_task(family: str, case: str, teachers_dir: str, recipe, evaluate: bool) -> dict:
     """One family's teacher, in a Ray worker (1 CPU): the report of ``train_digits_teacher``."""
     os.chdir(REPO)
     import torch
@@ -221,7 +227,7 @@ def _train_teacher_task(family: str, teachers_dir: str, recipe, evaluate: bool) 
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    report = train_digits_teacher(teacher_config(family), teachers_dir, recipe,
+    report = train_digits_teacher(teacher_config(family, case), teachers_dir, recipe,
                                   log=lambda m: log(f"[{family}]   {m}"), evaluate=evaluate)
     return {**report, "train_seconds": time.perf_counter() - t0}
 
@@ -238,7 +244,7 @@ def train_teachers_concurrently(families: list[str], args: DemoArgs, plan: DemoP
 
     task = ray.remote(num_cpus=1)(_train_teacher_task)
     log(f"teachers of {', '.join(families)}: trained (or reused) concurrently in {args.teachers}, one CPU each")
-    refs = {f: task.remote(f, args.teachers, plan.teacher_recipe, not args.quick) for f in families}
+    refs = {f: task.remote(f, args.case, args.teachers, plan.teacher_recipe, not args.quick) for f in families}
     return {f: ray.get(ref) for f, ref in refs.items()}
 
 
@@ -264,7 +270,7 @@ def run_family(family: str, args: DemoArgs, plan: DemoPlan, trained_teacher: dic
         report = {"checkpoint": trained.teacher.checkpoint, "reused": True, "seconds": None}
     else:
         log(f"[{family}] 1/5 teacher (train or reuse) in {args.teachers}")
-        report = train_digits_teacher(teacher_config(family), args.teachers, plan.teacher_recipe,
+        report = train_digits_teacher(teacher_config(family, args.case), args.teachers, plan.teacher_recipe,
                                       log=lambda m: log(f"[{family}]   {m}"), evaluate=not args.quick)
     steps["teacher"] = time.perf_counter() - t0
     # trained a moment ago alongside the other family's (train_teachers_concurrently): its own time counts here
@@ -277,7 +283,7 @@ def run_family(family: str, args: DemoArgs, plan: DemoPlan, trained_teacher: dic
         cfg = trained
     else:
         cfg = family_config(family, args.quick, report["checkpoint"], run_dir, check_paths=False,
-                            extra=args.overrides)
+                            extra=args.overrides, case=args.case)
         clean_run_dir(run_dir)
 
     t0 = time.perf_counter()
@@ -291,7 +297,8 @@ def run_family(family: str, args: DemoArgs, plan: DemoPlan, trained_teacher: dic
     token_info.update(dir=str(run_dir / "tokens"), num_samples=manifest["num_samples"],
                       num_shards=manifest["num_shards"], teacher_id=manifest["teacher_id"])
     if cfg.data.source == "shards" and not args.eval_only:
-        cfg = family_config(family, args.quick, report["checkpoint"], run_dir, extra=args.overrides)  # shards exist
+        cfg = family_config(family, args.quick, report["checkpoint"], run_dir, extra=args.overrides,
+                            case=args.case)  # the shards exist now
     else:
         log(f"[{family}]   data.source={cfg.data.source}: stage 1 samples the teacher online (same target)")
     steps["tokens"] = time.perf_counter() - t0
@@ -319,7 +326,8 @@ def run_family(family: str, args: DemoArgs, plan: DemoPlan, trained_teacher: dic
 
     log(f"[{family}] 5/5 figures and MLflow")
     grid = save_sample_figure(evaluation["samplers"], run_dir / "eval" / "samples.png",
-                              f"{family} digits (rows: classes 0-9)")
+                              f"{family} digits (rows: classes 0-9)" if args.case == "conditional"
+                              else f"{family} digits, unconditional teacher")
     # eval/<sampler>/<metric> at the final iteration, grids, report
     run_id = log_evaluation(cfg, evaluation, step=train["stage2"]["iteration"])
     tracker = open_run(cfg)  # the same run again: the demo's own artefacts, then FINISHED
@@ -353,7 +361,8 @@ def run_demo(args: DemoArgs) -> int:
                                                              else REPO / "runs" / "teachers")).absolute()))
     for family in families:  # every config error before anything runs
         try:
-            family_config(family, args.quick, None, out / family, check_paths=False, extra=args.overrides)
+            family_config(family, args.quick, None, out / family, check_paths=False, extra=args.overrides,
+                          case=args.case)
         except (ValueError, FileNotFoundError) as err:
             print(f"demo: configuration error: {err}", file=sys.stderr)
             return 2
@@ -392,11 +401,11 @@ def run_demo(args: DemoArgs) -> int:
         import torch
 
         results["settings"] = {
-            "quick": args.quick, "families": families, "started": started_at,
+            "quick": args.quick, "case": args.case, "families": families, "started": started_at,
             "seconds_total": time.perf_counter() - t0, "teachers_dir": args.teachers,
             # wall time of the concurrent teacher step (each family's seconds_by_step.teacher is its own training)
             "seconds_teachers_concurrent": None if args.eval_only else seconds_teachers,
-            "recipes": {f: str(recipe_path(f, args.quick).relative_to(REPO)) for f in families},
+            "recipes": {f: str(recipe_path(f, args.quick, args.case).relative_to(REPO)) for f in families},
             "overrides": list(args.overrides), "eval_only": args.eval_only,
             "token_samples": plan.token_samples, "teacher_recipe": asdict(plan.teacher_recipe),
             "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

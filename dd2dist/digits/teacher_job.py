@@ -3,11 +3,13 @@
     digits train split -> PNG WebDataset shards (dd2dist.data.image_shards)
       -> tokenizer training (dd2dist.digits.vq_training) on the same uint8 images
       -> DALI decode + the trained tokenizer's encoder (dd2dist.pipelines.tokenize_images) -> token shards
-      -> AR cross-entropy training on those token ids (dd2dist.digits.ar_training), conditioned on the class or,
-         for a text-to-image teacher, on true captions of each image (dd2dist.digits.captions)
+      -> AR cross-entropy training on those token ids (dd2dist.digits.ar_training), conditioned on the class, on
+         one label for every digit (an unconditional teacher, num_classes 1) or, for a text-to-image teacher, on
+         true captions of each image (dd2dist.digits.captions)
       -> checkpoint {"teacher": state_dict}, loadable by dd2dist.teachers.build_teacher (teacher.checkpoint)
       -> quality: teacher samples vs the held-out split (FID / IS / PR in the digits-classifier space, class
-         consistency; prompt adherence for a text teacher), next to the real-data references.
+         consistency, or for an unconditional teacher the mix of digits it draws; prompt adherence for a text
+         teacher), next to the real-data references.
 
 A text teacher shares the tokenizer of its class-conditional counterpart (dd2dist.digits.text_teacher).
 
@@ -122,16 +124,23 @@ def evaluate_teacher(teacher: ARTeacher, sampling: Sampling, per_class: int, see
     real-data references measured the same way."""
     from dd2dist.eval.classifier import cached_classifier
     from dd2dist.eval.features import digits_feature_space
-    from dd2dist.eval.metrics import class_consistency, compute_metrics
+    from dd2dist.eval.metrics import class_consistency, class_mix_tv, compute_metrics, predicted_class_mix
 
     classifier, clf_info, clf_path = cached_classifier()
     space = digits_feature_space(clf_path)
     held = digits_split("heldout")
     ref = held.uint8()
-    images, labels = sample_teacher_images(teacher, per_class, sampling, seed)
+    # as many images for an unconditional teacher as for a class teacher: per_class of each of the ten digits
+    per_label = per_class * NUM_CLASSES // teacher.num_classes
+    images, labels = sample_teacher_images(teacher, per_label, sampling, seed)
     settings = {**asdict(sampling), "per_class": per_class, "seed": seed, "sampler": "teacher KV-cached AR"}
     quality = compute_metrics(images, ref, space, sampling=settings)
-    quality.update(class_consistency(images, labels, classifier))
+    if teacher.num_classes == NUM_CLASSES:
+        quality.update(class_consistency(images, labels, classifier))
+    else:  # no label to be consistent with: how far the digits it draws are from the data's mix of digits
+        mix = predicted_class_mix(classifier.predict(images), NUM_CLASSES)
+        data_mix = torch.bincount(held.labels, minlength=NUM_CLASSES).double() / len(held)
+        quality.update(class_mix=mix.tolist(), class_mix_tv=class_mix_tv(mix, data_mix))
     with torch.no_grad():
         recon = to_uint8(teacher.decode(teacher.encode(_quantised(held.images))))
     train = digits_split("train")
@@ -167,9 +176,15 @@ def _check_config(cfg: Any) -> None:
         if cfg.teacher.arch.num_classes != 0:
             raise ValueError("teacher.llamagen.num_classes must be 0 for a text-to-image teacher (caption_dim > 0), "
                              f"got {cfg.teacher.arch.num_classes}")
-    elif cfg.teacher.arch.num_classes != NUM_CLASSES:
-        raise ValueError(f"teacher.{cfg.teacher.family}.num_classes must be {NUM_CLASSES} for the digits, "
-                         f"got {cfg.teacher.arch.num_classes}")
+    elif cfg.teacher.arch.num_classes not in (1, NUM_CLASSES):
+        raise ValueError(f"teacher.{cfg.teacher.family}.num_classes must be {NUM_CLASSES} for the digits (class-"
+                         f"conditional) or 1 (unconditional), got {cfg.teacher.arch.num_classes}")
+
+
+def training_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels a teacher of ``num_classes`` is given: 0 for every digit when unconditional (one label), else the
+    digits' own (a text teacher keeps them only to match captions to images)."""
+    return torch.zeros_like(labels) if num_classes == 1 else labels
 
 
 # The recipe fields the tokenizer depends on (the AR fields only change the transformer).
@@ -269,7 +284,9 @@ def train_digits_teacher(
     vq_info["heldout_reconstruction_mse"] = reconstruction_mse(teacher.tokenizer, _quantised(held.images))
 
     log(f"[{tag}] tokenising {len(train)} PNG digits through DALI")
-    ids, labels, tok_summary = _tokenise_through_dali(tok_cfg, tok_ckpt, to_uint8(train.images), train.labels, work)
+    C = teacher.num_classes
+    ids, labels, tok_summary = _tokenise_through_dali(tok_cfg, tok_ckpt, to_uint8(train.images),
+                                                      training_labels(train.labels, C), work)
     with torch.no_grad():
         direct = teacher.encode(train_images[:256])
     dali_agreement = float((direct == ids[:256]).float().mean())  # DALI decode vs in-memory images
@@ -290,7 +307,7 @@ def train_digits_teacher(
             f"encoder {encoder.name}")
         ar_info = train_ar(teacher, ids, conds, recipe, log, heldout=(held_ids, held_cond))
     else:
-        ar_info = train_ar(teacher, ids, labels, recipe, log, heldout=(held_ids, held.labels))
+        ar_info = train_ar(teacher, ids, labels, recipe, log, heldout=(held_ids, training_labels(held.labels, C)))
     _atomic_save({"teacher": teacher.state_dict()}, ckpt)
 
     report: dict[str, Any] = {
@@ -315,9 +332,10 @@ def train_digits_teacher(
                 f"{pa['seen']['class_accuracy']:.3f} / {pa['heldout']['class_accuracy']:.3f}, properties "
                 f"{pa['seen']['property_agreement_mean']:.3f} / {pa['heldout']['property_agreement_mean']:.3f}")
         else:
+            fit = (f"class consistency {q['class_consistency']:.3f}" if "class_consistency" in q
+                   else f"digit mix TV to the held-out digits {q['class_mix_tv']:.3f}")
             log(f"[{family}] teacher FID {q['fid']:.3f} (train-vs-heldout reference "
-                f"{report['quality']['reference_train_vs_heldout']['fid']:.3f}), class consistency "
-                f"{q['class_consistency']:.3f}")
+                f"{report['quality']['reference_train_vs_heldout']['fid']:.3f}), {fit}")
     report["seconds"] = time.perf_counter() - t_start
     dump_yaml(final_cfg, cfg_path)
     _atomic_json(report_path, report)

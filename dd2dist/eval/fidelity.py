@@ -18,10 +18,11 @@ sampler here is scored against an independent set of the teacher's samples (draw
 
 Scores per sampler, in the feature space of :mod:`dd2dist.eval.features` (the digits classifier for the digits
 teachers): FID, precision and recall against draw A (torch-fidelity's formulas on features computed once per
-set), class consistency; and on the tokens (nearest codes of continuous samples) three figures that need no
-feature network: per-position marginal TV (:mod:`dd2dist.eval.token_marginals`), pairwise joint TV
-(:mod:`dd2dist.eval.token_pairs`) and the teacher's exact mean negative log-likelihood of the sequences under the
-distillation target.
+set), class consistency (class-conditional teachers) and the mix of digits drawn against draw A's
+(``class_mix_tv``: for an unconditional teacher the tokens of a sample must agree on one digit among themselves);
+and on the tokens (nearest codes of continuous samples) three figures that need no feature network: per-position
+marginal TV (:mod:`dd2dist.eval.token_marginals`), pairwise joint TV (:mod:`dd2dist.eval.token_pairs`) and the
+teacher's exact mean negative log-likelihood of the sequences under the distillation target.
 
 The headline, per sampler: **dependence captured** = (S_marginals - S) / (S_marginals - S_floor) for S = FID to
 the teacher (and the same for the pairwise TV): 0 for a sampler no better than independent tokens, 1 at the floor.
@@ -317,6 +318,8 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     ``extra_nets``: more one-step samplers to score under their own names, each with the sampling form's
     ``generate(eps, cond)`` and ``num_tokens`` / ``embed_dim`` (e.g. a diagnostic generator trained outside the run),
     on noise of their own seeds; their outputs are snapped to codes."""
+    from dd2dist.data.digits import NUM_CLASSES
+    from dd2dist.eval.metrics import class_mix_tv, predicted_class_mix
     from dd2dist.eval.run_eval import teacher_feature_space
     from dd2dist.teachers import build_seeded_teacher
 
@@ -399,6 +402,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     ref_points = PointSet(scorer.features(ref_images)[0], opts.prc_neighborhood)
     # real held-out images (digits): the same sets also scored against data, the secondary column
     heldout_points = PointSet(scorer.features(heldout)[0], opts.prc_neighborhood) if torch.is_tensor(heldout) else None
+    ref_mix = predicted_class_mix(classifier.predict(ref_images), NUM_CLASSES) if classifier is not None else None
     ref_marg = class_position_counts(ref_ids, labels, C, V)
     ref_pairs = pair_counts(ref_ids, labels, C, V)
     n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
@@ -414,11 +418,14 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
             res.update({"fid_heldout": data["fid_to_teacher"], "precision_heldout": data["precision"],
                         "recall_heldout": data["recall"]})
         if classifier is not None:
-            from dd2dist.eval.metrics import class_consistency
-
-            consistency = class_consistency(draw.images, labels, classifier, C)
-            res["class_consistency"] = consistency["class_consistency"]
-            res["class_consistency_se"] = consistency["class_consistency_se"]
+            predicted = classifier.predict(draw.images).cpu()
+            mix = predicted_class_mix(predicted, NUM_CLASSES)
+            # which digits a sampler draws, against the teacher's own mix: without labels (C = 1) the tokens of a
+            # sample must agree on their digit among themselves, and blends of digits show up here
+            res["class_mix"], res["class_mix_tv"] = [round(float(f), 5) for f in mix], class_mix_tv(mix, ref_mix)
+            if C == NUM_CLASSES:
+                p = float((predicted == labels).float().mean())
+                res["class_consistency"], res["class_consistency_se"] = p, math.sqrt(p * (1.0 - p) / n)
         if opts.grid_dir is not None:
             from dd2dist.eval.run_eval import save_grid
 

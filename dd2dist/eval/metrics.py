@@ -179,6 +179,17 @@ def compute_metrics(
     return out
 
 
+def predicted_class_mix(predicted: Tensor, num_classes: int = 10) -> Tensor:
+    """(num_classes,) float64: the fraction of images a classifier assigned to each class (``predicted``: (B,) ids)."""
+    counts = torch.bincount(predicted.cpu().long(), minlength=num_classes).double()
+    return counts / max(1, int(predicted.numel()))
+
+
+def class_mix_tv(mix: Tensor, reference: Tensor) -> float:
+    """Total variation between two class mixes (:func:`predicted_class_mix`): 0 same mix, 1 disjoint classes."""
+    return 0.5 * float((mix.double() - reference.double()).abs().sum())
+
+
 @torch.no_grad()
 def class_consistency(images: Tensor, requested: Tensor, classifier, num_classes: int = 10) -> dict[str, Any]:
     """Fraction of generated images the held-out classifier assigns to the class they were generated for.

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from dd2dist.conditions import Cond, cyclic_labels
-from dd2dist.data.digits import to_uint8
+from dd2dist.data.digits import NUM_CLASSES, to_uint8
 from dd2dist.nets.compact_head import COMPACT_HEAD_FILE, load_compact_head
 from dd2dist.teachers.base import ARTeacher
 
@@ -228,7 +228,7 @@ def evaluate_run(
         if method == "one_step_snapped":
             settings["tokens"] = "nearest codes of the generator output"
         res = compute_metrics(images, reference, space, sampling=settings, batch_size=64)
-        if classifier is not None:
+        if classifier is not None and teacher.num_classes == NUM_CLASSES:  # labels to be consistent with
             res.update(class_consistency(images, labels, classifier, teacher.num_classes))
         if token_reference is not None:
             counts = class_position_counts(ids, labels, teacher.num_classes, teacher.vocab_size)
@@ -254,13 +254,14 @@ def _sampling_dict(sampling) -> dict:
 
 def teacher_feature_space(cfg, teacher: ARTeacher, kind: str):
     """(FeatureSpace, reference images or npz path, classifier or None) for this teacher."""
-    from dd2dist.data.digits import IMAGE_SIZE, NUM_CLASSES, digits_split
+    from dd2dist.data.digits import IMAGE_SIZE, digits_split
     from dd2dist.eval.features import digits_feature_space, inception_feature_space
 
     if kind == "auto":
         with torch.no_grad():
             side = teacher.decode(torch.zeros(1, teacher.num_tokens, dtype=torch.long)).shape[-1]
-        kind = "digits" if (teacher.num_classes == NUM_CLASSES and side == IMAGE_SIZE) else "inception"
+        # the digits teachers: class-conditional or unconditional (one label)
+        kind = "digits" if (teacher.num_classes in (1, NUM_CLASSES) and side == IMAGE_SIZE) else "inception"
     if kind == "digits":
         from dd2dist.eval.classifier import cached_classifier
 
