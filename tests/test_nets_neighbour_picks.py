@@ -1,5 +1,5 @@
-"""A categorical LlamaGen generator that reads its own picks at the left and upper neighbours
-(``student.neighbour_picks``): refused where it has no meaning, a fresh head is the plain categorical generator, each
+"""A categorical generator that reads its own picks at earlier positions (``student.neighbour_picks``): LlamaGen at
+the left and upper neighbours, VAR at the same place in every earlier scale. Refused where it has no meaning, a fresh head is the plain categorical generator, each
 position's log-probs are the posterior head's on the features plus the MLP of exactly the codes picked before it,
 causal in the noise, sampled as trained and trained by the exact KL."""
 
@@ -52,6 +52,7 @@ def _inputs(teacher, batch=32, seed=1):
 @pytest.mark.parametrize("overrides", [
     ["student.generator_output=continuous", "student.neighbour_picks=left"],
     ["student.neighbour_picks=left_up", "teacher.family=var"],
+    ["student.neighbour_picks=parents"],  # a raster teacher has no scales
 ])
 def test_neighbour_picks_are_refused_without_a_categorical_llamagen_generator(overrides):
     with pytest.raises(ConfigError, match=r"student\.neighbour_picks"):
@@ -129,3 +130,57 @@ def test_the_exact_kl_trains_the_head_and_lowers_the_kl(teacher):
         opt.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+
+
+# ---- VAR: the same place in every earlier scale ---------------------------------------------------------------
+
+VAR_RECIPE = ROOT / "configs" / "demo" / "smoke_var_unconditional.yaml"
+
+
+def test_scale_sources_name_the_place_each_token_covers_in_every_earlier_scale():
+    from dd2dist.nets.neighbour_picks import scale_sources
+
+    sources, waves = scale_sources((1, 2, 4))
+    assert waves == [(0, 1), (1, 5), (5, 21)]
+    assert sources[0].tolist() == [-1, -1] and sources[1:5].tolist() == [[0, -1]] * 4
+    # scale 3, row-major 4 x 4: row 0, columns 0-3 lie under scale-2 tokens 1, 1, 2, 2; rows 2-3 under 3, 3, 4, 4
+    assert sources[5:9, 0].tolist() == [1, 1, 2, 2] and sources[13:17, 0].tolist() == [3, 3, 4, 4]
+    assert set(sources[5:, 1].tolist()) == {0}  # and all under the first scale's one token
+
+
+@pytest.fixture(scope="module")
+def var_teacher():
+    cfg = load_config(VAR_RECIPE, check_paths=False)
+    return build_seeded_teacher(cfg.teacher, 0).freeze()
+
+
+def test_each_var_token_reads_exactly_the_codes_picked_at_its_place_in_the_earlier_scales(var_teacher):
+    from dd2dist.nets.neighbour_picks import scale_sources
+
+    teacher = var_teacher
+    torch.manual_seed(0)
+    cfg = load_config(VAR_RECIPE, ["student.neighbour_picks=parents"], check_paths=False)
+    net = _trained_looking(StudentNet(teacher, cfg.student).eval())
+    plain = StudentNet(teacher, load_config(VAR_RECIPE, check_paths=False).student).eval()
+    eps, cond = _inputs(teacher)
+    sources, _ = scale_sources(teacher.patch_nums)
+    head = net.neighbour_picks
+    with torch.no_grad():
+        lp, picked = net.generator_outputs(eps, cond)
+        assert torch.equal(picked, pick_codes(lp, eps, net.code_order()))
+        feats = net.features(eps, cond)
+        for i in range(teacher.num_tokens):
+            mixed = feats[:, i]
+            for table, src in zip(head.embed, sources[i].tolist()):
+                mixed = mixed + table(picked[:, src] if src >= 0 else torch.full_like(picked[:, 0], teacher.vocab_size))
+            expect = code_log_probs(net.code_logits, feats[:, i] + head.mlp(mixed))
+            torch.testing.assert_close(lp[:, i], expect, rtol=1e-5, atol=1e-5)
+        # noise of the last scale moves only the last scale; a fresh head is the plain categorical generator
+        later = eps.clone()
+        later[:, 5:] = -later[:, 5:]
+        assert torch.equal(net.generate(later, cond)[:, :5], net.generate(eps, cond)[:, :5])
+        plain.load_state_dict(net.state_dict(), strict=False)
+        fresh = StudentNet(teacher, cfg.student).eval()
+        fresh.load_state_dict(plain.state_dict(), strict=False)
+        torch.nn.init.zeros_(fresh.neighbour_picks.mlp[2].weight)
+        assert torch.equal(fresh.generate(eps, cond), plain.generate(eps, cond))

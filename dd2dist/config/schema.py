@@ -157,10 +157,11 @@ class StudentConfig:
     # The order a categorical generator's inverse CDF runs over the codes: their index, or their place along the
     # codebook's first principal axis, so that neighbouring noise picks neighbouring codes (dd2dist/nets/categorical.py)
     categorical_order: Literal["index", "principal"] = "index"
-    # A categorical LlamaGen generator's head reads the codes it picked at each position's left and upper neighbours
-    # (a loop over positions of a small MLP after the one backbone pass, dd2dist/nets/neighbour_picks.py), so that
-    # the backbone need not rebuild those tokens from their noise
-    neighbour_picks: Literal["none", "left", "left_up"] = "none"
+    # A categorical generator's head reads the codes it picked at earlier positions (a loop of a small MLP after the
+    # one backbone pass, dd2dist/nets/neighbour_picks.py), so that the backbone need not rebuild those tokens from
+    # their noise: LlamaGen at each position's left and upper neighbours (left, left_up), VAR at the same place in
+    # every earlier scale (parents)
+    neighbour_picks: Literal["none", "left", "left_up", "parents"] = "none"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
@@ -457,10 +458,14 @@ class ExperimentConfig:
         if self.student.generator_output != "categorical":
             raise ConfigError("student.neighbour_picks", "needs student.generator_output: categorical (a continuous "
                                                          "generator picks no codes to read)")
-        if self.teacher.family != "llamagen":
-            raise ConfigError("student.neighbour_picks", f"is for raster (LlamaGen) teachers, not "
-                                                         f"{self.teacher.family!r}: a VAR scale's tokens are drawn "
-                                                         "together")
+        raster = self.student.neighbour_picks in ("left", "left_up")
+        if raster and self.teacher.family != "llamagen":
+            raise ConfigError("student.neighbour_picks", f"{self.student.neighbour_picks!r} is for raster (LlamaGen) "
+                                                         f"teachers, not {self.teacher.family!r}: a VAR scale's tokens "
+                                                         "are drawn together (use 'parents')")
+        if not raster and self.teacher.family != "var":
+            raise ConfigError("student.neighbour_picks", f"'parents' is for next-scale (VAR) teachers, not "
+                                                         f"{self.teacher.family!r} (use 'left' or 'left_up')")
 
     @property
     def text_conditional(self) -> bool:

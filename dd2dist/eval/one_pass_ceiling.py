@@ -57,8 +57,8 @@ def categorical_one_pass(teacher: ARTeacher, noise_input: str = "mlp", extra_lay
     layer, so a chain of tokens each drawn from the conditional given the earlier ones can be followed exactly
     through at most about as many positions as there are layers; extra layers test whether depth is the limit.
 
-    ``neighbour_picks`` (LlamaGen): the head also reads the codes picked at each position's left / upper neighbours
-    (``student.neighbour_picks``, :mod:`dd2dist.nets.neighbour_picks`)."""
+    ``neighbour_picks``: the head also reads the codes picked at each position's left / upper neighbours (LlamaGen)
+    or at its place in the earlier scales (VAR) (``student.neighbour_picks``, :mod:`dd2dist.nets.neighbour_picks`)."""
     if code_order not in CODE_ORDERS:
         raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
     net = StudentNet(teacher, StudentConfig(noise_input=noise_input, posterior_head=True,

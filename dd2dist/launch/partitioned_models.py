@@ -87,7 +87,7 @@ def student_from_teacher_checkpoint(teacher_cfg, student_cfg, state_path: str):
     if student.neighbour_picks is not None:
         picks = student.neighbour_picks
         fresh.update({f"neighbour_picks.{k}": v for k, v in NeighbourPicks(
-            picks.vocab_size, head.cond_dim, picks.grid, picks.which).state_dict().items()})
+            picks.vocab_size, head.cond_dim, picks.layout, picks.which).state_dict().items()})
     loaded: dict[str, Tensor] = {}
     names = set(state)
     output_layer = OUTPUT_LAYER[teacher_cfg.family]

@@ -1,20 +1,26 @@
-"""A categorical LlamaGen generator's head that reads the codes it has just picked at each position's neighbours.
+"""A categorical generator's head that reads the codes it has just picked at earlier positions the teacher conditions
+on most directly.
 
-A one-pass generator makes token i from features of the noise of earlier positions, so to follow the teacher's raster
-chain its backbone must rebuild every earlier token from that noise. On the LlamaGen digits teacher that read-back is
-what limits it: in the one-pass ceiling (:mod:`dd2dist.eval.one_pass_ceiling`) the per-position KL grows along the
-sequence and extra layers do not help (docs/method.md §12.15).
+A one-pass generator makes token i from features of the noise of earlier positions, so to follow the teacher's chain
+its backbone must rebuild every earlier token from that noise. On the digits teachers that read-back is what limits
+it: in the one-pass ceiling (:mod:`dd2dist.eval.one_pass_ceiling`) the LlamaGen per-position KL grows along the
+sequence and extra layers do not help (docs/method.md §12.15), and a VAR generator's likelihood gap sits at the last
+scale, whose tokens depend on the codes of the scales before (docs/method.md §12.17).
 
-:class:`NeighbourPicks` gives the head the exact codes instead, for the neighbours that matter most in a raster: the
-token just before (``left``) and the one a row above (``up``). After the single backbone pass it walks the positions
-once: position i's code logits are the posterior head's on ``feats_i + MLP(feats_i + E_left[x_{i-1}] +
-E_up[x_{i-grid}])``, and its code is picked from them at its own uniform before position i + 1 is computed. The MLP
-is small (width 2D on one row per step) and ends in a zero layer, so a fresh head gives the plain categorical
-generator's outputs. The conditional of token i given the earlier noise stays known in closed form (the picks it
-reads are functions of that noise), so the exact stage-2 KL applies unchanged.
+:class:`NeighbourPicks` gives the head the exact codes instead, for the earlier positions that matter most:
 
-Cost: one backbone pass, then N steps of an (B, D) MLP and the (D, V) output layer, the same work as the output layer
-of a teacher-forced pass plus the MLP, in N small sequential steps.
+* ``left`` / ``left_up`` (raster, LlamaGen): the token just before and the one a row above;
+* ``parents`` (next-scale, VAR): the token at the same place in each earlier scale (its parent, grandparent, ...).
+
+After the single backbone pass it walks the positions in **waves** whose tokens the teacher draws together (one
+position per wave in a raster, one scale per wave in VAR): a position's code logits are the posterior head's on
+``feats_i + MLP(feats_i + sum_j E_j[x_{src_j(i)}])``, and its code is picked from them at its own uniform before the
+next wave is computed. The MLP is small (width 2D) and ends in a zero layer, so a fresh head gives the plain
+categorical generator's outputs. The conditional of token i given the earlier noise stays known in closed form (the
+picks it reads are functions of that noise), so the exact stage-2 KL applies unchanged.
+
+Cost: one backbone pass, then one (B, n, D) MLP and (D, V) output layer per wave (N waves for LlamaGen, one per
+scale for VAR): the output layer of a teacher-forced pass plus the MLP.
 """
 
 from __future__ import annotations
@@ -24,47 +30,95 @@ from torch import Tensor, nn
 
 from dd2dist.nets.categorical import pick_codes
 
-NEIGHBOUR_PICKS = ("none", "left", "left_up")  # student.neighbour_picks
+NEIGHBOUR_PICKS = ("none", "left", "left_up", "parents")  # student.neighbour_picks
+RASTER_PICKS = ("left", "left_up")  # LlamaGen: the layout is the raster grid's side
+SCALE_PICKS = ("parents",)  # VAR: the layout is the patch sizes of the scales
 EMBED_STD = 0.5  # the embeddings enter through the MLP (whose output starts at zero): any nonzero scale trains
 
 
+def raster_sources(grid: int, which: str) -> tuple[Tensor, list[tuple[int, int]]]:
+    """(sources (N, J) int64, -1 = none; waves): position i reads i - 1 (``left``) and i - grid (``left_up``), one
+    position per wave. The left neighbour of a row's first token is the last token of the row above."""
+    n = grid * grid
+    offsets = (1,) if which == "left" else (1, grid)
+    sources = torch.arange(n)[:, None] - torch.tensor(offsets)[None]
+    return sources.clamp(min=-1), [(k, k + 1) for k in range(n)]
+
+
+def scale_sources(patch_nums: tuple[int, ...]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """(sources (N, S - 1) int64, -1 = none; waves): the token at row r, column c of scale k (side p_k) reads, for
+    j = 1 .. S - 1, the token of scale k - j at row r * p_{k-j} // p_k, column c * p_{k-j} // p_k (the place it
+    covers); one scale per wave."""
+    starts = [0]
+    for p in patch_nums:
+        starts.append(starts[-1] + p * p)
+    rows = []
+    for k, p in enumerate(patch_nums):
+        for r in range(p):
+            for c in range(p):
+                row = []
+                for j in range(1, len(patch_nums)):
+                    m = k - j
+                    q = patch_nums[m] if m >= 0 else 0
+                    row.append(starts[m] + (r * q // p) * q + (c * q // p) if m >= 0 else -1)
+                rows.append(row)
+    return torch.tensor(rows, dtype=torch.long), [(starts[k], starts[k + 1]) for k in range(len(patch_nums))]
+
+
 class NeighbourPicks(nn.Module):
-    """The per-position loop of a categorical generator that reads its own picks at the left / upper neighbours.
+    """The wave-by-wave loop of a categorical generator that reads its own picks at earlier positions.
 
     Args:
-        vocab_size: V codes; the embeddings have one more row for "no neighbour" (first position, first row).
+        vocab_size: V codes; the embeddings have one more row for "no such position" (the first token, the first
+            row, the first scales).
         model_dim: D, the backbone's feature width.
-        grid: tokens per raster row (the upper neighbour of position i is i - grid).
-        which: ``left`` or ``left_up``.
+        layout: the raster grid's side (``left``, ``left_up``) or the scales' patch sizes (``parents``).
+        which: a name of :data:`NEIGHBOUR_PICKS` other than ``none``.
     """
 
-    def __init__(self, vocab_size: int, model_dim: int, grid: int, which: str):
+    def __init__(self, vocab_size: int, model_dim: int, layout: int | tuple[int, ...], which: str):
         super().__init__()
-        if which not in NEIGHBOUR_PICKS or which == "none":
-            raise ValueError(f"student.neighbour_picks must be one of {NEIGHBOUR_PICKS[1:]}, got {which!r}")
-        self.vocab_size, self.grid, self.which = vocab_size, grid, which
-        self.offsets = (1,) if which == "left" else (1, grid)
-        self.embed = nn.ModuleList(nn.Embedding(vocab_size + 1, model_dim) for _ in self.offsets)
+        if which in RASTER_PICKS and isinstance(layout, int):
+            sources, waves = raster_sources(layout, which)
+        elif which in SCALE_PICKS and not isinstance(layout, int):
+            sources, waves = scale_sources(tuple(layout))
+        else:
+            raise ValueError(f"student.neighbour_picks must be one of {RASTER_PICKS} for a raster grid or "
+                             f"{SCALE_PICKS} for scales, got {which!r} with layout {layout!r}")
+        self.vocab_size, self.layout, self.which = vocab_size, layout, which
+        # plain lists: the loop reads them per wave; the module's state dict holds only what trains
+        self.waves = waves
+        self.sources = [sources[a:b].T.tolist() for a, b in waves]  # per wave, per table: source index per position
+        self.embed = nn.ModuleList(nn.Embedding(vocab_size + 1, model_dim) for _ in range(sources.shape[1]))
         for table in self.embed:
             nn.init.normal_(table.weight, std=EMBED_STD)
         self.mlp = nn.Sequential(nn.Linear(model_dim, 2 * model_dim), nn.GELU(), nn.Linear(2 * model_dim, model_dim))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
+    def _read(self, picked: Tensor | None, sources: list[int], batch: int, device) -> Tensor:
+        """(B, n) the codes at ``sources`` among the picks so far (B, M), the "none" row where a source is -1."""
+        if picked is None or max(sources) < 0:
+            return torch.full((batch, len(sources)), self.vocab_size, dtype=torch.long, device=device)
+        src = torch.tensor(sources, device=device)
+        codes = picked[:, src.clamp(min=0)]
+        return codes.where(src >= 0, torch.full_like(codes, self.vocab_size))
+
     def forward(self, feats: Tensor, eps: Tensor, code_log_probs, order: Tensor | None) -> tuple[Tensor, Tensor]:
         """Code log-probs (B, N, V), fp32, of backbone features ``feats`` (B, N, D) with each position reading the
-        codes picked before it at its neighbours, and those picks (B, N): :func:`pick_codes` of the log-probs at the
-        uniforms of ``eps``. ``code_log_probs(feats_row)`` is the posterior head's log-softmax and ``order`` the
+        codes picked at its sources in earlier waves, and those picks (B, N): :func:`pick_codes` of the log-probs at
+        the uniforms of ``eps``. ``code_log_probs(feats)`` is the posterior head's log-softmax and ``order`` the
         CDF's code order."""
-        B, N, _ = feats.shape
-        none = torch.full((B,), self.vocab_size, dtype=torch.long, device=feats.device)
-        picks: list[Tensor] = []  # a list, not a tensor written in place: autograd keeps the indices it embedded
+        B = feats.shape[0]
+        picks: list[Tensor] = []  # new tensors per wave, not one written in place: autograd keeps what it embedded
         rows: list[Tensor] = []
-        for i in range(N):
-            mixed = feats[:, i]
-            for offset, table in zip(self.offsets, self.embed):
-                mixed = mixed + table(picks[i - offset] if i >= offset else none)
-            log_probs = code_log_probs(feats[:, i] + self.mlp(mixed).to(feats.dtype))
-            picks.append(pick_codes(log_probs[:, None], eps[:, i : i + 1], order)[:, 0])
+        picked: Tensor | None = None
+        for (a, b), sources in zip(self.waves, self.sources):
+            mixed = feats[:, a:b]
+            for table, src in zip(self.embed, sources):
+                mixed = mixed + table(self._read(picked, src, B, feats.device))
+            log_probs = code_log_probs(feats[:, a:b] + self.mlp(mixed).to(feats.dtype))
+            picks.append(pick_codes(log_probs, eps[:, a:b], order))
             rows.append(log_probs)
-        return torch.stack(rows, 1), torch.stack(picks, 1)
+            picked = torch.cat(picks, 1)
+        return torch.cat(rows, 1), picked

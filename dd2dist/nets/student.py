@@ -182,6 +182,12 @@ def teacher_output_layer(teacher: ARTeacher) -> nn.Linear:
     return teacher.get_submodule(OUTPUT_LAYER[teacher.family])
 
 
+def pick_layout(teacher: ARTeacher) -> int | tuple[int, ...]:
+    """What :class:`~dd2dist.nets.neighbour_picks.NeighbourPicks` walks: a LlamaGen teacher's raster side, or a VAR
+    teacher's patch sizes."""
+    return teacher.cfg.grid if teacher.family == "llamagen" else tuple(teacher.patch_nums)
+
+
 def code_log_probs(code_logits: nn.Linear, feats: Tensor) -> Tensor:
     """The posterior head's mixture weights, fp32 log-probs (B, N, V) ``log_softmax(code_logits(feats))``. The
     layer is called as a module, like the teacher's output layer, so that ZeRO-3 gathers it through its own hooks."""
@@ -259,9 +265,9 @@ class StudentNet(nn.Module):
         self.neighbour_picks: NeighbourPicks | None = None
         which = getattr(student_cfg, "neighbour_picks", "none")
         if which != "none":
-            if self.generator_output != "categorical" or teacher.family != "llamagen":
-                raise ValueError("student.neighbour_picks needs a categorical generator of a LlamaGen teacher")
-            self.neighbour_picks = NeighbourPicks(teacher.vocab_size, teacher.hidden_dim, teacher.cfg.grid,
+            if self.generator_output != "categorical":
+                raise ValueError("student.neighbour_picks needs a categorical generator")
+            self.neighbour_picks = NeighbourPicks(teacher.vocab_size, teacher.hidden_dim, pick_layout(teacher),
                                                   which).to(self.code_logits.weight.device)
         # the principal code order is a function of the (frozen) codebook: computed once here, again after every load
         # (which may replace the codebook), not on every step; a buffer, so that it moves with the net
