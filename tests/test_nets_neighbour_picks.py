@@ -184,3 +184,15 @@ def test_each_var_token_reads_exactly_the_codes_picked_at_its_place_in_the_earli
         fresh.load_state_dict(plain.state_dict(), strict=False)
         torch.nn.init.zeros_(fresh.neighbour_picks.mlp[2].weight)
         assert torch.equal(fresh.generate(eps, cond), plain.generate(eps, cond))
+
+
+@pytest.mark.parametrize("layout, which", [(4, "left_up"), ((1, 2, 4), "parents")])
+def test_the_head_builds_under_the_meta_device_with_its_source_tables(layout, which):
+    """The ZeRO-3 launch builds the student on the meta device before loading weights: the tables of which codes each
+    position reads are plain data, built on the CPU all the same."""
+    from dd2dist.nets.neighbour_picks import NeighbourPicks
+
+    with torch.device("meta"):
+        head = NeighbourPicks(64, 32, layout, which)
+    cpu = NeighbourPicks(64, 32, layout, which)
+    assert head.embed[0].weight.is_meta and head.sources == cpu.sources and head.waves == cpu.waves

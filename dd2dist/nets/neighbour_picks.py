@@ -41,7 +41,8 @@ def raster_sources(grid: int, which: str) -> tuple[Tensor, list[tuple[int, int]]
     position per wave. The left neighbour of a row's first token is the last token of the row above."""
     n = grid * grid
     offsets = (1,) if which == "left" else (1, grid)
-    sources = torch.arange(n)[:, None] - torch.tensor(offsets)[None]
+    # on the CPU whatever device the module is built under (a meta-device build still needs the tables)
+    sources = torch.arange(n, device="cpu")[:, None] - torch.tensor(offsets, device="cpu")[None]
     return sources.clamp(min=-1), [(k, k + 1) for k in range(n)]
 
 
@@ -62,7 +63,8 @@ def scale_sources(patch_nums: tuple[int, ...]) -> tuple[Tensor, list[tuple[int, 
                     q = patch_nums[m] if m >= 0 else 0
                     row.append(starts[m] + (r * q // p) * q + (c * q // p) if m >= 0 else -1)
                 rows.append(row)
-    return torch.tensor(rows, dtype=torch.long), [(starts[k], starts[k + 1]) for k in range(len(patch_nums))]
+    return (torch.tensor(rows, dtype=torch.long, device="cpu"),
+            [(starts[k], starts[k + 1]) for k in range(len(patch_nums))])
 
 
 class NeighbourPicks(nn.Module):
