@@ -196,3 +196,24 @@ def test_the_head_builds_under_the_meta_device_with_its_source_tables(layout, wh
         head = NeighbourPicks(64, 32, layout, which)
     cpu = NeighbourPicks(64, 32, layout, which)
     assert head.embed[0].weight.is_meta and head.sources == cpu.sources and head.waves == cpu.waves
+
+
+def test_the_prefix_head_adds_the_mean_embedding_of_every_earlier_pick(teacher):
+    net = _trained_looking(_net(teacher, "left_up_prefix"))
+    eps, cond = _inputs(teacher)
+    grid, head = teacher.cfg.grid, net.neighbour_picks
+    with torch.no_grad():
+        lp, ids = net.generator_outputs(eps, cond)
+        feats = net.features(eps, cond)
+        none = torch.full((eps.shape[0],), teacher.vocab_size)
+        for i in range(teacher.num_tokens):
+            left = ids[:, i - 1] if i >= 1 else none
+            up = ids[:, i - grid] if i >= grid else none
+            prefix = head.prefix(ids[:, :i]).mean(1) if i else head.prefix(none)
+            mixed = feats[:, i] + head.embed[0](left) + head.embed[1](up) + prefix
+            expect = code_log_probs(net.code_logits, feats[:, i] + head.mlp(mixed))
+            torch.testing.assert_close(lp[:, i], expect, rtol=1e-5, atol=1e-5)
+        # the last position reads a pick no neighbour table reaches: the first token, through the prefix's mean
+        changed = ids.clone()
+        changed[:, 0] = (changed[:, 0] + 1) % teacher.vocab_size
+        assert not torch.allclose(head.prefix(changed[:, :-1]).mean(1), head.prefix(ids[:, :-1]).mean(1))

@@ -159,9 +159,9 @@ class StudentConfig:
     categorical_order: Literal["index", "principal"] = "index"
     # A categorical generator's head reads the codes it picked at earlier positions (a loop of a small MLP after the
     # one backbone pass, dd2dist/nets/neighbour_picks.py), so that the backbone need not rebuild those tokens from
-    # their noise: LlamaGen at each position's left and upper neighbours (left, left_up), VAR at the same place in
-    # every earlier scale (parents)
-    neighbour_picks: Literal["none", "left", "left_up", "parents"] = "none"
+    # their noise: LlamaGen at each position's left and upper neighbours (left, left_up; left_up_prefix adds the mean
+    # embedding of every earlier pick), VAR at the same place in every earlier scale (parents)
+    neighbour_picks: Literal["none", "left", "left_up", "left_up_prefix", "parents"] = "none"
     # No longer read: LlamaGen students now read vectors through the teacher's soft rule (dd2dist/nets/student.py)
     # instead of a regressed input MLP. Accepted so that the configs of earlier runs still load.
     adapter_regress_steps: int = _f(200, ge=0)
@@ -458,7 +458,7 @@ class ExperimentConfig:
         if self.student.generator_output != "categorical":
             raise ConfigError("student.neighbour_picks", "needs student.generator_output: categorical (a continuous "
                                                          "generator picks no codes to read)")
-        raster = self.student.neighbour_picks in ("left", "left_up")
+        raster = self.student.neighbour_picks != "parents"
         if raster and self.teacher.family != "llamagen":
             raise ConfigError("student.neighbour_picks", f"{self.student.neighbour_picks!r} is for raster (LlamaGen) "
                                                          f"teachers, not {self.teacher.family!r}: a VAR scale's tokens "

@@ -9,7 +9,8 @@ scale, whose tokens depend on the codes of the scales before (docs/method.md §1
 
 :class:`NeighbourPicks` gives the head the exact codes instead, for the earlier positions that matter most:
 
-* ``left`` / ``left_up`` (raster, LlamaGen): the token just before and the one a row above;
+* ``left`` / ``left_up`` (raster, LlamaGen): the token just before and the one a row above; ``left_up_prefix`` adds
+  the mean embedding of every code picked before (a bag of the whole prefix's codes);
 * ``parents`` (next-scale, VAR): the token at the same place in each earlier scale (its parent, grandparent, ...).
 
 After the single backbone pass it walks the positions in **waves** whose tokens the teacher draws together (one
@@ -30,8 +31,8 @@ from torch import Tensor, nn
 
 from dd2dist.nets.categorical import pick_codes
 
-NEIGHBOUR_PICKS = ("none", "left", "left_up", "parents")  # student.neighbour_picks
-RASTER_PICKS = ("left", "left_up")  # LlamaGen: the layout is the raster grid's side
+NEIGHBOUR_PICKS = ("none", "left", "left_up", "left_up_prefix", "parents")  # student.neighbour_picks
+RASTER_PICKS = ("left", "left_up", "left_up_prefix")  # LlamaGen: the layout is the raster grid's side
 SCALE_PICKS = ("parents",)  # VAR: the layout is the patch sizes of the scales
 EMBED_STD = 0.5  # the embeddings enter through the MLP (whose output starts at zero): any nonzero scale trains
 
@@ -92,7 +93,9 @@ class NeighbourPicks(nn.Module):
         self.waves = waves
         self.sources = [sources[a:b].T.tolist() for a, b in waves]  # per wave, per table: source index per position
         self.embed = nn.ModuleList(nn.Embedding(vocab_size + 1, model_dim) for _ in range(sources.shape[1]))
-        for table in self.embed:
+        # the whole prefix as the mean of its codes' embeddings (row V: the empty prefix of the first position)
+        self.prefix = nn.Embedding(vocab_size + 1, model_dim) if which.endswith("_prefix") else None
+        for table in (*self.embed, *([self.prefix] if self.prefix is not None else [])):
             nn.init.normal_(table.weight, std=EMBED_STD)
         self.mlp = nn.Sequential(nn.Linear(model_dim, 2 * model_dim), nn.GELU(), nn.Linear(2 * model_dim, model_dim))
         nn.init.zeros_(self.mlp[2].weight)
@@ -115,12 +118,22 @@ class NeighbourPicks(nn.Module):
         picks: list[Tensor] = []  # new tensors per wave, not one written in place: autograd keeps what it embedded
         rows: list[Tensor] = []
         picked: Tensor | None = None
+        prefix_sum: Tensor | None = None  # (B, 1, D): the prefix table's embeddings of every pick so far, summed
         for (a, b), sources in zip(self.waves, self.sources):
             mixed = feats[:, a:b]
             for table, src in zip(self.embed, sources):
                 mixed = mixed + table(self._read(picked, src, B, feats.device))
+            if self.prefix is not None:
+                if prefix_sum is None:
+                    empty = torch.full((B, 1), self.vocab_size, dtype=torch.long, device=feats.device)
+                    mixed = mixed + self.prefix(empty)
+                else:
+                    mixed = mixed + prefix_sum / a
             log_probs = code_log_probs(feats[:, a:b] + self.mlp(mixed).to(feats.dtype))
             picks.append(pick_codes(log_probs, eps[:, a:b], order))
             rows.append(log_probs)
+            if self.prefix is not None:
+                added = self.prefix(picks[-1]).sum(1, keepdim=True)
+                prefix_sum = added if prefix_sum is None else prefix_sum + added
             picked = torch.cat(picks, 1)
         return torch.cat(rows, 1), picked
