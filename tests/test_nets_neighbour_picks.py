@@ -1,7 +1,8 @@
 """A categorical generator that reads its own picks at earlier positions (``student.neighbour_picks``): LlamaGen at
-the left and upper neighbours, VAR at the same place in every earlier scale. Refused where it has no meaning, a fresh head is the plain categorical generator, each
-position's log-probs are the posterior head's on the features plus the MLP of exactly the codes picked before it,
-causal in the noise, sampled as trained and trained by the exact KL."""
+the left and upper neighbours (and the mean of the whole prefix), VAR at the same place in every earlier scale.
+Refused where it has no meaning, a fresh head is the plain categorical generator, each position's log-probs are the
+posterior head's on the features plus the MLP of exactly the codes picked before it, causal in the noise, sampled as
+trained and trained by the exact KL."""
 
 from pathlib import Path
 
