@@ -20,10 +20,11 @@ def test_recipes_load_as_two_deepspeed_workers_with_demo_paths(family, quick, ca
     assert cfg.launch.num_workers == 2 and cfg.engine.kind == "deepspeed"
     assert cfg.stages == ("stage1", "stage2")
     # both: categorical outputs in principal code order, trained by the exact KL from the stage-1 student; the head
-    # reads its own picks at the left and upper neighbours (raster) or at the same place in the earlier scales (VAR)
+    # reads its own picks at the left and upper neighbours and their prefix's mean (raster) or at the same place in
+    # the earlier scales (VAR)
     assert cfg.student.generator_output == "categorical" and cfg.stage2.ode_init_steps == 0
     assert cfg.student.categorical_order == "principal" and not cfg.compact_head.enabled
-    assert cfg.student.neighbour_picks == ("left_up" if family == "llamagen" else "parents")
+    assert cfg.student.neighbour_picks == ("left_up_prefix" if family == "llamagen" else "parents")
     assert cfg.eval.num_samples % 10 == 0
     # the teacher architecture is the digits teacher's, so the cached teacher checkpoint fits
     digits = demo.teacher_config(family, case)
