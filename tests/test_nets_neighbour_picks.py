@@ -162,7 +162,8 @@ def test_each_var_token_reads_exactly_the_codes_picked_at_its_place_in_the_earli
     torch.manual_seed(0)
     cfg = load_config(VAR_RECIPE, ["student.neighbour_picks=parents"], check_paths=False)
     net = _trained_looking(StudentNet(teacher, cfg.student).eval())
-    plain = StudentNet(teacher, load_config(VAR_RECIPE, check_paths=False).student).eval()
+    plain = StudentNet(teacher, load_config(VAR_RECIPE, ["student.neighbour_picks=none"],
+                                            check_paths=False).student).eval()
     eps, cond = _inputs(teacher)
     sources, _ = scale_sources(teacher.patch_nums)
     head = net.neighbour_picks
