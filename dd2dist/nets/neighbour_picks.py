@@ -91,6 +91,7 @@ class NeighbourPicks(nn.Module):
         self.vocab_size, self.layout, self.which = vocab_size, layout, which
         # plain lists: the loop reads them per wave; the module's state dict holds only what trains
         self.waves = waves
+        self.one_per_wave = all(b - a == 1 for a, b in waves)
         self.sources = [sources[a:b].T.tolist() for a, b in waves]  # per wave, per table: source index per position
         self.embed = nn.ModuleList(nn.Embedding(vocab_size + 1, model_dim) for _ in range(sources.shape[1]))
         # the whole prefix as the mean of its codes' embeddings (row V: the empty prefix of the first position)
@@ -101,13 +102,16 @@ class NeighbourPicks(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def _read(self, picked: Tensor | None, sources: list[int], batch: int, device) -> Tensor:
-        """(B, n) the codes at ``sources`` among the picks so far (B, M), the "none" row where a source is -1."""
-        if picked is None or max(sources) < 0:
-            return torch.full((batch, len(sources)), self.vocab_size, dtype=torch.long, device=device)
-        src = torch.tensor(sources, device=device)
-        codes = picked[:, src.clamp(min=0)]
-        return codes.where(src >= 0, torch.full_like(codes, self.vocab_size))
+    def _read(self, picks: list[Tensor], sources: list[int], none: Tensor) -> Tensor:
+        """(B, n) the codes at ``sources`` among the picks so far, the "none" row (``none``, (B, n)) where a source is
+        -1. ``picks`` holds one (B, n_w) tensor per finished wave."""
+        if max(sources) < 0:
+            return none
+        if self.one_per_wave:  # a raster: the wave of position s is picks[s], no gather needed
+            return picks[sources[0]]
+        done = torch.cat(picks, 1)
+        src = torch.tensor(sources, device=done.device)
+        return done[:, src.clamp(min=0)].where(src >= 0, none)
 
     def forward(self, feats: Tensor, eps: Tensor, code_log_probs, order: Tensor | None) -> tuple[Tensor, Tensor]:
         """Code log-probs (B, N, V), fp32, of backbone features ``feats`` (B, N, D) with each position reading the
@@ -117,23 +121,21 @@ class NeighbourPicks(nn.Module):
         B = feats.shape[0]
         picks: list[Tensor] = []  # new tensors per wave, not one written in place: autograd keeps what it embedded
         rows: list[Tensor] = []
-        picked: Tensor | None = None
+        nones: dict[int, Tensor] = {}  # the "none" codes (B, n) per wave size
         prefix_sum: Tensor | None = None  # (B, 1, D): the prefix table's embeddings of every pick so far, summed
         for (a, b), sources in zip(self.waves, self.sources):
+            if b - a not in nones:
+                nones[b - a] = torch.full((B, b - a), self.vocab_size, dtype=torch.long, device=feats.device)
+            none = nones[b - a]
             mixed = feats[:, a:b]
             for table, src in zip(self.embed, sources):
-                mixed = mixed + table(self._read(picked, src, B, feats.device))
+                mixed = mixed + table(self._read(picks, src, none))
             if self.prefix is not None:
-                if prefix_sum is None:
-                    empty = torch.full((B, 1), self.vocab_size, dtype=torch.long, device=feats.device)
-                    mixed = mixed + self.prefix(empty)
-                else:
-                    mixed = mixed + prefix_sum / a
+                mixed = mixed + (self.prefix(none[:, :1]) if prefix_sum is None else prefix_sum / a)
             log_probs = code_log_probs(feats[:, a:b] + self.mlp(mixed).to(feats.dtype))
             picks.append(pick_codes(log_probs, eps[:, a:b], order))
             rows.append(log_probs)
             if self.prefix is not None:
                 added = self.prefix(picks[-1]).sum(1, keepdim=True)
                 prefix_sum = added if prefix_sum is None else prefix_sum + added
-            picked = torch.cat(picks, 1)
-        return torch.cat(rows, 1), picked
+        return torch.cat(rows, 1), torch.cat(picks, 1)
