@@ -319,7 +319,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     ``generate(eps, cond)`` and ``num_tokens`` / ``embed_dim`` (e.g. a diagnostic generator trained outside the run),
     on noise of their own seeds; their outputs are snapped to codes."""
     from dd2dist.data.digits import NUM_CLASSES
-    from dd2dist.eval.metrics import class_mix_tv, predicted_class_mix
+    from dd2dist.eval.metrics import class_mix_tv, consistency_of_predictions, predicted_class_mix
     from dd2dist.eval.run_eval import teacher_feature_space
     from dd2dist.teachers import build_seeded_teacher
 
@@ -424,8 +424,9 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
             # sample must agree on their digit among themselves, and blends of digits show up here
             res["class_mix"], res["class_mix_tv"] = [round(float(f), 5) for f in mix], class_mix_tv(mix, ref_mix)
             if C == NUM_CLASSES:
-                p = float((predicted == labels).float().mean())
-                res["class_consistency"], res["class_consistency_se"] = p, math.sqrt(p * (1.0 - p) / n)
+                consistency = consistency_of_predictions(predicted, labels, C)
+                res["class_consistency"] = consistency["class_consistency"]
+                res["class_consistency_se"] = consistency["class_consistency_se"]
         if opts.grid_dir is not None:
             from dd2dist.eval.run_eval import save_grid
 

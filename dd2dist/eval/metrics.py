@@ -201,13 +201,17 @@ def class_consistency(images: Tensor, requested: Tensor, classifier, num_classes
     """
     if images.shape[0] != requested.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {requested.shape[0]} requested labels")
-    pred = classifier.predict(images).cpu()
-    requested = requested.cpu()
+    return consistency_of_predictions(classifier.predict(images), requested, num_classes)
+
+
+def consistency_of_predictions(pred: Tensor, requested: Tensor, num_classes: int = 10) -> dict[str, Any]:
+    """:func:`class_consistency` from the classifier's predictions (B,), for a caller that has made them already."""
+    pred, requested = pred.cpu(), requested.cpu()
     hit = (pred == requested).float()
     per_class = []
     for c in range(num_classes):
         sel = requested == c
         per_class.append(float(hit[sel].mean()) if bool(sel.any()) else None)
-    p, n = float(hit.mean()), int(images.shape[0])
+    p, n = float(hit.mean()), int(pred.shape[0])
     return {"class_consistency": p, "class_consistency_se": math.sqrt(p * (1.0 - p) / n), "per_class": per_class,
             "num_images": n}
