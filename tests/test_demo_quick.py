@@ -104,6 +104,7 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         assert {"dd1", "one_step_compact"}.isdisjoint(m) and "compact_head" not in r["seconds_by_step"]
         assert "beats_dd1" not in r["targets"]
         assert m["one_step_snapped"]["fid_to_teacher"] == m["one_step"]["fid_to_teacher"]
+        assert m["one_step_snapped"]["scores_of"] == "one_step" and "scores_of" not in m["one_step"]  # scored once
         assert m["teacher"]["settings"]["seed_base"] != m["one_step"]["settings"]["seed_base"]
         assert all(f"token_marginal_tv_{name}" in r and f"pair_tv_{name}" in r for name in m), sorted(r)
     assert results["settings"]["quick"] is True
