@@ -58,9 +58,10 @@ def _write_report(out: str | Path | None, report: dict) -> None:
 
 
 def _provenance() -> dict:
-    """Where a figure was measured: date, machine, processor, cores."""
-    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "processor": platform.processor(),
-            "cpus": os.cpu_count()}
+    """Where a figure was measured: date, machine, processor, its CPU kernel level, cores."""
+    from dd2dist.machine import describe_machine
+
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), **describe_machine()}
 
 
 def _ints(text: str) -> tuple[int, ...]:

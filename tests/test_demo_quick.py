@@ -108,6 +108,7 @@ def test_results_hold_every_required_number_in_range(quick_demo):
         assert m["teacher"]["settings"]["seed_base"] != m["one_step"]["settings"]["seed_base"]
         assert all(f"token_marginal_tv_{name}" in r and f"pair_tv_{name}" in r for name in m), sorted(r)
     assert results["settings"]["quick"] is True
+    assert results["settings"]["machine"]["cpu_kernels"] and results["settings"]["machine"]["processor"]
     # both teachers were trained at once (one Ray task each), before the families' students
     assert _finite(results["settings"]["seconds_teachers_concurrent"])
     assert results["settings"]["seconds_teachers_concurrent"] < results["settings"]["seconds_total"]

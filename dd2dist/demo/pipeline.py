@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dd2dist.demo.report import FAMILIES, family_summary, markdown_tables, verdict_lines
+from dd2dist.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[2]
 # The digits cases: the teachers conditioned on the digit's class, or trained with one label for every digit
@@ -398,7 +398,6 @@ def run_demo(args: DemoArgs) -> int:
         from dd2dist.demo.figures import save_loss_curves
 
         curves = save_loss_curves(histories, out / "loss_curves.png") if any(histories.values()) else None
-        import torch
 
         results["settings"] = {
             "quick": args.quick, "case": args.case, "families": families, "started": started_at,
@@ -408,8 +407,7 @@ def run_demo(args: DemoArgs) -> int:
             "recipes": {f: str(recipe_path(f, args.quick, args.case).relative_to(REPO)) for f in families},
             "overrides": list(args.overrides), "eval_only": args.eval_only,
             "token_samples": plan.token_samples, "teacher_recipe": asdict(plan.teacher_recipe),
-            "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                        "python": platform.python_version(), "torch": torch.__version__},
+            "machine": {**describe_machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
             "loss_curves": str(curves) if curves else None,
         }
         out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dd2dist.demo.pipeline import REPO, clean_run_dir, log, train_students
+from dd2dist.machine import describe_machine
 
 FAMILY = "llamagen"
 TEACHER_CONFIG = REPO / "configs" / "teachers" / "digits_llamagen_t2i.yaml"
@@ -203,15 +203,13 @@ def run_t2i_demo(quick: bool, out: str, teachers: str | None, overrides: tuple[s
             import ray
 
             ray.shutdown()
-    import torch
 
     results["settings"] = {
         "quick": quick, "started": started_at, "seconds_total": time.perf_counter() - t_start,
         "recipe": str(recipe_path(quick).relative_to(REPO)), "teacher_config": str(TEACHER_CONFIG.relative_to(REPO)),
         "overrides": list(overrides), "plan": {k: v for k, v in asdict(plan).items() if k != "teacher_recipe"},
         "teacher_recipe": asdict(plan.teacher_recipe), "teachers_dir": str(teachers_dir),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "processor": platform.processor() or platform.machine()},
+        "machine": describe_machine(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
