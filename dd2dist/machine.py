@@ -1,7 +1,7 @@
-"""What a measurement ran on, for the records: teachers and students trained from the same seeds can differ between
-hosts of one cloud machine type, because torch picks its CPU kernels (AVX2, AVX-512, ...) by what the processor
-offers and they round differently; the record names the processor and the kernel level so that such runs can be told
-apart."""
+"""What a measurement ran on, for the records. Teachers trained from the same seed have come out different in two
+checkouts on one cloud machine type, with the same code and torch. A suspected cause, not confirmed: torch picks its
+CPU kernels (AVX2, AVX-512, ...) by what the processor offers, and those kernels may round differently. The record
+names the processor and the kernel level, so that such runs can be told apart."""
 
 from __future__ import annotations
 

@@ -407,21 +407,7 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
     ref_pairs = pair_counts(ref_ids, labels, C, V)
     n_nll = min(n, int(opts.nll_samples))  # the first rows: labels cycle, so still class-balanced
     ref_nll = teacher_nll(teacher, ref_ids[:n_nll], labels[:n_nll], sampling, batch)
-    results: dict[str, dict] = {}
-    for name, draw in draws.items():
-        # a categorical generator's continuous output is its codes' embeddings: its snapped set is the same set, and
-        # scoring it again would only cost time (~6 s per 10,000 digits)
-        same = next((other for other, d in draws.items() if other in results
-                     and torch.equal(d.ids, draw.ids) and torch.equal(d.images, draw.images)), None)
-        if same is not None:
-            results[name] = {**results[same], "generation_seconds": draw.seconds, "settings": draw.settings,
-                             "scores_of": same}
-            results[name].pop("grid", None)
-            if opts.grid_dir is not None:
-                from dd2dist.eval.run_eval import save_grid
-
-                results[name]["grid"] = str(save_grid(draw.images, Path(opts.grid_dir) / f"grid_{name}.png"))
-            continue
+    def score(draw: Draw) -> dict:
         feats, logits = scorer.features(draw.images)
         points = PointSet(feats, opts.prc_neighborhood)
         res = feature_scores(points, ref_points)
@@ -440,10 +426,6 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
                 consistency = consistency_of_predictions(predicted, labels, C)
                 res["class_consistency"] = consistency["class_consistency"]
                 res["class_consistency_se"] = consistency["class_consistency_se"]
-        if opts.grid_dir is not None:
-            from dd2dist.eval.run_eval import save_grid
-
-            res["grid"] = str(save_grid(draw.images, Path(opts.grid_dir) / f"grid_{name}.png"))
         res["token_marginal_tv"] = marginal_tv(class_position_counts(draw.ids, labels, C, V), ref_marg)["mean"]
         pairs = pair_tv(pair_counts(draw.ids, labels, C, V), ref_pairs)
         res["pair_tv"], res["pair_tv_by_distance"] = pairs["mean"], pairs["by_distance"]
@@ -454,6 +436,22 @@ def fidelity_benchmark(run_dir: str | Path, opts: FidelityOptions = FidelityOpti
         # shows it as a gap that grows with the position, while its per-position marginals may still look right
         res["nll_gap_by_position"] = [round(a - b, 4) for a, b in zip(nll["per_position"], ref_nll["per_position"])]
         res["zero_probability_tokens"] = nll["zero_probability_tokens"]
+        return res
+
+    results: dict[str, dict] = {}
+    for name, draw in draws.items():
+        # a categorical generator's continuous output is its codes' embeddings: its snapped set is the same set, and
+        # scoring it again would only cost time (~6 s per 10,000 digits)
+        same = next((other for other, d in draws.items() if other in results
+                     and torch.equal(d.ids, draw.ids) and torch.equal(d.images, draw.images)), None)
+        if same is None:
+            res = score(draw)
+        else:
+            res = {key: value for key, value in results[same].items() if key != "grid"} | {"scores_of": same}
+        if opts.grid_dir is not None:
+            from dd2dist.eval.run_eval import save_grid
+
+            res["grid"] = str(save_grid(draw.images, Path(opts.grid_dir) / f"grid_{name}.png"))
         res["generation_seconds"] = draw.seconds
         res["settings"] = draw.settings
         results[name] = res

@@ -102,14 +102,14 @@ class NeighbourPicks(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def _read(self, picks: list[Tensor], sources: list[int], none: Tensor) -> Tensor:
+    def _read(self, picks: list[Tensor], done: Tensor | None, sources: list[int], none: Tensor) -> Tensor:
         """(B, n) the codes at ``sources`` among the picks so far, the "none" row (``none``, (B, n)) where a source is
-        -1. ``picks`` holds one (B, n_w) tensor per finished wave."""
+        -1. ``picks`` holds one (B, n_w) tensor per finished wave; ``done`` is their concatenation (B, M), None in a
+        raster, where the wave of position s is picks[s] and no gather is needed."""
         if max(sources) < 0:
             return none
-        if self.one_per_wave:  # a raster: the wave of position s is picks[s], no gather needed
+        if done is None:
             return picks[sources[0]]
-        done = torch.cat(picks, 1)
         src = torch.tensor(sources, device=done.device)
         return done[:, src.clamp(min=0)].where(src >= 0, none)
 
@@ -128,8 +128,9 @@ class NeighbourPicks(nn.Module):
                 nones[b - a] = torch.full((B, b - a), self.vocab_size, dtype=torch.long, device=feats.device)
             none = nones[b - a]
             mixed = feats[:, a:b]
+            done = torch.cat(picks, 1) if picks and not self.one_per_wave else None  # once per wave, for every table
             for table, src in zip(self.embed, sources):
-                mixed = mixed + table(self._read(picks, src, none))
+                mixed = mixed + table(self._read(picks, done, src, none))
             if self.prefix is not None:
                 mixed = mixed + (self.prefix(none[:, :1]) if prefix_sum is None else prefix_sum / a)
             log_probs = code_log_probs(feats[:, a:b] + self.mlp(mixed).to(feats.dtype))
